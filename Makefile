@@ -1,0 +1,29 @@
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) -m pipeline.demo
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+proto: $(STAMP)
+	cd internet-monitoring && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. pipeline/proto/control.proto pipeline/proto/data.proto
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

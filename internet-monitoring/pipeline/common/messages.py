@@ -1,0 +1,507 @@
+"""Wire model of protocol 1.0: frozen dataclasses and the JSON codec.
+
+The JSON produced here is byte-for-byte the 1.0 format of ``shared/docs/protocol.md``;
+extensions live at the top level of envelopes and chunks and are emitted only when set
+(``queue_epoch``, ``server_time``, ``server_capabilities``), because 1.0 sensors drop the
+connection on an unknown field inside ``body``. Decoding is strict: every problem raises a
+``ProtocolError`` subclass naming the offending field. The Protobuf codec lives in
+``pipeline.common.proto_codec`` and maps the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+from pipeline.common.errors import (
+    FieldTypeError,
+    FieldValueError,
+    MissingField,
+    PayloadTooLarge,
+    ProtocolError,
+    UnsupportedSchemaVersion,
+)
+from pipeline.version import PIPELINE_SCHEMA_VERSION, SUPPORTED_SCHEMA_MAJOR
+
+# ---------------------------------------------------------------------------------------
+# Limits and identifiers
+
+SENSOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+EVENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+EPOCH_RE = re.compile(r"^[0-9a-f]{8,64}$")
+MAX_SEQUENCE = 2**63 - 1
+MAX_CHUNK_COUNT = 65_536
+MAX_PAYLOAD_BYTES = 1024 * 1024  # compressed bytes of one chunk
+MAX_STRING = 256
+MAX_MESSAGE = 4096
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_VALUE = 1024
+MAX_LIST = 100_000
+SHA256_LEN = 32
+
+# Capabilities this package knows (protocol.md section 4).
+CAP_CHUNKS = "chunks"
+CAP_HEARTBEATS = "heartbeats"
+CAP_EPOCH = "epoch"
+CAP_SERVER_TIME = "server_time"
+CAP_PROTO = "proto"
+CAP_BATCH = "batch"
+CAP_HTTP_ACK = "http_ack"
+CAP_ROTATION = "rotation"
+CAP_HEARTBEAT_STATS = "heartbeat_stats"
+
+BASE_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS)
+
+
+# ---------------------------------------------------------------------------------------
+# Control-channel bodies
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    software_version: str
+    last_committed_sequence: int
+    queue_depth: int
+    clock_skew_ms: float
+    # Capability `heartbeat_stats` only (sensor -> server): counters the sensor keeps.
+    retry_total: int | None = None
+    dropped_total: int | None = None
+    quarantined_total: int | None = None
+
+    BODY_TYPE = "heartbeat"
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    since_sequence: int
+    max_chunks: int
+    max_bytes: int
+    window_id: str
+    max_in_flight: int
+
+    BODY_TYPE = "chunk_request"
+
+
+@dataclass(frozen=True)
+class ChunkAck:
+    window_id: str
+    committed_sequences: tuple[int, ...]
+    reset_window: bool = False
+
+    BODY_TYPE = "chunk_ack"
+
+
+@dataclass(frozen=True)
+class CommandResponse:
+    command_id: str
+    success: bool
+    message: str
+
+    BODY_TYPE = "command_response"
+
+
+@dataclass(frozen=True)
+class Command:
+    """Server -> sensor command; only for sensors announcing the matching capability.
+
+    Used for credential rotation (capability ``rotation``): ``name="rotate_token"`` with
+    ``args={"token": ..., "not_after": ...}``.
+    """
+
+    command_id: str
+    name: str
+    args: Mapping[str, str] = field(default_factory=dict)
+
+    BODY_TYPE = "command"
+
+
+Body = Union[Heartbeat, ChunkRequest, ChunkAck, CommandResponse, Command]
+BODY_TYPES: dict[str, type] = {
+    cls.BODY_TYPE: cls for cls in (Heartbeat, ChunkRequest, ChunkAck, CommandResponse, Command)
+}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sensor_id: str
+    sent_at: str
+    body: Body
+    capabilities: tuple[str, ...] = BASE_CAPABILITIES
+    schema_version: str = PIPELINE_SCHEMA_VERSION
+    # Top-level extensions (ignored by 1.0 peers): emitted only when set.
+    queue_epoch: str | None = None
+    server_time: str | None = None
+
+    @property
+    def body_type(self) -> str:
+        return self.body.BODY_TYPE
+
+
+# ---------------------------------------------------------------------------------------
+# Data channel
+
+
+@dataclass(frozen=True)
+class Chunk:
+    sensor_id: str
+    event_id: str
+    sequence: int
+    chunk_index: int
+    chunk_count: int
+    payload: bytes
+    chunk_sha256: bytes
+    event_sha256: bytes
+    created_at: str
+    logical_timestamp_ms: int
+    clock_skew_ms: float = 0.0
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    compression: str = "gzip"
+    schema_version: str = PIPELINE_SCHEMA_VERSION
+    # Capability `epoch`: the sensor queue's epoch; "" for 1.0 sensors.
+    queue_epoch: str = ""
+
+    @property
+    def window_id(self) -> str:
+        return self.attributes.get("window_id", "")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The HTTP 200 answer to one chunk (protocol.md section 2)."""
+
+    stored: bool
+    duplicate: bool
+    sequence: int
+    event_id: str
+    sensor_id: str
+    event_complete: bool
+    last_committed_sequence: int
+
+
+# ---------------------------------------------------------------------------------------
+# Field readers: each names the field it rejects.
+
+
+def _require(doc: Mapping[str, Any], name: str, prefix: str) -> Any:
+    if name not in doc:
+        raise MissingField(f"missing field {prefix}{name}", field=prefix + name)
+    return doc[name]
+
+
+def read_str(doc: Mapping[str, Any], name: str, prefix: str = "", *,
+             max_len: int = MAX_STRING, pattern: re.Pattern[str] | None = None) -> str:
+    value = _require(doc, name, prefix)
+    if not isinstance(value, str):
+        raise FieldTypeError(f"field {prefix}{name} must be a string", field=prefix + name)
+    if len(value) > max_len:
+        raise PayloadTooLarge(f"field {prefix}{name} is longer than {max_len}", field=prefix + name)
+    if pattern is not None and not pattern.match(value):
+        raise FieldValueError(f"field {prefix}{name} has an invalid value", field=prefix + name)
+    return value
+
+
+def read_int(doc: Mapping[str, Any], name: str, prefix: str = "", *,
+             minimum: int = 0, maximum: int = MAX_SEQUENCE) -> int:
+    value = _require(doc, name, prefix)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldTypeError(f"field {prefix}{name} must be an integer", field=prefix + name)
+    if value < minimum or value > maximum:
+        raise FieldValueError(
+            f"field {prefix}{name} must be between {minimum} and {maximum}", field=prefix + name)
+    return value
+
+
+def read_float(doc: Mapping[str, Any], name: str, prefix: str = "") -> float:
+    value = _require(doc, name, prefix)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldTypeError(f"field {prefix}{name} must be a number", field=prefix + name)
+    result = float(value)
+    if result != result or result in (float("inf"), float("-inf")):
+        raise FieldValueError(f"field {prefix}{name} must be finite", field=prefix + name)
+    return result
+
+
+def read_bool(doc: Mapping[str, Any], name: str, prefix: str = "") -> bool:
+    value = _require(doc, name, prefix)
+    if not isinstance(value, bool):
+        raise FieldTypeError(f"field {prefix}{name} must be a boolean", field=prefix + name)
+    return value
+
+
+def read_b64(doc: Mapping[str, Any], name: str, *, max_bytes: int,
+             exact_len: int | None = None) -> bytes:
+    text = read_str(doc, name, max_len=(max_bytes * 4) // 3 + 4)
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise FieldValueError(f"field {name} is not valid base64", field=name) from exc
+    if exact_len is not None and len(raw) != exact_len:
+        raise FieldValueError(f"field {name} must decode to {exact_len} bytes", field=name)
+    return raw
+
+
+def check_schema_version(value: str, field_name: str = "schema_version") -> str:
+    """Same major = compatible; anything else is refused before the rest is read."""
+    parts = value.split(".")
+    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+        raise FieldValueError(f"field {field_name} is not a semantic version", field=field_name)
+    if int(parts[0]) != SUPPORTED_SCHEMA_MAJOR:
+        raise UnsupportedSchemaVersion(
+            f"schema major {parts[0]} is not supported (this server speaks "
+            f"{SUPPORTED_SCHEMA_MAJOR}.x)", field=field_name)
+    return value
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _read_capabilities(doc: Mapping[str, Any], name: str = "capabilities") -> tuple[str, ...]:
+    value = doc.get(name, [])
+    if not isinstance(value, list) or len(value) > 64:
+        raise FieldTypeError(f"field {name} must be a list of strings", field=name)
+    for item in value:
+        if not isinstance(item, str) or len(item) > 64:
+            raise FieldTypeError(f"field {name} must be a list of strings", field=name)
+    return tuple(value)
+
+
+def _optional_str(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str | None:
+    if doc.get(name) is None:
+        return None
+    return read_str(doc, name, pattern=pattern)
+
+
+def _load_json_object(data: bytes | str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError("body is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise FieldTypeError("body must be a JSON object")
+    return doc
+
+
+def _dumps(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, separators=(", ", ": "), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Bodies <-> JSON
+
+
+def body_to_json(body: Body) -> dict[str, Any]:
+    if isinstance(body, Heartbeat):
+        doc: dict[str, Any] = {
+            "software_version": body.software_version,
+            "last_committed_sequence": body.last_committed_sequence,
+            "queue_depth": body.queue_depth,
+            "clock_skew_ms": body.clock_skew_ms,
+        }
+        for name in ("retry_total", "dropped_total", "quarantined_total"):
+            if getattr(body, name) is not None:
+                doc[name] = getattr(body, name)
+        return doc
+    if isinstance(body, ChunkRequest):
+        return {"since_sequence": body.since_sequence, "max_chunks": body.max_chunks,
+                "max_bytes": body.max_bytes, "window_id": body.window_id,
+                "max_in_flight": body.max_in_flight}
+    if isinstance(body, ChunkAck):
+        return {"window_id": body.window_id,
+                "committed_sequences": list(body.committed_sequences),
+                "reset_window": body.reset_window}
+    if isinstance(body, CommandResponse):
+        return {"command_id": body.command_id, "success": body.success, "message": body.message}
+    if isinstance(body, Command):
+        return {"command_id": body.command_id, "name": body.name, "args": dict(body.args)}
+    raise TypeError(f"not a body: {type(body).__name__}")
+
+
+def _optional_int(doc: Mapping[str, Any], name: str, prefix: str) -> int | None:
+    return None if doc.get(name) is None else read_int(doc, name, prefix)
+
+
+def body_from_json(body_type: str, doc: Any) -> Body:
+    p = "body."
+    if not isinstance(doc, dict):
+        raise FieldTypeError("field body must be an object", field="body")
+    if body_type == Heartbeat.BODY_TYPE:
+        return Heartbeat(
+            software_version=read_str(doc, "software_version", p),
+            last_committed_sequence=read_int(doc, "last_committed_sequence", p),
+            queue_depth=read_int(doc, "queue_depth", p),
+            clock_skew_ms=read_float(doc, "clock_skew_ms", p),
+            retry_total=_optional_int(doc, "retry_total", p),
+            dropped_total=_optional_int(doc, "dropped_total", p),
+            quarantined_total=_optional_int(doc, "quarantined_total", p),
+        )
+    if body_type == ChunkRequest.BODY_TYPE:
+        return ChunkRequest(
+            since_sequence=read_int(doc, "since_sequence", p),
+            max_chunks=read_int(doc, "max_chunks", p, minimum=1, maximum=MAX_LIST),
+            max_bytes=read_int(doc, "max_bytes", p, minimum=1),
+            window_id=read_str(doc, "window_id", p),
+            max_in_flight=read_int(doc, "max_in_flight", p, minimum=1, maximum=MAX_LIST),
+        )
+    if body_type == ChunkAck.BODY_TYPE:
+        seqs = _require(doc, "committed_sequences", p)
+        if not isinstance(seqs, list) or len(seqs) > MAX_LIST:
+            raise FieldTypeError("field body.committed_sequences must be a list of integers",
+                                 field="body.committed_sequences")
+        checked = tuple(read_int({"s": s}, "s", "body.committed_sequences.") for s in seqs)
+        return ChunkAck(window_id=read_str(doc, "window_id", p), committed_sequences=checked,
+                        reset_window=read_bool(doc, "reset_window", p))
+    if body_type == CommandResponse.BODY_TYPE:
+        return CommandResponse(command_id=read_str(doc, "command_id", p),
+                               success=read_bool(doc, "success", p),
+                               message=read_str(doc, "message", p, max_len=MAX_MESSAGE))
+    if body_type == Command.BODY_TYPE:
+        args = doc.get("args", {})
+        if not isinstance(args, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in args.items()):
+            raise FieldTypeError("field body.args must map strings to strings", field="body.args")
+        return Command(command_id=read_str(doc, "command_id", p), name=read_str(doc, "name", p),
+                       args=args)
+    raise FieldValueError(f"unknown body_type {body_type[:64]!r}", field="body_type")
+
+
+# ---------------------------------------------------------------------------------------
+# Envelope <-> JSON
+
+
+def envelope_to_json(env: Envelope) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema_version": env.schema_version,
+        "sensor_id": env.sensor_id,
+        "sent_at": env.sent_at,
+        "capabilities": list(env.capabilities),
+        "body_type": env.body_type,
+        "body": body_to_json(env.body),
+    }
+    if env.queue_epoch is not None:
+        doc["queue_epoch"] = env.queue_epoch
+    if env.server_time is not None:
+        doc["server_time"] = env.server_time
+    return doc
+
+
+def encode_envelope(env: Envelope) -> str:
+    return _dumps(envelope_to_json(env))
+
+
+def envelope_from_json(doc: Mapping[str, Any]) -> Envelope:
+    check_schema_version(read_str(doc, "schema_version"))
+    body_type = read_str(doc, "body_type", max_len=64)
+    return Envelope(
+        schema_version=doc["schema_version"],
+        sensor_id=read_str(doc, "sensor_id", pattern=SENSOR_ID_RE),
+        sent_at=read_str(doc, "sent_at", max_len=64),
+        capabilities=_read_capabilities(doc),
+        body=body_from_json(body_type, _require(doc, "body", "")),
+        queue_epoch=_optional_str(doc, "queue_epoch", EPOCH_RE),
+        server_time=_optional_str(doc, "server_time"),
+    )
+
+
+def decode_envelope(data: bytes | str) -> Envelope:
+    return envelope_from_json(_load_json_object(data))
+
+
+# ---------------------------------------------------------------------------------------
+# Chunk <-> JSON
+
+
+def chunk_to_json(chunk: Chunk) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema_version": chunk.schema_version,
+        "sensor_id": chunk.sensor_id,
+        "event_id": chunk.event_id,
+        "sequence": chunk.sequence,
+        "chunk_index": chunk.chunk_index,
+        "chunk_count": chunk.chunk_count,
+        "compression": chunk.compression,
+        "payload": b64(chunk.payload),
+        "chunk_sha256": b64(chunk.chunk_sha256),
+        "event_sha256": b64(chunk.event_sha256),
+        "created_at": chunk.created_at,
+        "logical_timestamp_ms": chunk.logical_timestamp_ms,
+        "clock_skew_ms": chunk.clock_skew_ms,
+        "attributes": dict(chunk.attributes),
+    }
+    if chunk.queue_epoch:
+        doc["queue_epoch"] = chunk.queue_epoch
+    return doc
+
+
+def encode_chunk(chunk: Chunk) -> str:
+    return _dumps(chunk_to_json(chunk))
+
+
+def _read_attributes(doc: Mapping[str, Any]) -> dict[str, str]:
+    attrs = doc.get("attributes", {})
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, dict):
+        raise FieldTypeError("field attributes must be an object", field="attributes")
+    if len(attrs) > MAX_ATTRIBUTES:
+        raise PayloadTooLarge("field attributes has too many entries", field="attributes")
+    for key, value in attrs.items():
+        if not isinstance(value, str) or len(key) > MAX_STRING or len(value) > MAX_ATTRIBUTE_VALUE:
+            raise FieldTypeError("field attributes must map short strings to short strings",
+                                 field=f"attributes.{key[:64]}")
+    return attrs
+
+
+def chunk_from_json(doc: Mapping[str, Any]) -> Chunk:
+    schema_version = check_schema_version(read_str(doc, "schema_version"))
+    chunk_count = read_int(doc, "chunk_count", minimum=1, maximum=MAX_CHUNK_COUNT)
+    chunk_index = read_int(doc, "chunk_index", maximum=MAX_CHUNK_COUNT)
+    if chunk_index >= chunk_count:
+        raise FieldValueError("field chunk_index must be below chunk_count", field="chunk_index")
+    compression = read_str(doc, "compression", max_len=16)
+    if compression != "gzip":
+        raise FieldValueError("field compression must be 'gzip'", field="compression")
+    return Chunk(
+        schema_version=schema_version,
+        sensor_id=read_str(doc, "sensor_id", pattern=SENSOR_ID_RE),
+        event_id=read_str(doc, "event_id", max_len=32, pattern=EVENT_ID_RE),
+        sequence=read_int(doc, "sequence"),
+        chunk_index=chunk_index,
+        chunk_count=chunk_count,
+        compression=compression,
+        payload=read_b64(doc, "payload", max_bytes=MAX_PAYLOAD_BYTES),
+        chunk_sha256=read_b64(doc, "chunk_sha256", max_bytes=64, exact_len=SHA256_LEN),
+        event_sha256=read_b64(doc, "event_sha256", max_bytes=64, exact_len=SHA256_LEN),
+        created_at=read_str(doc, "created_at", max_len=64),
+        logical_timestamp_ms=read_int(doc, "logical_timestamp_ms"),
+        clock_skew_ms=read_float(doc, "clock_skew_ms") if "clock_skew_ms" in doc else 0.0,
+        attributes=_read_attributes(doc),
+        queue_epoch=_optional_str(doc, "queue_epoch", EPOCH_RE) or "",
+    )
+
+
+def decode_chunk(data: bytes | str) -> Chunk:
+    return chunk_from_json(_load_json_object(data))
+
+
+# ---------------------------------------------------------------------------------------
+# Ingest answer <-> JSON
+
+
+def ingest_result_to_json(result: IngestResult) -> dict[str, Any]:
+    return {"stored": result.stored, "duplicate": result.duplicate, "sequence": result.sequence,
+            "event_id": result.event_id, "sensor_id": result.sensor_id,
+            "event_complete": result.event_complete,
+            "last_committed_sequence": result.last_committed_sequence}
+
+
+def ingest_result_from_json(doc: Mapping[str, Any]) -> IngestResult:
+    return IngestResult(
+        stored=read_bool(doc, "stored"), duplicate=read_bool(doc, "duplicate"),
+        sequence=read_int(doc, "sequence"), event_id=read_str(doc, "event_id"),
+        sensor_id=read_str(doc, "sensor_id"), event_complete=read_bool(doc, "event_complete"),
+        last_committed_sequence=read_int(doc, "last_committed_sequence"))
