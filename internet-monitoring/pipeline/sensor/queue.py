@@ -1,0 +1,748 @@
+"""The sensor's durable queue: one SQLite file in WAL mode that survives power cuts.
+
+Each event is split into gzip chunks (``pipeline.common.chunking``) and all its chunks are
+written in one ``BEGIN IMMEDIATE`` transaction, so after a crash an event is either wholly
+queued or absent. A chunk's ``sequence`` is its ``AUTOINCREMENT`` row id: unique and
+increasing for the life of the file, never reused after deletes (protocol.md section 2).
+The random ``epoch`` created with the file tells the server that a re-imaged sensor whose
+sequences restart at 1 is not sending duplicates.
+
+Nothing leaves the queue silently: retention and the byte cap drop whole events and count
+them in the ``dropped`` table; chunks whose payload no longer matches its hash are moved
+to ``quarantine`` at open and never sent.
+
+Tables::
+
+    meta        key/value: epoch, schema_version
+    chunks      the queued chunks (sequence AUTOINCREMENT)
+    quarantine  chunks taken out of service, with the reason
+    dropped     reason -> chunks / events / bytes dropped
+    totals      one row: chunks and payload bytes in ``chunks``, kept by triggers so the
+                byte cap costs O(1) per enqueue however large the backlog
+
+One connection per object, guarded by a lock, so the agent can call it from
+``asyncio.to_thread`` workers; other processes (``pipeline-sensor submit``) open their own
+``DurableQueue`` on the same file and WAL plus ``busy_timeout`` lets them write concurrently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from pipeline.common.chunking import DEFAULT_SLICE, MAX_SLICE, MIN_SLICE, sha256, split_event
+from pipeline.common.errors import (
+    ConfigError,
+    ConflictError,
+    EventTooLarge,
+    FieldTypeError,
+    FieldValueError,
+    QueueError,
+    QueueFull,
+)
+from pipeline.common.messages import (
+    MAX_ATTRIBUTE_VALUE,
+    MAX_ATTRIBUTES,
+    MAX_SEQUENCE,
+    MAX_STRING,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+BUSY_TIMEOUT_MS = 10_000
+SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+REASON_BYTE_CAP = "byte_cap"
+REASON_RETENTION = "retention"
+REASON_INTEGRITY = "integrity"
+_MAX_CREATED_AT = 64
+_IN_BATCH = 500  # host parameters per IN (...) query, well under SQLite's limit
+
+_CHUNK_COLUMNS = (
+    "sequence, event_id, chunk_index, chunk_count, payload, chunk_sha256, event_sha256, "
+    "created_at, logical_timestamp_ms, attributes, enqueued_at, nbytes"
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    sequence             INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id             TEXT    NOT NULL,
+    chunk_index          INTEGER NOT NULL,
+    chunk_count          INTEGER NOT NULL,
+    payload              BLOB    NOT NULL,
+    chunk_sha256         BLOB    NOT NULL,
+    event_sha256         BLOB    NOT NULL,
+    created_at           TEXT    NOT NULL,
+    logical_timestamp_ms INTEGER NOT NULL,
+    attributes           TEXT    NOT NULL,
+    enqueued_at          REAL    NOT NULL,
+    nbytes               INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_enqueued_at ON chunks (enqueued_at);
+CREATE INDEX IF NOT EXISTS chunks_event_id ON chunks (event_id, chunk_index);
+CREATE TABLE IF NOT EXISTS quarantine (
+    sequence             INTEGER PRIMARY KEY,
+    event_id             TEXT    NOT NULL,
+    chunk_index          INTEGER NOT NULL,
+    chunk_count          INTEGER NOT NULL,
+    payload              BLOB    NOT NULL,
+    chunk_sha256         BLOB    NOT NULL,
+    event_sha256         BLOB    NOT NULL,
+    created_at           TEXT    NOT NULL,
+    logical_timestamp_ms INTEGER NOT NULL,
+    attributes           TEXT    NOT NULL,
+    enqueued_at          REAL    NOT NULL,
+    nbytes               INTEGER NOT NULL,
+    reason               TEXT    NOT NULL,
+    quarantined_at       REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dropped (
+    reason TEXT PRIMARY KEY,
+    chunks INTEGER NOT NULL DEFAULT 0,
+    events INTEGER NOT NULL DEFAULT 0,
+    bytes  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS totals (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    chunks INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals (id, chunks, bytes)
+    SELECT 1, COUNT(*), COALESCE(SUM(nbytes), 0) FROM chunks;
+CREATE TRIGGER IF NOT EXISTS chunks_totals_insert AFTER INSERT ON chunks BEGIN
+    UPDATE totals SET chunks = chunks + 1, bytes = bytes + NEW.nbytes WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_totals_delete AFTER DELETE ON chunks BEGIN
+    UPDATE totals SET chunks = chunks - 1, bytes = bytes - OLD.nbytes WHERE id = 1;
+END;
+"""
+
+
+@dataclass(frozen=True)
+class EnqueuedEvent:
+    """What ``enqueue`` wrote: the event's chunk sequences in ``chunk_index`` order."""
+
+    event_id: str
+    sequences: tuple[int, ...]
+    event_sha256: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class QueuedChunk:
+    """One stored chunk, everything needed to build the wire ``Chunk``."""
+
+    sequence: int
+    event_id: str
+    chunk_index: int
+    chunk_count: int
+    payload: bytes
+    chunk_sha256: bytes
+    event_sha256: bytes
+    created_at: str
+    logical_timestamp_ms: int
+    attributes: dict[str, str] = field(default_factory=dict)
+    enqueued_at: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """A chunk without its payload: what the sans-I/O dispatcher plans windows with."""
+
+    sequence: int
+    nbytes: int
+    enqueued_at: float
+
+
+@dataclass
+class _DropTally:
+    chunks: int = 0
+    events: int = 0
+    bytes: int = 0
+
+    def add(self, chunks: int, nbytes: int) -> None:
+        self.chunks += chunks
+        self.events += 1
+        self.bytes += nbytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {"chunks": self.chunks, "events": self.events, "bytes": self.bytes}
+
+
+class DurableQueue:
+    """SQLite-backed FIFO of event chunks.
+
+    ``synchronous="FULL"`` (the default) fsyncs the WAL on every commit: a committed event
+    survives a power cut. ``synchronous="NORMAL"`` is an explicit opt-in that trades that
+    safety for speed: it is still safe against a process crash, but the last committed
+    transactions may be lost if the power fails before the next WAL checkpoint.
+
+    ``max_pages`` caps the database file (``PRAGMA max_page_count``); beyond it SQLite
+    reports a full disk, which tests use to exercise ``QueueFull``. ``verify_on_open=False``
+    skips the O(n) open-time checks, for short-lived writers such as ``submit`` when the
+    agent already runs them.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        retention_hours: float = 72.0,
+        max_bytes: int | None = None,
+        slice_size: int = DEFAULT_SLICE,
+        clock: Callable[[], float] = time.time,
+        max_pages: int | None = None,
+        verify_on_open: bool = True,
+    ) -> None:
+        self._path = Path(path)
+        self._synchronous = _check_synchronous(synchronous)
+        self._retention_s = _check_retention(retention_hours)
+        self._max_bytes = _check_max_bytes(max_bytes)
+        self._slice_size = _check_slice_size(slice_size)
+        self._clock = clock
+        self._lock = threading.Lock()
+        conn = self._open(_check_max_pages(max_pages))
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            if verify_on_open:
+                self._quick_check()
+            self._epoch = self._init_schema()
+            if verify_on_open:
+                self._integrity_pass()
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self, max_pages: int | None) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(str(self._path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise QueueError(f"cannot open queue {self._path}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise QueueError(f"queue {self._path} could not switch to WAL (mode {mode})")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            if max_pages is not None:
+                conn.execute(f"PRAGMA max_page_count={max_pages}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise QueueError(f"queue {self._path} is not a usable database: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _init_schema(self) -> str:
+        conn = self._require_conn()
+        with self._translate("open"):
+            with self._write(conn):
+                _run_script(conn, _SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                             (SCHEMA_VERSION,))
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)",
+                             (secrets.token_hex(16),))
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise QueueError(f"queue {self._path} has schema version "
+                             f"{meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
+        return str(meta["epoch"])
+
+    def _quick_check(self) -> None:
+        conn = self._require_conn()
+        with self._translate("quick_check"):
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+        if rows != ["ok"]:
+            detail = "; ".join(rows).replace("\n", "; ")
+            raise QueueError(f"queue {self._path} is corrupt: {detail[:300]}")
+
+    def _integrity_pass(self) -> None:
+        """Re-hash every payload; move mismatches to quarantine instead of sending them."""
+        conn = self._require_conn()
+        started = time.monotonic()
+        checked = 0
+        bad: list[int] = []
+        with self._translate("integrity"):
+            for sequence, payload, digest in conn.execute(
+                    "SELECT sequence, payload, chunk_sha256 FROM chunks ORDER BY sequence"):
+                checked += 1
+                if not isinstance(payload, bytes) or not isinstance(digest, bytes) \
+                        or sha256(payload) != digest:
+                    bad.append(int(sequence))
+        moved = sum(1 for seq in bad if self._quarantine(seq, REASON_INTEGRITY))
+        duration_ms = (time.monotonic() - started) * 1000
+        log.info("queue_integrity_checked path=%s chunks=%d quarantined=%d duration_ms=%.1f",
+                 self._path, checked, moved, duration_ms)
+        if moved:
+            log.warning("queue_integrity_failed path=%s quarantined=%d sequences=%s",
+                        self._path, moved, bad[:20])
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _require_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise QueueError(f"queue {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back on any error so nothing is half-written."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:  # SQLite may already have rolled back
+                    log.warning("queue_rollback_failed path=%s error=%s", self._path, exc)
+            raise
+
+    @contextmanager
+    def _translate(self, operation: str) -> Iterator[None]:
+        """Turn sqlite3 errors into the package's QueueError family."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if _is_disk_full(exc):
+                log.error("queue_full path=%s operation=%s error=%s", self._path, operation, exc)
+                raise QueueFull(f"queue {self._path} is full: {exc}") from exc
+            raise QueueError(f"queue {self._path} {operation} failed: {exc}") from exc
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def synchronous(self) -> str:
+        return self._synchronous
+
+    # ------------------------------------------------------------------ writing
+
+    def enqueue(
+        self,
+        data: bytes,
+        *,
+        event_id: str | None = None,
+        created_at: str | None = None,
+        logical_timestamp_ms: int | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> EnqueuedEvent:
+        """Queue one event: all of its chunks commit together or none does."""
+        attrs_json = _encode_attributes(attributes)
+        split = split_event(data, slice_size=self._slice_size, event_id=event_id)
+        nbytes = sum(len(piece.payload) for piece in split.pieces)
+        if self._max_bytes is not None and nbytes > self._max_bytes:
+            raise EventTooLarge(f"event of {nbytes} compressed bytes exceeds the queue cap "
+                                f"of {self._max_bytes} bytes", field="data")
+        now = self._clock()
+        created = _check_created_at(created_at) if created_at is not None else _iso_utc(now)
+        logical_ms = (_check_logical_ms(logical_timestamp_ms)
+                      if logical_timestamp_ms is not None else int(now * 1000))
+        drops = _DropTally()
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("enqueue"), self._write(conn):
+                if conn.execute("SELECT 1 FROM chunks WHERE event_id = ? LIMIT 1",
+                                (split.event_id,)).fetchone() is not None:
+                    raise ConflictError(f"event {split.event_id} is already queued",
+                                        field="event_id")
+                if self._max_bytes is not None:
+                    self._make_room(conn, nbytes, drops)
+                sequences = []
+                for piece in split.pieces:
+                    cursor = conn.execute(
+                        f"INSERT INTO chunks ({_CHUNK_COLUMNS}) "
+                        "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (split.event_id, piece.index, piece.count, piece.payload,
+                         piece.chunk_sha256, split.event_sha256, created, logical_ms,
+                         attrs_json, now, len(piece.payload)))
+                    sequences.append(int(cursor.lastrowid or 0))
+        if drops.events:
+            log.warning("queue_dropped reason=%s events=%d chunks=%d bytes=%d max_bytes=%d",
+                        REASON_BYTE_CAP, drops.events, drops.chunks, drops.bytes,
+                        self._max_bytes or 0)
+        return EnqueuedEvent(event_id=split.event_id, sequences=tuple(sequences),
+                             event_sha256=split.event_sha256, size=split.size)
+
+    def _make_room(self, conn: sqlite3.Connection, nbytes: int, drops: _DropTally) -> None:
+        """Drop the oldest whole events until ``nbytes`` more fit under the byte cap."""
+        assert self._max_bytes is not None
+        total = int(conn.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0])
+        while total + nbytes > self._max_bytes:
+            row = conn.execute("SELECT event_id FROM chunks ORDER BY sequence LIMIT 1").fetchone()
+            if row is None:
+                break
+            chunks, freed = _delete_event(conn, str(row[0]))
+            drops.add(chunks, freed)
+            total -= freed
+        if drops.events:
+            _record_drops(conn, REASON_BYTE_CAP, drops)
+
+    def delete(self, sequences: Iterable[int]) -> int:
+        """Delete chunks by sequence in one transaction; unknown sequences are ignored."""
+        wanted = sorted({_check_sequence(s) for s in sequences})
+        if not wanted:
+            return 0
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("delete"), self._write(conn):
+                cursor = conn.executemany("DELETE FROM chunks WHERE sequence = ?",
+                                          [(s,) for s in wanted])
+                return max(int(cursor.rowcount), 0)
+
+    def quarantine(self, sequence: int, reason: str) -> bool:
+        """Move one chunk to quarantine; False when no such chunk is queued."""
+        with self._lock:
+            moved = self._quarantine(_check_sequence(sequence), reason)
+        if moved:
+            log.warning("queue_quarantined path=%s sequence=%d reason=%s",
+                        self._path, sequence, reason)
+        return moved
+
+    def _quarantine(self, sequence: int, reason: str) -> bool:
+        conn = self._require_conn()
+        with self._translate("quarantine"), self._write(conn):
+            cursor = conn.execute(
+                f"INSERT OR REPLACE INTO quarantine ({_CHUNK_COLUMNS}, reason, quarantined_at) "
+                f"SELECT {_CHUNK_COLUMNS}, ?, ? FROM chunks WHERE sequence = ?",
+                (str(reason), self._clock(), sequence))
+            if cursor.rowcount <= 0:
+                return False
+            conn.execute("DELETE FROM chunks WHERE sequence = ?", (sequence,))
+            return True
+
+    def prune(self, now: float | None = None, batch: int = 1000) -> dict[str, int]:
+        """Drop whole events older than the retention period, in small transactions.
+
+        Runs on a timer, never on the enqueue path, so a large backlog expiring at once
+        does not hold the write lock for long.
+        """
+        if batch < 1:
+            raise FieldValueError("batch must be at least 1", field="batch")
+        cutoff = (self._clock() if now is None else now) - self._retention_s
+        total = _DropTally()
+        while True:
+            step = _DropTally()
+            with self._lock:
+                conn = self._require_conn()
+                with self._translate("prune"), self._write(conn):
+                    rows = conn.execute(
+                        "SELECT event_id FROM chunks WHERE enqueued_at < ? "
+                        "ORDER BY enqueued_at LIMIT ?", (cutoff, batch)).fetchall()
+                    for event_id in dict.fromkeys(str(r[0]) for r in rows):
+                        step.add(*_delete_event(conn, event_id))
+                    if step.events:
+                        _record_drops(conn, REASON_RETENTION, step)
+            if not step.events:
+                break
+            total.chunks += step.chunks
+            total.events += step.events
+            total.bytes += step.bytes
+        if total.events:
+            log.warning("queue_pruned reason=%s events=%d chunks=%d bytes=%d retention_hours=%g",
+                        REASON_RETENTION, total.events, total.chunks, total.bytes,
+                        self._retention_s / 3600)
+        return total.as_dict()
+
+    # ------------------------------------------------------------------ reading
+
+    def list_after(self, since_sequence: int, limit: int) -> list[ChunkMeta]:
+        """Light rows (no payload) with ``sequence > since_sequence``, oldest first."""
+        if limit < 1:
+            return []
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("list_after"):
+                rows = conn.execute(
+                    "SELECT sequence, nbytes, enqueued_at FROM chunks WHERE sequence > ? "
+                    "ORDER BY sequence LIMIT ?", (since_sequence, limit)).fetchall()
+        return [ChunkMeta(sequence=int(s), nbytes=int(n), enqueued_at=float(e))
+                for s, n, e in rows]
+
+    def get(self, sequences: Sequence[int]) -> list[QueuedChunk]:
+        """The queued chunks among ``sequences``, ascending; missing ones are omitted."""
+        wanted = sorted({_check_sequence(s) for s in sequences})
+        found: list[QueuedChunk] = []
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("get"):
+                for start in range(0, len(wanted), _IN_BATCH):
+                    part = wanted[start:start + _IN_BATCH]
+                    marks = ",".join("?" * len(part))
+                    rows = conn.execute(
+                        f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE sequence IN ({marks}) "
+                        "ORDER BY sequence", part).fetchall()
+                    found.extend(_row_to_chunk(r) for r in rows)
+        return found
+
+    def read_window(self, since_sequence: int, max_chunks: int, max_bytes: int) -> list[QueuedChunk]:
+        """Chunks with ``sequence > since_sequence``, oldest first, within both limits.
+
+        As protocol 1.0 requires, the first chunk is returned even if it alone is larger
+        than ``max_bytes``, so an oversized chunk can never block the queue.
+        """
+        if max_chunks < 1:
+            return []
+        window: list[QueuedChunk] = []
+        used = 0
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("read_window"):
+                cursor = conn.execute(
+                    f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE sequence > ? "
+                    "ORDER BY sequence LIMIT ?", (since_sequence, max_chunks))
+                try:
+                    for row in cursor:
+                        chunk = _row_to_chunk(row)
+                        if window and used + chunk.nbytes > max_bytes:
+                            break
+                        window.append(chunk)
+                        used += chunk.nbytes
+                finally:
+                    cursor.close()
+        return window
+
+    def quarantined(self) -> list[tuple[QueuedChunk, str]]:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("quarantined"):
+                rows = conn.execute(f"SELECT {_CHUNK_COLUMNS}, reason FROM quarantine "
+                                    "ORDER BY sequence").fetchall()
+        return [(_row_to_chunk(r[:-1]), str(r[-1])) for r in rows]
+
+    def quarantined_count(self) -> int:
+        return int(self._scalar("SELECT COUNT(*) FROM quarantine"))
+
+    # ------------------------------------------------------------------ statistics
+
+    def queue_depth(self) -> int:
+        """Chunks waiting to be sent (runbook name)."""
+        return int(self._scalar("SELECT chunks FROM totals WHERE id = 1"))
+
+    def event_count(self) -> int:
+        """Distinct events with at least one queued chunk (an index scan: not for hot paths)."""
+        return int(self._scalar("SELECT COUNT(DISTINCT event_id) FROM chunks"))
+
+    def total_bytes(self) -> int:
+        """Compressed payload bytes waiting to be sent (what ``max_bytes`` caps)."""
+        return int(self._scalar("SELECT bytes FROM totals WHERE id = 1"))
+
+    def oldest_age_seconds(self) -> float | None:
+        oldest = self._scalar("SELECT MIN(enqueued_at) FROM chunks")
+        if oldest is None:
+            return None
+        return max(0.0, self._clock() - float(oldest))
+
+    def last_sequence(self) -> int:
+        """Highest sequence ever assigned in this file; 0 before the first enqueue."""
+        value = self._scalar("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'")
+        return int(value or 0)
+
+    def dropped_counts(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("dropped_counts"):
+                rows = conn.execute(
+                    "SELECT reason, chunks, events, bytes FROM dropped ORDER BY reason").fetchall()
+        return {str(r): {"chunks": int(c), "events": int(e), "bytes": int(b)}
+                for r, c, e, b in rows}
+
+    def _scalar(self, sql: str) -> Any:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("read"):
+                row = conn.execute(sql).fetchone()
+        return None if row is None else row[0]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
+
+    def __enter__(self) -> DurableQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run DDL statement by statement: ``executescript`` would COMMIT our transaction."""
+    for statement in _split_statements(script):
+        conn.execute(statement)
+
+
+def _split_statements(script: str) -> list[str]:
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+def _delete_event(conn: sqlite3.Connection, event_id: str) -> tuple[int, int]:
+    """Delete every queued chunk of one event; returns (chunks, bytes) removed."""
+    chunks, nbytes = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM chunks WHERE event_id = ?",
+        (event_id,)).fetchone()
+    conn.execute("DELETE FROM chunks WHERE event_id = ?", (event_id,))
+    return int(chunks), int(nbytes)
+
+
+def _record_drops(conn: sqlite3.Connection, reason: str, tally: _DropTally) -> None:
+    conn.execute(
+        "INSERT INTO dropped (reason, chunks, events, bytes) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (reason) DO UPDATE SET chunks = chunks + excluded.chunks, "
+        "events = events + excluded.events, bytes = bytes + excluded.bytes",
+        (reason, tally.chunks, tally.events, tally.bytes))
+
+
+def _row_to_chunk(row: Sequence[Any]) -> QueuedChunk:
+    (sequence, event_id, chunk_index, chunk_count, payload, chunk_sha256, event_sha256,
+     created_at, logical_ms, attributes, enqueued_at, _nbytes) = row
+    return QueuedChunk(
+        sequence=int(sequence), event_id=str(event_id), chunk_index=int(chunk_index),
+        chunk_count=int(chunk_count), payload=bytes(payload), chunk_sha256=bytes(chunk_sha256),
+        event_sha256=bytes(event_sha256), created_at=str(created_at),
+        logical_timestamp_ms=int(logical_ms), attributes=dict(json.loads(attributes)),
+        enqueued_at=float(enqueued_at))
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    return "database or disk is full" in str(exc)
+
+
+def _iso_utc(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _encode_attributes(attributes: Mapping[str, str] | None) -> str:
+    """Validate against the server's limits: a chunk it would refuse would never leave."""
+    if attributes is None:
+        return "{}"
+    if not isinstance(attributes, Mapping):
+        raise FieldTypeError("attributes must be a mapping of strings", field="attributes")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise FieldValueError(f"at most {MAX_ATTRIBUTES} attributes", field="attributes")
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise FieldTypeError("attributes must map strings to strings", field="attributes")
+        if len(key) > MAX_STRING or len(value) > MAX_ATTRIBUTE_VALUE:
+            raise FieldValueError("attribute key or value too long",
+                                  field=f"attributes.{key[:64]}")
+        try:
+            key.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FieldValueError("attributes must be valid unicode",
+                                  field=f"attributes.{key[:64]}") from exc
+    return json.dumps(dict(attributes), ensure_ascii=False, separators=(",", ":"))
+
+
+def _check_created_at(value: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_CREATED_AT:
+        raise FieldValueError(f"created_at must be a string of 1-{_MAX_CREATED_AT} characters",
+                              field="created_at")
+    return value
+
+
+def _check_logical_ms(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQUENCE:
+        raise FieldValueError("logical_timestamp_ms must be a non-negative integer",
+                              field="logical_timestamp_ms")
+    return value
+
+
+def _check_sequence(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldTypeError("sequence must be an integer", field="sequence")
+    return value
+
+
+def _check_synchronous(value: str) -> str:
+    mode = value.upper() if isinstance(value, str) else ""
+    if mode not in SYNCHRONOUS_MODES:
+        raise ConfigError(f"queue.synchronous must be one of {SYNCHRONOUS_MODES}, got {value!r}",
+                          field="queue.synchronous")
+    return mode
+
+
+def _check_retention(hours: float) -> float:
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not hours > 0 \
+            or hours == float("inf"):
+        raise ConfigError(f"queue.retention_hours must be a positive number, got {hours!r}",
+                          field="queue.retention_hours")
+    return float(hours) * 3600.0
+
+
+def _check_max_bytes(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"queue.max_bytes must be a positive integer, got {value!r}",
+                          field="queue.max_bytes")
+    return value
+
+
+def _check_max_pages(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"queue.max_pages must be a positive integer, got {value!r}",
+                          field="queue.max_pages")
+    return value
+
+
+def _check_slice_size(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_SLICE <= value <= MAX_SLICE:
+        raise ConfigError(f"queue.slice_size must be between {MIN_SLICE} and {MAX_SLICE}, "
+                          f"got {value!r}", field="queue.slice_size")
+    return value
