@@ -186,6 +186,16 @@ class IngestResult:
 # Field readers: each names the field it rejects.
 
 
+def _check_text(value: str, field_name: str) -> None:
+    """Refuse lone surrogates (legal in JSON escapes): they cannot be stored or re-encoded."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FieldValueError(f"field {field_name} is not valid unicode",
+                                  field=field_name) from exc
+
+
 def _require(doc: Mapping[str, Any], name: str, prefix: str) -> Any:
     if name not in doc:
         raise MissingField(f"missing field {prefix}{name}", field=prefix + name)
@@ -199,7 +209,8 @@ def read_str(doc: Mapping[str, Any], name: str, prefix: str = "", *,
         raise FieldTypeError(f"field {prefix}{name} must be a string", field=prefix + name)
     if len(value) > max_len:
         raise PayloadTooLarge(f"field {prefix}{name} is longer than {max_len}", field=prefix + name)
-    if pattern is not None and not pattern.match(value):
+    _check_text(value, prefix + name)
+    if pattern is not None and not pattern.fullmatch(value):
         raise FieldValueError(f"field {prefix}{name} has an invalid value", field=prefix + name)
     return value
 
@@ -219,7 +230,10 @@ def read_float(doc: Mapping[str, Any], name: str, prefix: str = "") -> float:
     value = _require(doc, name, prefix)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FieldTypeError(f"field {prefix}{name} must be a number", field=prefix + name)
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError as exc:
+        raise FieldValueError(f"field {prefix}{name} must be finite", field=prefix + name) from exc
     if result != result or result in (float("inf"), float("-inf")):
         raise FieldValueError(f"field {prefix}{name} must be finite", field=prefix + name)
     return result
@@ -239,6 +253,8 @@ def read_b64(doc: Mapping[str, Any], name: str, *, max_bytes: int,
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise FieldValueError(f"field {name} is not valid base64", field=name) from exc
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"field {name} is larger than {max_bytes} bytes", field=name)
     if exact_len is not None and len(raw) != exact_len:
         raise FieldValueError(f"field {name} must decode to {exact_len} bytes", field=name)
     return raw
@@ -247,7 +263,7 @@ def read_b64(doc: Mapping[str, Any], name: str, *, max_bytes: int,
 def check_schema_version(value: str, field_name: str = "schema_version") -> str:
     """Same major = compatible; anything else is refused before the rest is read."""
     parts = value.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
         raise FieldValueError(f"field {field_name} is not a semantic version", field=field_name)
     if int(parts[0]) != SUPPORTED_SCHEMA_MAJOR:
         raise UnsupportedSchemaVersion(
@@ -267,6 +283,7 @@ def _read_capabilities(doc: Mapping[str, Any], name: str = "capabilities") -> tu
     for item in value:
         if not isinstance(item, str) or len(item) > 64:
             raise FieldTypeError(f"field {name} must be a list of strings", field=name)
+        _check_text(item, name)
     return tuple(value)
 
 
@@ -352,7 +369,8 @@ def body_from_json(body_type: str, doc: Any) -> Body:
         if not isinstance(seqs, list) or len(seqs) > MAX_LIST:
             raise FieldTypeError("field body.committed_sequences must be a list of integers",
                                  field="body.committed_sequences")
-        checked = tuple(read_int({"s": s}, "s", "body.committed_sequences.") for s in seqs)
+        checked = tuple(read_int({f"[{i}]": s}, f"[{i}]", "body.committed_sequences")
+                        for i, s in enumerate(seqs))
         return ChunkAck(window_id=read_str(doc, "window_id", p), committed_sequences=checked,
                         reset_window=read_bool(doc, "reset_window", p))
     if body_type == CommandResponse.BODY_TYPE:
@@ -364,6 +382,8 @@ def body_from_json(body_type: str, doc: Any) -> Body:
         if not isinstance(args, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in args.items()):
             raise FieldTypeError("field body.args must map strings to strings", field="body.args")
+        for key, value in args.items():
+            _check_text(key + value, "body.args")
         return Command(command_id=read_str(doc, "command_id", p), name=read_str(doc, "name", p),
                        args=args)
     raise FieldValueError(f"unknown body_type {body_type[:64]!r}", field="body_type")
@@ -453,6 +473,7 @@ def _read_attributes(doc: Mapping[str, Any]) -> dict[str, str]:
         if not isinstance(value, str) or len(key) > MAX_STRING or len(value) > MAX_ATTRIBUTE_VALUE:
             raise FieldTypeError("field attributes must map short strings to short strings",
                                  field=f"attributes.{key[:64]}")
+        _check_text(key + value, "attributes")
     return attrs
 
 
