@@ -1,0 +1,904 @@
+"""The server's chunk store: verified, deduplicated, durably committed chunks and events.
+
+``ChunkStore`` is the interface (a ``typing.Protocol``); ``SQLiteChunkStore`` is the embedded
+engine (stdlib ``sqlite3``, WAL, ``synchronous=FULL``). A PostgreSQL engine implements the
+same protocol, so the SQL here sticks to what both engines accept (``ON CONFLICT ... DO
+UPDATE``, ``IN (SELECT ... LIMIT n)``, no engine-only functions).
+
+Ingest is a group commit: one ``BEGIN IMMEDIATE ... COMMIT`` per batch, so durability costs
+one fsync per batch rather than per chunk. Every check that can reject a chunk runs *before*
+that chunk writes anything, so one bad chunk never fails its neighbours; only a storage
+failure (``StorageFull``/``StoreError``) rolls the whole batch back, and then nothing of the
+batch is visible, in the database or in the in-memory offsets.
+
+Tables (every ingest step is an index lookup, never a scan)::
+
+    chunks          one row per accepted chunk; UNIQUE(sensor_id, epoch, sequence) is the
+                    dedupe key, UNIQUE(sensor_id, event_id, chunk_index) catches the same
+                    chunk under another sequence and serves reassembly (ORDER BY
+                    chunk_index). ``payload`` is set to NULL once its event is finished.
+    partial_events  progress of events still missing chunks (count received so far).
+    events          completed events, inserted exactly once (UNIQUE(sensor_id, event_id));
+                    ``row_id`` is monotonic (AUTOINCREMENT: never reused after pruning).
+    rejected_events events whose reassembly failed, or partial events expired by retention.
+    offsets         per (sensor_id, epoch): watermark and the committed ranges above it.
+    windows, sensor_state   control-state JSON, written off the ingest path.
+
+The store is synchronous; the server calls it from a writer thread. One connection
+(``check_same_thread=False``) guarded by a lock makes that safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+from pipeline.common import chunking
+from pipeline.common.errors import (
+    ConfigError,
+    ConflictError,
+    FieldValueError,
+    IntegrityError,
+    PayloadTooLarge,
+    PipelineError,
+    SequenceConflict,
+    StorageFull,
+    StoreError,
+)
+from pipeline.common.messages import Chunk
+from pipeline.server.offsets import OffsetBook, OffsetKey, OffsetTracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
+SCHEMA_VERSION = 1
+_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+# ---------------------------------------------------------------------------------------
+# Data types
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A completed, verified event. ``row_id`` is a monotonic store id used for paging."""
+
+    row_id: int
+    sensor_id: str
+    epoch: str
+    event_id: str
+    event_sha256: bytes
+    data: bytes
+    logical_timestamp_ms: int
+    created_at: str
+    completed_at: float
+    first_sequence: int
+    last_sequence: int
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RejectedEvent:
+    """An event that will never complete: its reassembled bytes were bad, or it expired."""
+
+    sensor_id: str
+    epoch: str
+    event_id: str
+    event_sha256: bytes
+    chunk_count: int
+    reason: str
+    code: str
+    rejected_at: float
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What happened to one ingested chunk.
+
+    ``completed_event`` is set only on the outcome of the chunk whose commit completed the
+    event, so the caller updates caches and streams exactly once. ``event_complete`` is
+    true whenever the event is complete after this chunk (duplicates included). ``error``
+    is set when the chunk was rejected; then ``stored`` and ``duplicate`` are false.
+    ``last_committed_sequence`` is the (sensor, epoch) watermark after the batch committed.
+    """
+
+    sensor_id: str
+    epoch: str
+    sequence: int
+    event_id: str
+    window_id: str
+    stored: bool
+    duplicate: bool
+    event_complete: bool
+    completed_event: StoredEvent | None
+    last_committed_sequence: int
+    error: PipelineError | None = None
+
+    @property
+    def committed(self) -> bool:
+        """True when the sequence may be acked (stored or duplicate, durably)."""
+        return self.stored or self.duplicate
+
+
+# ---------------------------------------------------------------------------------------
+# Interface
+
+
+@runtime_checkable
+class ChunkStore(Protocol):
+    """What the server needs from a store; every call is blocking."""
+
+    def ingest(self, chunks: Sequence[Chunk]) -> list[ChunkOutcome]: ...
+    def committed_offset(self, sensor_id: str, epoch: str) -> int: ...
+    def missing_sequences(self, sensor_id: str, epoch: str, limit: int = 1000) -> list[int]: ...
+    def tracker(self, sensor_id: str, epoch: str) -> OffsetTracker: ...
+    def epochs(self, sensor_id: str) -> list[str]: ...
+    def events(self, sensor_id: str, *, after: int = 0, limit: int = 100) -> list[StoredEvent]: ...
+    def get_event(self, sensor_id: str, event_id: str) -> StoredEvent | None: ...
+    def latest_events(self) -> list[StoredEvent]: ...
+    def event_count(self, sensor_id: str | None = None) -> int: ...
+    def chunk_count(self) -> int: ...
+    def rejected_events(self, sensor_id: str | None = None) -> list[RejectedEvent]: ...
+    def save_window(self, sensor_id: str, window_id: str, state: dict[str, Any]) -> None: ...
+    def delete_windows(self, sensor_id: str, window_ids: Iterable[str]) -> None: ...
+    def load_windows(self, sensor_id: str) -> dict[str, dict[str, Any]]: ...
+    def save_sensor_state(self, sensor_id: str, state: dict[str, Any]) -> None: ...
+    def load_sensor_states(self) -> dict[str, dict[str, Any]]: ...
+    def prune(self, older_than: float, *, batch: int = 1000) -> int: ...
+    def check_writable(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Schema
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS chunks (
+        id INTEGER PRIMARY KEY,
+        sensor_id TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        chunk_index INTEGER NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        chunk_sha256 BLOB NOT NULL,
+        payload BLOB,
+        received_at REAL NOT NULL,
+        UNIQUE (sensor_id, epoch, sequence),
+        UNIQUE (sensor_id, event_id, chunk_index))""",
+    "CREATE INDEX IF NOT EXISTS chunks_received ON chunks (received_at)",
+    """CREATE TABLE IF NOT EXISTS partial_events (
+        sensor_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        received INTEGER NOT NULL,
+        event_sha256 BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        logical_timestamp_ms INTEGER NOT NULL,
+        attributes TEXT NOT NULL,
+        first_sequence INTEGER NOT NULL,
+        last_sequence INTEGER NOT NULL,
+        first_seen REAL NOT NULL,
+        PRIMARY KEY (sensor_id, event_id))""",
+    "CREATE INDEX IF NOT EXISTS partial_events_seen ON partial_events (first_seen)",
+    """CREATE TABLE IF NOT EXISTS events (
+        row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sensor_id TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        event_sha256 BLOB NOT NULL,
+        data BLOB NOT NULL,
+        logical_timestamp_ms INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        completed_at REAL NOT NULL,
+        first_sequence INTEGER NOT NULL,
+        last_sequence INTEGER NOT NULL,
+        attributes TEXT NOT NULL,
+        UNIQUE (sensor_id, event_id))""",
+    "CREATE INDEX IF NOT EXISTS events_by_sensor ON events (sensor_id, row_id)",
+    """CREATE INDEX IF NOT EXISTS events_latest
+        ON events (sensor_id, logical_timestamp_ms, row_id)""",
+    "CREATE INDEX IF NOT EXISTS events_completed ON events (completed_at)",
+    """CREATE TABLE IF NOT EXISTS rejected_events (
+        sensor_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        event_sha256 BLOB NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        code TEXT NOT NULL,
+        rejected_at REAL NOT NULL,
+        PRIMARY KEY (sensor_id, event_id))""",
+    "CREATE INDEX IF NOT EXISTS rejected_events_at ON rejected_events (rejected_at)",
+    """CREATE TABLE IF NOT EXISTS offsets (
+        sensor_id TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        watermark INTEGER NOT NULL,
+        ranges TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (sensor_id, epoch))""",
+    """CREATE TABLE IF NOT EXISTS windows (
+        sensor_id TEXT NOT NULL,
+        window_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (sensor_id, window_id))""",
+    """CREATE TABLE IF NOT EXISTS sensor_state (
+        sensor_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS store_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+)
+
+_EVENT_COLUMNS = ("row_id, sensor_id, epoch, event_id, event_sha256, data, logical_timestamp_ms, "
+                  "created_at, completed_at, first_sequence, last_sequence, attributes")
+
+
+def _row_to_event(row: Sequence[Any]) -> StoredEvent:
+    return StoredEvent(row_id=row[0], sensor_id=row[1], epoch=row[2], event_id=row[3],
+                       event_sha256=bytes(row[4]), data=bytes(row[5]),
+                       logical_timestamp_ms=row[6], created_at=row[7], completed_at=row[8],
+                       first_sequence=row[9], last_sequence=row[10],
+                       attributes=json.loads(row[11]))
+
+
+def _is_storage_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
+def _translate(exc: sqlite3.Error, what: str) -> StoreError:
+    """Map a sqlite3 error to the package's tree (the caller raises it ``from exc``)."""
+    if _is_storage_full(exc):
+        return StorageFull(f"{what}: storage is full")
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------
+# Per-batch working state
+
+
+@dataclass
+class _Pending:
+    """One chunk's result before the batch commits (outcomes are built after COMMIT)."""
+
+    chunk: Chunk
+    stored: bool = False
+    duplicate: bool = False
+    event_complete: bool = False
+    completed_event: StoredEvent | None = None
+    error: PipelineError | None = None
+
+
+@dataclass
+class _Partial:
+    epoch: str
+    chunk_count: int
+    received: int
+    event_sha256: bytes
+    first_sequence: int
+    last_sequence: int
+
+
+class SQLiteChunkStore:
+    """``ChunkStore`` on an SQLite file (WAL, ``synchronous=FULL`` unless told otherwise)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 max_pages: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        mode = synchronous.upper()
+        if mode not in _SYNCHRONOUS_MODES:
+            raise ConfigError(f"store synchronous must be one of {_SYNCHRONOUS_MODES}",
+                              field="synchronous")
+        if max_event_bytes < 1:
+            raise ConfigError("max_event_bytes must be positive", field="max_event_bytes")
+        self.path = Path(path)
+        self._max_event_bytes = max_event_bytes
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._book = OffsetBook()
+        self._closed = False
+        try:
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None,
+                                         check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        try:
+            self._setup(mode, max_pages)
+            self._load_offsets()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise _translate(exc, f"cannot open store {self.path}") from exc
+        if mode != "FULL" and mode != "EXTRA":
+            log.warning("store_durability_reduced path=%s synchronous=%s", self.path, mode)
+        log.info("store_opened path=%s keys=%d", self.path, len(self._book))
+
+    # -- setup -----------------------------------------------------------------------
+
+    def _setup(self, mode: str, max_pages: int | None) -> None:
+        conn = self._conn
+        journal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(journal).lower() != "wal":
+            raise StoreError(f"store {self.path} cannot use WAL (journal_mode={journal})")
+        conn.execute(f"PRAGMA synchronous={mode}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if max_pages is not None:
+            conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
+
+    def _load_offsets(self) -> None:
+        """Rebuild trackers: persisted watermark and ranges, plus chunk rows above them."""
+        rows = self._conn.execute(
+            "SELECT sensor_id, epoch, watermark, ranges FROM offsets").fetchall()
+        for sensor_id, epoch, watermark, ranges in rows:
+            tracker = OffsetTracker.restore({"watermark": watermark,
+                                             "ranges": json.loads(ranges)})
+            above = self._conn.execute(
+                "SELECT sequence FROM chunks WHERE sensor_id = ? AND epoch = ? AND sequence > ?",
+                (sensor_id, epoch, tracker.watermark))
+            for (seq,) in above:
+                tracker.add(seq)
+            self._book.put(sensor_id, epoch, tracker)
+
+    # -- ingest ----------------------------------------------------------------------
+
+    def ingest(self, chunks: Sequence[Chunk]) -> list[ChunkOutcome]:
+        """Verify, dedupe and commit ``chunks`` in one durable transaction.
+
+        Returns one outcome per chunk, in input order. Raises ``StorageFull`` or
+        ``StoreError`` (batch rolled back, nothing written) when the store cannot commit.
+        """
+        if not chunks:
+            return []
+        with self._lock:
+            self._check_open()
+            pending = [_Pending(chunk) for chunk in chunks]
+            for item in pending:
+                self._precheck(item)
+            work: dict[OffsetKey, OffsetTracker] = {}
+            now = self._clock()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for item in pending:
+                    if item.error is None:
+                        self._ingest_one(item, work, now)
+                self._save_offsets(work, now)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                error = _translate(exc, "ingest failed")
+                log.error("store_ingest_failed chunks=%d error=%s", len(chunks), error.code)
+                raise error from exc
+            except BaseException:
+                self._rollback()
+                raise
+            # Durable now: publish the new offsets.
+            for (sensor_id, epoch), tracker in work.items():
+                self._book.put(sensor_id, epoch, tracker)
+            return [self._outcome(item) for item in pending]
+
+    def _precheck(self, item: _Pending) -> None:
+        """Checks needing no database: hash, decompression (bomb cap), field sanity."""
+        chunk = item.chunk
+        try:
+            if chunk.sequence < 1:
+                raise FieldValueError("sequence must be at least 1", field="sequence")
+            if chunk.compression != "gzip":
+                raise FieldValueError("compression must be 'gzip'", field="compression")
+            if not 0 <= chunk.chunk_index < chunk.chunk_count:
+                raise FieldValueError("chunk_index must be below chunk_count",
+                                      field="chunk_index")
+            # Slices are at least MIN_SLICE bytes except the last one, so an event with
+            # more chunks than this cannot fit max_event_bytes: refuse before storing any.
+            if (chunk.chunk_count - 1) * chunking.MIN_SLICE >= self._max_event_bytes:
+                raise PayloadTooLarge(
+                    f"an event of {chunk.chunk_count} chunks exceeds the "
+                    f"{self._max_event_bytes}-byte event limit", field="chunk_count")
+            chunking.verify_chunk(chunk.payload, chunk.chunk_sha256)
+            chunking.decompress_slice(chunk.payload, max_bytes=chunking.MAX_SLICE)
+        except PipelineError as exc:
+            item.error = exc
+            log.info("chunk_rejected sensor=%s epoch=%s sequence=%d event_id=%s error=%s",
+                     chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
+                     exc.code)
+
+    def _tracker_for(self, work: dict[OffsetKey, OffsetTracker], chunk: Chunk) -> OffsetTracker:
+        """A batch-private copy of the key's tracker, published only after COMMIT."""
+        key = (chunk.sensor_id, chunk.queue_epoch)
+        tracker = work.get(key)
+        if tracker is None:
+            current = self._book.peek(*key)
+            tracker = work[key] = current.copy() if current is not None else OffsetTracker()
+        return tracker
+
+    def _ingest_one(self, item: _Pending, work: dict[OffsetKey, OffsetTracker],
+                    now: float) -> None:
+        chunk = item.chunk
+        tracker = self._tracker_for(work, chunk)
+        try:
+            self._decide_and_write(item, tracker, now)
+        except PipelineError as exc:
+            # Raised only before this chunk wrote anything.
+            item.error = exc
+            log.info("chunk_rejected sensor=%s epoch=%s sequence=%d event_id=%s error=%s",
+                     chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
+                     exc.code)
+            return
+        tracker.add(chunk.sequence)
+
+    def _decide_and_write(self, item: _Pending, tracker: OffsetTracker, now: float) -> None:
+        chunk = item.chunk
+        conn = self._conn
+        sid, epoch = chunk.sensor_id, chunk.queue_epoch
+        row = conn.execute(
+            "SELECT event_id, chunk_index, chunk_sha256 FROM chunks "
+            "WHERE sensor_id = ? AND epoch = ? AND sequence = ?",
+            (sid, epoch, chunk.sequence)).fetchone()
+        if row is not None:
+            if (row[0] == chunk.event_id and row[1] == chunk.chunk_index
+                    and bytes(row[2]) == chunk.chunk_sha256):
+                self._mark_duplicate(item)
+                return
+            raise SequenceConflict(
+                f"sequence {chunk.sequence} is already stored with different content",
+                field="sequence")
+        if tracker.contains(chunk.sequence):
+            # Committed long ago and its key pruned by retention: still a duplicate.
+            self._mark_duplicate(item)
+            return
+        row = conn.execute(
+            "SELECT chunk_sha256 FROM chunks "
+            "WHERE sensor_id = ? AND event_id = ? AND chunk_index = ?",
+            (sid, chunk.event_id, chunk.chunk_index)).fetchone()
+        if row is not None:
+            if bytes(row[0]) == chunk.chunk_sha256:
+                # The same chunk queued twice under two sequences: ack this one too.
+                self._mark_duplicate(item)
+                return
+            raise ConflictError(
+                f"chunk {chunk.chunk_index} of event {chunk.event_id} is already stored "
+                "with different content", field="chunk_index")
+
+        partial = self._load_partial(sid, chunk.event_id)
+        if partial is not None:
+            self._check_same_event(partial, chunk)
+            keep_payload = True
+        else:
+            finished = self._finished_event_sha(sid, chunk.event_id)
+            if finished is not None:
+                # A late chunk of an event already completed/rejected: keep only its key.
+                if finished[0] != chunk.event_sha256:
+                    raise ConflictError(f"event {chunk.event_id} was finished with another "
+                                        "event_sha256", field="event_sha256")
+                keep_payload = False
+            else:
+                keep_payload = True
+
+        conn.execute(
+            "INSERT INTO chunks (sensor_id, epoch, sequence, event_id, chunk_index, chunk_count,"
+            " chunk_sha256, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sid, epoch, chunk.sequence, chunk.event_id, chunk.chunk_index, chunk.chunk_count,
+             chunk.chunk_sha256, chunk.payload if keep_payload else None, now))
+        item.stored = True
+        if not keep_payload:
+            item.event_complete = finished is not None and finished[1]
+            return
+        if partial is None:
+            partial = _Partial(epoch=epoch, chunk_count=chunk.chunk_count, received=1,
+                               event_sha256=chunk.event_sha256,
+                               first_sequence=chunk.sequence, last_sequence=chunk.sequence)
+            conn.execute(
+                "INSERT INTO partial_events (sensor_id, event_id, epoch, chunk_count, received,"
+                " event_sha256, created_at, logical_timestamp_ms, attributes, first_sequence,"
+                " last_sequence, first_seen) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, chunk.event_id, epoch, chunk.chunk_count, chunk.event_sha256,
+                 chunk.created_at, chunk.logical_timestamp_ms,
+                 json.dumps(dict(chunk.attributes), sort_keys=True),
+                 chunk.sequence, chunk.sequence, now))
+        else:
+            partial.received += 1
+            partial.first_sequence = min(partial.first_sequence, chunk.sequence)
+            partial.last_sequence = max(partial.last_sequence, chunk.sequence)
+            conn.execute(
+                "UPDATE partial_events SET received = ?, first_sequence = ?, last_sequence = ?"
+                " WHERE sensor_id = ? AND event_id = ?",
+                (partial.received, partial.first_sequence, partial.last_sequence,
+                 sid, chunk.event_id))
+            if chunk.chunk_index == 0:
+                # The event's metadata is chunk 0's, whatever order the chunks came in.
+                conn.execute(
+                    "UPDATE partial_events SET created_at = ?, logical_timestamp_ms = ?,"
+                    " attributes = ? WHERE sensor_id = ? AND event_id = ?",
+                    (chunk.created_at, chunk.logical_timestamp_ms,
+                     json.dumps(dict(chunk.attributes), sort_keys=True), sid, chunk.event_id))
+        if partial.received >= partial.chunk_count:
+            self._complete(item, partial, now)
+
+    def _mark_duplicate(self, item: _Pending) -> None:
+        item.duplicate = True
+        item.event_complete = self._conn.execute(
+            "SELECT 1 FROM events WHERE sensor_id = ? AND event_id = ?",
+            (item.chunk.sensor_id, item.chunk.event_id)).fetchone() is not None
+
+    def _load_partial(self, sensor_id: str, event_id: str) -> _Partial | None:
+        row = self._conn.execute(
+            "SELECT epoch, chunk_count, received, event_sha256, first_sequence, last_sequence"
+            " FROM partial_events WHERE sensor_id = ? AND event_id = ?",
+            (sensor_id, event_id)).fetchone()
+        if row is None:
+            return None
+        return _Partial(epoch=row[0], chunk_count=row[1], received=row[2],
+                        event_sha256=bytes(row[3]), first_sequence=row[4],
+                        last_sequence=row[5])
+
+    @staticmethod
+    def _check_same_event(partial: _Partial, chunk: Chunk) -> None:
+        if partial.chunk_count != chunk.chunk_count:
+            raise ConflictError(f"event {chunk.event_id} has chunk_count {partial.chunk_count}",
+                                field="chunk_count")
+        if partial.event_sha256 != chunk.event_sha256:
+            raise ConflictError(f"event {chunk.event_id} has another event_sha256",
+                                field="event_sha256")
+
+    def _finished_event_sha(self, sensor_id: str, event_id: str) -> tuple[bytes, bool] | None:
+        """(event_sha256, completed) of an event already completed or rejected, else None."""
+        row = self._conn.execute("SELECT event_sha256 FROM events WHERE sensor_id = ? AND "
+                                 "event_id = ?", (sensor_id, event_id)).fetchone()
+        if row is not None:
+            return bytes(row[0]), True
+        row = self._conn.execute("SELECT event_sha256 FROM rejected_events WHERE sensor_id = ?"
+                                 " AND event_id = ?", (sensor_id, event_id)).fetchone()
+        if row is not None:
+            return bytes(row[0]), False
+        return None
+
+    def _complete(self, item: _Pending, partial: _Partial, now: float) -> None:
+        """All chunks are in: reassemble, verify, insert the event once, drop payloads."""
+        conn = self._conn
+        chunk = item.chunk
+        sid, event_id = chunk.sensor_id, chunk.event_id
+        stored = [r[0] for r in conn.execute(
+            "SELECT payload FROM chunks WHERE sensor_id = ? AND event_id = ?"
+            " ORDER BY chunk_index", (sid, event_id))]
+        meta = conn.execute(
+            "SELECT created_at, logical_timestamp_ms, attributes FROM partial_events"
+            " WHERE sensor_id = ? AND event_id = ?", (sid, event_id)).fetchone()
+        conn.execute("DELETE FROM partial_events WHERE sensor_id = ? AND event_id = ?",
+                     (sid, event_id))
+        conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = ? AND event_id = ?",
+                     (sid, event_id))
+        try:
+            payloads = [bytes(p) for p in stored if p is not None]
+            if len(payloads) != partial.chunk_count:
+                raise IntegrityError(f"event {event_id} has {len(payloads)} stored payloads, "
+                                     f"expected {partial.chunk_count}")
+            data = chunking.reassemble(payloads, partial.event_sha256,
+                                       max_event_bytes=self._max_event_bytes,
+                                       max_slice=chunking.MAX_SLICE)
+        except PipelineError as exc:
+            # The chunk itself was valid and stays stored (and acked); only the event fails.
+            conn.execute(
+                "INSERT INTO rejected_events (sensor_id, event_id, epoch, event_sha256,"
+                " chunk_count, reason, code, rejected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, event_id, partial.epoch, partial.event_sha256, partial.chunk_count,
+                 exc.message, exc.code, now))
+            log.warning("event_rejected sensor=%s epoch=%s event_id=%s reason=%s",
+                        sid, partial.epoch, event_id, exc.code)
+            return
+        attributes = json.loads(meta[2])
+        cursor = conn.execute(
+            "INSERT INTO events (sensor_id, epoch, event_id, event_sha256, data,"
+            " logical_timestamp_ms, created_at, completed_at, first_sequence, last_sequence,"
+            " attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sid, partial.epoch, event_id, partial.event_sha256, data, meta[1], meta[0], now,
+             partial.first_sequence, partial.last_sequence, meta[2]))
+        row_id = cursor.lastrowid
+        assert row_id is not None
+        item.event_complete = True
+        item.completed_event = StoredEvent(
+            row_id=row_id, sensor_id=sid, epoch=partial.epoch, event_id=event_id,
+            event_sha256=partial.event_sha256, data=data, logical_timestamp_ms=meta[1],
+            created_at=meta[0], completed_at=now, first_sequence=partial.first_sequence,
+            last_sequence=partial.last_sequence, attributes=attributes)
+        log.debug("event_completed sensor=%s event_id=%s bytes=%d", sid, event_id, len(data))
+
+    def _save_offsets(self, work: Mapping[OffsetKey, OffsetTracker], now: float) -> None:
+        for (sensor_id, epoch), tracker in work.items():
+            snap = tracker.snapshot()
+            self._conn.execute(
+                "INSERT INTO offsets (sensor_id, epoch, watermark, ranges, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sensor_id, epoch) DO UPDATE SET"
+                " watermark = excluded.watermark, ranges = excluded.ranges,"
+                " updated_at = excluded.updated_at",
+                (sensor_id, epoch, snap["watermark"], json.dumps(snap["ranges"]), now))
+
+    def _outcome(self, item: _Pending) -> ChunkOutcome:
+        chunk = item.chunk
+        tracker = self._book.peek(chunk.sensor_id, chunk.queue_epoch)
+        return ChunkOutcome(
+            sensor_id=chunk.sensor_id, epoch=chunk.queue_epoch, sequence=chunk.sequence,
+            event_id=chunk.event_id, window_id=chunk.window_id, stored=item.stored,
+            duplicate=item.duplicate, event_complete=item.event_complete,
+            completed_event=item.completed_event,
+            last_committed_sequence=tracker.watermark if tracker is not None else 0,
+            error=item.error)
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.error("store_rollback_failed error=%s", exc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    # -- offsets (read) --------------------------------------------------------------
+
+    def committed_offset(self, sensor_id: str, epoch: str) -> int:
+        with self._lock:
+            tracker = self._book.peek(sensor_id, epoch)
+            return tracker.watermark if tracker is not None else 0
+
+    def missing_sequences(self, sensor_id: str, epoch: str, limit: int = 1000) -> list[int]:
+        with self._lock:
+            tracker = self._book.peek(sensor_id, epoch)
+            return tracker.missing(limit) if tracker is not None else []
+
+    def tracker(self, sensor_id: str, epoch: str) -> OffsetTracker:
+        """A copy of the key's tracker (changing it does not change the store)."""
+        with self._lock:
+            tracker = self._book.peek(sensor_id, epoch)
+            return tracker.copy() if tracker is not None else OffsetTracker()
+
+    def epochs(self, sensor_id: str) -> list[str]:
+        with self._lock:
+            return self._book.epochs(sensor_id)
+
+    # -- events (read) ---------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            self._check_open()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read failed") from exc
+
+    def events(self, sensor_id: str, *, after: int = 0, limit: int = 100) -> list[StoredEvent]:
+        rows = self._read(f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND"
+                          " row_id > ? ORDER BY row_id LIMIT ?",
+                          (sensor_id, after, max(0, limit)))
+        return [_row_to_event(r) for r in rows]
+
+    def get_event(self, sensor_id: str, event_id: str) -> StoredEvent | None:
+        rows = self._read(f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND"
+                          " event_id = ?", (sensor_id, event_id))
+        return _row_to_event(rows[0]) if rows else None
+
+    def latest_events(self) -> list[StoredEvent]:
+        """Latest completed event per sensor (by logical_timestamp_ms, then row_id)."""
+        sensors = [r[0] for r in self._read("SELECT DISTINCT sensor_id FROM offsets"
+                                            " ORDER BY sensor_id")]
+        out: list[StoredEvent] = []
+        for sensor_id in sensors:
+            rows = self._read(f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ?"
+                              " ORDER BY logical_timestamp_ms DESC, row_id DESC LIMIT 1",
+                              (sensor_id,))
+            if rows:
+                out.append(_row_to_event(rows[0]))
+        return out
+
+    def event_count(self, sensor_id: str | None = None) -> int:
+        if sensor_id is None:
+            return int(self._read("SELECT COUNT(*) FROM events")[0][0])
+        return int(self._read("SELECT COUNT(*) FROM events WHERE sensor_id = ?",
+                              (sensor_id,))[0][0])
+
+    def chunk_count(self) -> int:
+        """Stored chunk rows (dedupe keys included, whether or not a payload is kept)."""
+        return int(self._read("SELECT COUNT(*) FROM chunks")[0][0])
+
+    def partial_event_count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM partial_events")[0][0])
+
+    def rejected_events(self, sensor_id: str | None = None) -> list[RejectedEvent]:
+        sql = ("SELECT sensor_id, epoch, event_id, event_sha256, chunk_count, reason, code,"
+               " rejected_at FROM rejected_events")
+        params: tuple[Any, ...] = ()
+        if sensor_id is not None:
+            sql += " WHERE sensor_id = ?"
+            params = (sensor_id,)
+        rows = self._read(sql + " ORDER BY rejected_at, sensor_id, event_id", params)
+        return [RejectedEvent(sensor_id=r[0], epoch=r[1], event_id=r[2],
+                              event_sha256=bytes(r[3]), chunk_count=r[4], reason=r[5],
+                              code=r[6], rejected_at=r[7]) for r in rows]
+
+    # -- control state ---------------------------------------------------------------
+
+    def _write(self, statements: Iterable[tuple[str, Sequence[Any]]], what: str) -> None:
+        """Run statements in one short durable transaction."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                for sql, params in statements:
+                    self._conn.execute(sql, params)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise _translate(exc, what) from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def save_window(self, sensor_id: str, window_id: str, state: dict[str, Any]) -> None:
+        self._write([(
+            "INSERT INTO windows (sensor_id, window_id, state, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (sensor_id, window_id) DO UPDATE SET state = excluded.state,"
+            " updated_at = excluded.updated_at",
+            (sensor_id, window_id, json.dumps(state, sort_keys=True), self._clock()))],
+            "save_window failed")
+
+    def delete_windows(self, sensor_id: str, window_ids: Iterable[str]) -> None:
+        self._write([("DELETE FROM windows WHERE sensor_id = ? AND window_id = ?",
+                      (sensor_id, wid)) for wid in list(window_ids)], "delete_windows failed")
+
+    def load_windows(self, sensor_id: str) -> dict[str, dict[str, Any]]:
+        rows = self._read("SELECT window_id, state FROM windows WHERE sensor_id = ?"
+                          " ORDER BY window_id", (sensor_id,))
+        return {wid: json.loads(state) for wid, state in rows}
+
+    def save_sensor_state(self, sensor_id: str, state: dict[str, Any]) -> None:
+        self._write([(
+            "INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
+            " updated_at = excluded.updated_at",
+            (sensor_id, json.dumps(state, sort_keys=True), self._clock()))],
+            "save_sensor_state failed")
+
+    def load_sensor_states(self) -> dict[str, dict[str, Any]]:
+        rows = self._read("SELECT sensor_id, state FROM sensor_state ORDER BY sensor_id")
+        return {sid: json.loads(state) for sid, state in rows}
+
+    # -- retention -------------------------------------------------------------------
+
+    def prune(self, older_than: float, *, batch: int = 1000) -> int:
+        """Delete data older than ``older_than`` (unix time) in short transactions.
+
+        Completed events (by ``completed_at``), rejected-event records, and partial events
+        first seen before the cut-off (recorded as rejected with code ``expired``, their
+        payloads dropped) go; then finished chunks' dedupe keys older than the cut-off.
+        Offsets keep the committed ranges, so a pruned key still answers ``duplicate``.
+        Returns the number of events removed (completed + expired partial).
+        """
+        if batch < 1:
+            raise ConfigError("prune batch must be positive", field="batch")
+        events = self._prune_loop(
+            "DELETE FROM events WHERE row_id IN (SELECT row_id FROM events"
+            " WHERE completed_at < ? LIMIT ?)", older_than, batch)
+        expired = 0
+        while True:
+            n = self._expire_partials(older_than, batch)
+            expired += n
+            if n < batch:
+                break
+        rejected = self._prune_loop(
+            "DELETE FROM rejected_events WHERE (sensor_id, event_id) IN (SELECT sensor_id,"
+            " event_id FROM rejected_events WHERE rejected_at < ? LIMIT ?)", older_than, batch)
+        keys = self._prune_loop(
+            "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE received_at < ?"
+            " AND payload IS NULL LIMIT ?)", older_than, batch)
+        if expired:
+            log.warning("store_partial_events_expired count=%d older_than=%.0f",
+                        expired, older_than)
+        log.info("store_pruned events=%d partial_expired=%d rejected=%d chunk_keys=%d "
+                 "older_than=%.0f", events, expired, rejected, keys, older_than)
+        return events + expired
+
+    def _prune_loop(self, sql: str, older_than: float, batch: int) -> int:
+        total = 0
+        while True:
+            with self._lock:
+                self._check_open()
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    n = self._conn.execute(sql, (older_than, batch)).rowcount
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    raise _translate(exc, "prune failed") from exc
+            total += max(n, 0)
+            if n < batch:
+                return total
+
+    def _expire_partials(self, older_than: float, batch: int) -> int:
+        now = self._clock()
+        with self._lock:
+            self._check_open()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(
+                    "SELECT sensor_id, event_id, epoch, event_sha256, chunk_count, received"
+                    " FROM partial_events WHERE first_seen < ? LIMIT ?",
+                    (older_than, batch)).fetchall()
+                for sid, event_id, epoch, sha, count, received in rows:
+                    conn.execute(
+                        "INSERT INTO rejected_events (sensor_id, event_id, epoch, event_sha256,"
+                        " chunk_count, reason, code, rejected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (sid, event_id, epoch, sha, count,
+                         f"expired with {received} of {count} chunks", "expired", now))
+                    conn.execute("DELETE FROM partial_events WHERE sensor_id = ? AND"
+                                 " event_id = ?", (sid, event_id))
+                    conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = ? AND"
+                                 " event_id = ?", (sid, event_id))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise _translate(exc, "prune failed") from exc
+        return len(rows)
+
+    # -- health ----------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless a durable write succeeds right now (for /readyz)."""
+        for target in (self.path, self.path.parent):
+            if not os.access(target, os.W_OK):
+                raise StoreError(f"store path {target} is not writable")
+        self._write([(
+            "INSERT INTO store_meta (key, value) VALUES ('write_check', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (repr(self._clock()),))], "store is not writable")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._conn.close()
+            except sqlite3.Error as exc:
+                log.warning("store_close_failed path=%s error=%s", self.path, exc)
+            log.info("store_closed path=%s", self.path)
+
+    def __enter__(self) -> "SQLiteChunkStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(path: str | os.PathLike[str], **options: Any) -> ChunkStore:
+    """Open the store named by ``path`` (an SQLite file path).
+
+    ``postgresql://`` URLs are for the PostgreSQL engine, which is not part of this module.
+    """
+    text = os.fspath(path)
+    if text.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("the PostgreSQL store engine is not available in this build",
+                          field="store")
+    return SQLiteChunkStore(text, **options)
