@@ -13,10 +13,11 @@ Window life cycle (one table, as h11 keeps its transitions)::
     W received max_chunks / max_bytes       ACTIVE -> FILLED (sensor likely has more: the
                                             next window is issued back to back)
     W quiet for quiet_s after traffic       ACTIVE -> QUIET (sensor sent all it had)
-    W got nothing for window_timeout_s      ACTIVE -> SETTLED; if the sensor still reports
-                                            a backlog, its chunks are stuck under older
-                                            windows: re-request each unsettled one with
-                                            the SAME id (protocol 1.0 re-sends only then)
+    W got nothing for window_timeout_s      ACTIVE -> EMPTY (kept: its POSTs may have been
+                                            lost); if the sensor still reports a backlog,
+                                            its chunks are stuck under unsettled windows:
+                                            re-request each with the SAME id (protocol
+                                            1.0 re-sends only then), with backoff
     re-request of W got nothing             W -> SETTLED (the sensor holds nothing of W)
     heartbeat queue_depth == 0              every window -> SETTLED (forgotten)
     heartbeat with a new queue epoch        every window -> SETTLED; offsets of the new
@@ -43,6 +44,7 @@ class WindowStatus(str, enum.Enum):
     ACTIVE = "active"
     FILLED = "filled"
     QUIET = "quiet"
+    EMPTY = "empty"
 
 
 @dataclass
@@ -169,9 +171,14 @@ class SensorSession:
                     window.status = WindowStatus.QUIET
                 continue
             if window.received == 0 and idle >= self.policy.window_timeout_s:
-                # Nothing came: the sensor had nothing free to send under a new id.
+                # Nothing came: either the sensor had nothing free to send, or what it
+                # sent was lost. A first request is kept for one re-request; a re-request
+                # that brings nothing proves the sensor holds nothing under this id.
                 stuck = stuck or (window.requests == 1 and self.backlog > 0)
-                del self.windows[window.window_id]
+                if window.requests == 1:
+                    window.status = WindowStatus.EMPTY
+                else:
+                    del self.windows[window.window_id]
                 self._changed = True
             elif window.received > 0 and idle >= self.policy.quiet_s:
                 window.status = WindowStatus.QUIET  # under-filled: the queue ran dry
