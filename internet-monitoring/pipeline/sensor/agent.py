@@ -1,0 +1,636 @@
+"""The sensor agent: the asyncio shell around the durable queue and the dispatcher.
+
+It keeps the control channel up, reports the backlog in heartbeats, answers each
+``chunk_request`` by POSTing the planned chunks, and deletes a chunk only on a durable
+confirmation (a ``chunk_ack``, or the HTTP answer when both sides negotiated ``http_ack``).
+Decisions live in ``pipeline.sensor.dispatch.Dispatcher``; this module only moves bytes
+between it, the queue (always through ``asyncio.to_thread``: SQLite blocks) and the
+transports.
+
+Nothing the agent holds in memory is needed after a restart: whatever was not deleted is
+still in the queue and is offered again when the server asks.
+
+Tasks while running::
+
+    run()
+    ├── _control_loop     connect (backoff, reset on success) -> _serve -> reconnect
+    │   └── _serve        _heartbeat_loop + _receive_loop for one connection
+    ├── _tick_loop        every second: dispatcher.on_tick, new-data detection, pruning
+    ├── SubmitServer      optional local ``POST /v1/submit``
+    └── one task per planned chunk: _send_chunk_with_backoff (POSTs bounded by a semaphore)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+
+from pipeline.common.backoff import Backoff, is_permanent_rejection
+from pipeline.common.errors import AuthError, PipelineError, ProtocolError, QueueError
+from pipeline.common.messages import (
+    CAP_CHUNKS,
+    CAP_EPOCH,
+    CAP_HEARTBEAT_STATS,
+    CAP_HEARTBEATS,
+    CAP_HTTP_ACK,
+    CAP_SERVER_TIME,
+    Chunk,
+    ChunkAck,
+    ChunkRequest,
+    Command,
+    CommandResponse,
+    Envelope,
+    Heartbeat,
+)
+from pipeline.sensor.dispatch import Dispatcher
+from pipeline.sensor.time_sync import ClockSkewEstimator
+from pipeline.sensor.transports import (
+    ControlChannel,
+    ControlClient,
+    ControlTransport,
+    IngestClient,
+    IngestTransport,
+    PostResult,
+)
+from pipeline.version import SOFTWARE_VERSION
+
+if TYPE_CHECKING:
+    from pipeline.common.config import SensorConfig
+    from pipeline.sensor.queue import DurableQueue, QueuedChunk
+    from pipeline.sensor.submit import SubmitServer
+
+log = logging.getLogger(__name__)
+
+#: Capabilities this agent implements; others found in the config are dropped with a warning.
+SUPPORTED_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
+                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS)
+TICK_S = 1.0
+EXTRA_HEARTBEAT_MIN_INTERVAL_S = 0.5
+PRUNE_INTERVAL_S = 300.0
+SHUTDOWN_GRACE_S = 5.0
+RETRY_AFTER_CAP_S = 300.0
+
+
+def effective_capabilities(config: Any) -> tuple[str, ...]:
+    """The capabilities to announce: the configured ones this agent implements, in order.
+
+    ``server_time`` is dropped when ``time_sync.enabled`` is false: announcing it would
+    only make the server send timestamps nobody reads.
+    """
+    wanted: list[str] = []
+    for cap in getattr(config, "capabilities", None) or ():
+        if cap in wanted:
+            continue
+        if cap not in SUPPORTED_CAPABILITIES:
+            log.warning("capability_unsupported capability=%s action=not_announced", cap)
+            continue
+        wanted.append(cap)
+    time_sync = getattr(config, "time_sync", None)
+    if CAP_SERVER_TIME in wanted and time_sync is not None and not time_sync.enabled:
+        wanted.remove(CAP_SERVER_TIME)
+    return tuple(wanted)
+
+
+def iso_utc(timestamp: float) -> str:
+    """``sent_at`` in the 1.0 format: ``2026-11-27T05:00:00+00:00``."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+class SensorAgent:
+    """Runs the sensor side of the pipeline until ``stop()``.
+
+    ``control`` / ``ingest`` default to the aiohttp transports built from ``config``; tests
+    and the simulator pass wrapped ones. The agent does not own ``queue``: the caller
+    closes it after ``run()`` returns.
+
+    Counters (plain attributes, read by the metrics exporter): ``posted`` (POSTs answered
+    2xx), ``acked`` (sequences confirmed durable, by ack or HTTP answer), ``deleted`` (rows
+    actually removed), ``retries`` (POST attempts repeated), ``quarantined``, ``abandoned``
+    (chunks given back to the queue on shutdown), ``heartbeats``, ``requests``,
+    ``connects``, ``connect_failures``, ``bad_frames``.
+    """
+
+    def __init__(self, config: SensorConfig, queue: DurableQueue, *,
+                 clock: Callable[[], float] = time.time,
+                 control: ControlTransport | None = None,
+                 ingest: IngestTransport | None = None,
+                 dispatcher: Dispatcher | None = None) -> None:
+        self.config = config
+        self.queue = queue
+        self._clock = clock
+        self.capabilities = effective_capabilities(config)
+        self._control: ControlTransport = control or ControlClient.from_config(config)
+        self._ingest: IngestTransport = ingest or IngestClient.from_config(config)
+        self.dispatcher = dispatcher or Dispatcher()
+        self.skew = ClockSkewEstimator(max_skew_ms=float(config.time_sync.max_skew_ms))
+        backoff = config.backoff
+        self.connect_backoff = Backoff(backoff.initial_s, backoff.max_s, backoff.jitter)
+        self._semaphore = asyncio.Semaphore(max(1, int(config.ingest.max_parallel)))
+        self._plan_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._nudge = asyncio.Event()
+        self._send_tasks: set[asyncio.Task[Any]] = set()
+        self._other_tasks: set[asyncio.Task[Any]] = set()
+        self._channel: ControlChannel | None = None
+        self._last_heartbeat = float("-inf")  # monotonic
+        self._seen_last_sequence: int | None = None
+        self._submit_server: SubmitServer | None = None
+        self.shutdown_grace_s = SHUTDOWN_GRACE_S
+        self.server_capabilities: tuple[str, ...] = ()
+        self.last_committed_sequence = 0
+        self.connected = False
+        self.posted = 0
+        self.acked = 0
+        self.deleted = 0
+        self.retries = 0
+        self.quarantined = 0
+        self.abandoned = 0
+        self.heartbeats = 0
+        self.requests = 0
+        self.connects = 0
+        self.connect_failures = 0
+        self.bad_frames = 0
+
+    # ------------------------------------------------------------------ public
+
+    def stop(self) -> None:
+        """Ask ``run()`` to finish: in-flight POSTs get ``shutdown_grace_s`` to complete,
+        retries waiting on backoff are abandoned (their chunks stay queued)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def submit_port(self) -> int | None:
+        """The bound port of the local submit endpoint, once started."""
+        return self._submit_server.port if self._submit_server is not None else None
+
+    def notify_enqueued(self) -> None:
+        """New data is in the queue: tell the server soon instead of at the next heartbeat."""
+        self._request_heartbeat()
+
+    def stats(self) -> dict[str, float]:
+        return {"posted": self.posted, "acked": self.acked, "deleted": self.deleted,
+                "retries": self.retries, "quarantined": self.quarantined,
+                "abandoned": self.abandoned, "heartbeats": self.heartbeats,
+                "requests": self.requests, "connects": self.connects,
+                "connect_failures": self.connect_failures, "bad_frames": self.bad_frames,
+                "in_flight": self.dispatcher.in_flight_count(),
+                "clock_skew_ms": self.skew.skew_ms, "connected": float(self.connected)}
+
+    async def run(self) -> None:
+        log.info("sensor_agent_started sensor_id=%s capabilities=%s queue=%s epoch=%s",
+                 self.config.sensor_id, ",".join(self.capabilities), self.queue.path,
+                 self.queue.epoch)
+        ticker = asyncio.create_task(self._tick_loop(), name="sensor-tick")
+        try:
+            await self._start_submit_server()
+            await self._control_loop()
+        finally:
+            ticker.cancel()
+            for task in self._other_tasks:
+                task.cancel()
+            await asyncio.gather(ticker, *self._other_tasks, return_exceptions=True)
+            await self._finish_sends()
+            await self._close_quietly(self._control.close(), "control")
+            await self._close_quietly(self._ingest.close(), "ingest")
+            if self._submit_server is not None:
+                await self._close_quietly(self._submit_server.close(), "submit")
+            log.info("sensor_agent_stopped sensor_id=%s posted=%d acked=%d retries=%d "
+                     "quarantined=%d abandoned=%d", self.config.sensor_id, self.posted,
+                     self.acked, self.retries, self.quarantined, self.abandoned)
+
+    # ------------------------------------------------------------------ control channel
+
+    async def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                channel = await self._connect()
+            except (ConnectionError, TimeoutError, OSError, AuthError) as exc:
+                self.connect_failures += 1
+                delay = self.connect_backoff.next()
+                level = logging.WARNING if isinstance(exc, AuthError) else logging.INFO
+                log.log(level, "control_connect_failed attempt=%d error=%s retry_in_s=%.2f",
+                        self.connect_backoff.attempts, exc, delay)
+                await self._sleep_or_stop(delay)
+                continue
+            if channel is None:
+                return
+            self.connect_backoff.reset()
+            self.connects += 1
+            try:
+                await self._serve(channel)
+            finally:
+                self.connected = False
+                self._channel = None
+                self.dispatcher.on_disconnect()
+                await self._close_quietly(channel.close(), "control_channel")
+            if not self._stop.is_set():
+                delay = self.connect_backoff.next()
+                log.info("control_disconnected close_code=%s retry_in_s=%.2f",
+                         channel.close_code, delay)
+                await self._sleep_or_stop(delay)
+
+    async def _connect(self) -> ControlChannel | None:
+        """Connect, or None if ``stop()`` came first."""
+        connecting = asyncio.ensure_future(self._control.connect())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if connecting.done():
+            return connecting.result()
+        connecting.cancel()
+        try:
+            channel = await connecting
+        except (asyncio.CancelledError, ConnectionError, TimeoutError, OSError, AuthError):
+            return None
+        await self._close_quietly(channel.close(), "control_channel")
+        return None
+
+    async def _serve(self, channel: ControlChannel) -> None:
+        """Run one connection until it closes or the agent stops."""
+        self._channel = channel
+        self.connected = True
+        self.server_capabilities = ()
+        self._nudge.clear()  # the heartbeat below reports whatever the nudges were about
+        log.info("control_connected sensor_id=%s connects=%d", self.config.sensor_id,
+                 self.connects)
+        try:
+            await self._send_heartbeat(channel)
+        except ConnectionError as exc:
+            log.info("control_send_failed error=%s", exc)
+            return
+        tasks = {asyncio.create_task(self._heartbeat_loop(channel), name="sensor-heartbeat"),
+                 asyncio.create_task(self._receive_loop(channel), name="sensor-receive"),
+                 asyncio.create_task(self._stop.wait(), name="sensor-stop-wait")}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, ConnectionError):
+                log.info("control_send_failed error=%s", result)
+            elif isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError):
+                log.error("control_task_failed error=%r", result, exc_info=result)
+
+    async def _receive_loop(self, channel: ControlChannel) -> None:
+        while True:
+            try:
+                envelope = await channel.receive()
+            except ProtocolError as exc:
+                self.bad_frames += 1
+                log.warning("control_frame_rejected error=%s field=%s", exc.code, exc.field)
+                continue
+            if envelope is None:
+                return
+            try:
+                await self._on_envelope(channel, envelope)
+            except QueueError as exc:
+                log.error("queue_operation_failed error=%s", exc)
+
+    async def _on_envelope(self, channel: ControlChannel, envelope: Envelope) -> None:
+        received_at = self._clock()
+        if envelope.capabilities != self.server_capabilities:
+            self.server_capabilities = tuple(envelope.capabilities)
+            log.info("server_capabilities capabilities=%s",
+                     ",".join(self.server_capabilities) or "-")
+        if envelope.server_time is not None and CAP_SERVER_TIME in self.capabilities:
+            self.skew.observe(envelope.server_time, received_at)
+        body = envelope.body
+        if isinstance(body, ChunkRequest):
+            self.requests += 1
+            self._spawn(self._handle_request(body), name=f"request-{body.window_id}")
+        elif isinstance(body, ChunkAck):
+            await self._handle_ack(body)
+        elif isinstance(body, Command):
+            await self._answer_command(channel, body)
+        elif isinstance(body, CommandResponse):
+            log.info("command_response command_id=%s success=%s message=%s",
+                     body.command_id, body.success, body.message[:200])
+        else:
+            log.info("control_body_ignored body_type=%s", envelope.body_type)
+
+    async def _answer_command(self, channel: ControlChannel, command: Command) -> None:
+        """This agent implements no commands: say so instead of leaving the server waiting."""
+        log.warning("command_unsupported command_id=%s name=%s", command.command_id,
+                    command.name[:64])
+        reply = CommandResponse(command_id=command.command_id, success=False,
+                                message=f"unsupported command {command.name[:64]}")
+        await channel.send(self._envelope(reply))
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeat_body(self) -> Heartbeat:
+        """Built in a worker thread: it reads the queue."""
+        depth = self.queue.queue_depth()
+        stats: dict[str, int] = {}
+        if self._both(CAP_HEARTBEAT_STATS):
+            dropped = sum(v.get("chunks", 0) for v in self.queue.dropped_counts().values())
+            stats = {"retry_total": self.retries, "dropped_total": dropped,
+                     "quarantined_total": self.queue.quarantined_count()}
+        return Heartbeat(software_version=self.config.software_version or SOFTWARE_VERSION,
+                         last_committed_sequence=self.last_committed_sequence,
+                         queue_depth=depth, clock_skew_ms=round(self.skew.skew_ms, 3),
+                         **stats)
+
+    async def _send_heartbeat(self, channel: ControlChannel) -> None:
+        body = await asyncio.to_thread(self._heartbeat_body)
+        await channel.send(self._envelope(body))
+        self._last_heartbeat = time.monotonic()
+        self.heartbeats += 1
+        log.debug("heartbeat_sent queue_depth=%d last_committed_sequence=%d in_flight=%d",
+                  body.queue_depth, body.last_committed_sequence,
+                  self.dispatcher.in_flight_count())
+
+    async def _heartbeat_loop(self, channel: ControlChannel) -> None:
+        """Every ``heartbeat_interval``, plus rate-limited extra ones when there is
+        unsent data the server may not know about yet."""
+        interval = float(self.config.heartbeat_interval)
+        while True:
+            due_in = self._last_heartbeat + interval - time.monotonic()
+            nudged = await self._wait_nudge(max(0.0, due_in))
+            if nudged:
+                pause = self._last_heartbeat + EXTRA_HEARTBEAT_MIN_INTERVAL_S - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                self._nudge.clear()
+                try:
+                    if not await self._has_unsent():
+                        continue
+                except QueueError as exc:
+                    log.warning("queue_depth_failed error=%s", exc)
+                    continue
+            try:
+                await self._send_heartbeat(channel)
+            except QueueError as exc:
+                log.warning("heartbeat_skipped error=%s", exc)
+                self._last_heartbeat = time.monotonic()
+
+    async def _wait_nudge(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._nudge.wait(), timeout=timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _has_unsent(self) -> bool:
+        depth = await asyncio.to_thread(self.queue.queue_depth)
+        return depth > self.dispatcher.in_flight_count()
+
+    def _request_heartbeat(self) -> None:
+        self._nudge.set()
+
+    # ------------------------------------------------------------------ windows and acks
+
+    async def _handle_request(self, request: ChunkRequest) -> None:
+        async with self._plan_lock:
+            limit = self.dispatcher.candidate_limit(request)
+            try:
+                candidates = await asyncio.to_thread(self.queue.list_after,
+                                                     request.since_sequence, limit)
+            except QueueError as exc:
+                log.error("chunk_request_failed window_id=%s error=%s", request.window_id, exc)
+                return
+            plan = self.dispatcher.on_request(request, candidates, self._clock())
+        log.debug("chunk_request window_id=%s since_sequence=%d max_chunks=%d planned=%d",
+                  request.window_id, request.since_sequence, request.max_chunks,
+                  len(plan.sequences))
+        for sequence in plan.sequences:
+            self._spawn(self._send_chunk_with_backoff(sequence, plan.window_id),
+                        name=f"send-{sequence}", track=True)
+
+    async def _handle_ack(self, ack: ChunkAck) -> None:
+        sequences = self.dispatcher.on_ack(ack, self._clock())
+        log.debug("chunk_ack window_id=%s committed=%d reset_window=%s", ack.window_id,
+                  len(sequences), ack.reset_window)
+        if sequences:
+            await self._delete_confirmed(sequences)
+        if ack.reset_window:
+            self._request_heartbeat()
+
+    async def _delete_confirmed(self, sequences: Iterable[int]) -> None:
+        """Delete chunks the server holds durably."""
+        seqs = sorted(set(sequences))
+        deleted = await asyncio.to_thread(self.queue.delete, seqs)
+        self.acked += len(seqs)
+        self.deleted += deleted
+        self.last_committed_sequence = max(self.last_committed_sequence, seqs[-1])
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send_chunk_with_backoff(self, sequence: int, window_id: str) -> str:
+        """POST one planned chunk until it is delivered, rejected for good, or the agent
+        stops. Returns the outcome: ``delivered``, ``quarantined``, ``acked`` (confirmed
+        by an ack while retrying), ``gone`` (no longer queued) or ``abandoned``.
+
+        Runbook name: operators grep logs and tracebacks for it.
+        """
+        try:
+            rows = await asyncio.to_thread(self.queue.get, [sequence])
+        except QueueError as exc:
+            log.error("chunk_load_failed sequence=%d error=%s", sequence, exc)
+            self._abandon(sequence)
+            return "abandoned"
+        if not rows:
+            self.dispatcher.on_deleted_elsewhere([sequence])
+            return "gone"
+        chunk = self._build_chunk(rows[0], window_id)
+        backoff = Backoff(self.config.backoff.initial_s, self.config.backoff.max_s,
+                          self.config.backoff.jitter)
+        try:
+            while True:
+                if self._stop.is_set():
+                    self._abandon(sequence)
+                    return "abandoned"
+                if sequence not in self.dispatcher.in_flight:
+                    return "acked"
+                try:
+                    async with self._semaphore:
+                        answer = await self._ingest.post_chunk(chunk)
+                except (ConnectionError, TimeoutError, OSError) as exc:
+                    delay = backoff.next()
+                    log.info("chunk_post_failed sequence=%d window_id=%s attempt=%d error=%s "
+                             "retry_in_s=%.2f", sequence, window_id, backoff.attempts, exc, delay)
+                else:
+                    if answer.ok:
+                        return await self._on_delivered(sequence, window_id, answer)
+                    if is_permanent_rejection(answer.status):
+                        return await self._on_rejected(sequence, window_id, answer)
+                    delay = backoff.next()
+                    if answer.retry_after is not None:
+                        delay = max(delay, min(answer.retry_after, RETRY_AFTER_CAP_S))
+                    level = logging.WARNING if answer.status in (401, 403) else logging.INFO
+                    log.log(level, "chunk_post_retry sequence=%d window_id=%s attempt=%d "
+                            "status=%d error=%s retry_in_s=%.2f", sequence, window_id,
+                            backoff.attempts, answer.status, answer.error_code or "-", delay)
+                self.retries += 1
+                if not await self._sleep_or_stop(delay):
+                    self._abandon(sequence)
+                    return "abandoned"
+        except asyncio.CancelledError:
+            self._abandon(sequence)
+            raise
+
+    def _build_chunk(self, row: QueuedChunk, window_id: str) -> Chunk:
+        attributes = dict(row.attributes)
+        attributes["window_id"] = window_id
+        return Chunk(
+            sensor_id=self.config.sensor_id, event_id=row.event_id, sequence=row.sequence,
+            chunk_index=row.chunk_index, chunk_count=row.chunk_count, payload=row.payload,
+            chunk_sha256=row.chunk_sha256, event_sha256=row.event_sha256,
+            created_at=row.created_at, logical_timestamp_ms=row.logical_timestamp_ms,
+            clock_skew_ms=round(self.skew.skew_ms, 3), attributes=attributes,
+            queue_epoch=self.queue.epoch if self._both(CAP_EPOCH) else "")
+
+    async def _on_delivered(self, sequence: int, window_id: str, answer: PostResult) -> str:
+        self.posted += 1
+        confirmed = answer.result is not None and (answer.result.stored
+                                                    or answer.result.duplicate)
+        http_ack = confirmed and self._both(CAP_HTTP_ACK)
+        to_delete = self.dispatcher.on_post_delivered(sequence, self._clock(), http_ack=http_ack)
+        if to_delete:
+            try:
+                await self._delete_confirmed(to_delete)
+            except QueueError as exc:
+                log.error("queue_delete_failed sequences=%s error=%s", list(to_delete), exc)
+        self._after_post(window_id)
+        return "delivered"
+
+    async def _on_rejected(self, sequence: int, window_id: str, answer: PostResult) -> str:
+        reason = f"http_{answer.status}"
+        if answer.error_code:
+            reason += f" {answer.error_code}"
+        try:
+            moved = await asyncio.to_thread(self.queue.quarantine, sequence, reason)
+        except QueueError as exc:
+            log.error("quarantine_failed sequence=%d error=%s", sequence, exc)
+            moved = False
+        self.dispatcher.on_post_rejected(sequence)
+        if moved:
+            self.quarantined += 1
+        message = ""
+        if answer.error and isinstance(answer.error.get("message"), str):
+            message = str(answer.error["message"])[:200]
+        log.warning("chunk_quarantined sequence=%d window_id=%s status=%d error=%s message=%r",
+                    sequence, window_id, answer.status, answer.error_code or "-", message)
+        self._after_post(window_id)
+        return "quarantined"
+
+    def _after_post(self, window_id: str) -> None:
+        """When the window has nothing left posting, ask for the next one now (the
+        heartbeat goes out only if unsent chunks remain)."""
+        if not any(item.window_id == window_id and item.posting
+                   for item in self.dispatcher.in_flight.values()):
+            self._request_heartbeat()
+
+    def _abandon(self, sequence: int) -> None:
+        if sequence in self.dispatcher.in_flight:
+            self.abandoned += 1
+        self.dispatcher.on_post_abandoned(sequence)
+
+    async def _finish_sends(self) -> None:
+        """Let running POSTs finish for ``shutdown_grace_s``, then cancel them (their
+        chunks stay queued and are offered again after the restart)."""
+        pending = {t for t in self._send_tasks if not t.done()}
+        if pending:
+            log.info("sensor_agent_draining in_flight_posts=%d grace_s=%.1f", len(pending),
+                     self.shutdown_grace_s)
+            _, pending = await asyncio.wait(pending, timeout=self.shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._send_tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ timers
+
+    async def _tick_loop(self) -> None:
+        last_prune = float("-inf")
+        while True:
+            try:
+                await self._tick()
+                if time.monotonic() - last_prune >= PRUNE_INTERVAL_S:
+                    last_prune = time.monotonic()
+                    await asyncio.to_thread(self.queue.prune, self._clock())
+            except QueueError as exc:
+                log.warning("sensor_tick_failed error=%s", exc)
+            await asyncio.sleep(TICK_S)
+
+    async def _tick(self) -> None:
+        released = self.dispatcher.on_tick(self._clock())
+        if released:
+            log.info("windows_released window_ids=%s", ",".join(released[:10]))
+            self._request_heartbeat()
+        last = await asyncio.to_thread(self.queue.last_sequence)
+        if self._seen_last_sequence is not None and last > self._seen_last_sequence \
+                and self.dispatcher.in_flight_count() == 0:
+            self._request_heartbeat()
+        self._seen_last_sequence = last
+
+    # ------------------------------------------------------------------ helpers
+
+    def _both(self, capability: str) -> bool:
+        """Whether a capability is in use: announced by this agent and by the server."""
+        return capability in self.capabilities and capability in self.server_capabilities
+
+    def _envelope(self, body: Any) -> Envelope:
+        return Envelope(sensor_id=self.config.sensor_id, sent_at=iso_utc(self._clock()),
+                        body=body, capabilities=self.capabilities,
+                        queue_epoch=self.queue.epoch if CAP_EPOCH in self.capabilities else None)
+
+    async def _sleep_or_stop(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; False if ``stop()`` was called meanwhile."""
+        if self._stop.is_set():
+            return False
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=max(0.0, delay))
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+    def _spawn(self, coro: Awaitable[Any], *, name: str, track: bool = False) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        if track:
+            self._send_tasks.add(task)
+            task.add_done_callback(self._send_tasks.discard)
+        else:
+            self._other_tasks.add(task)
+            task.add_done_callback(self._other_tasks.discard)
+        task.add_done_callback(_log_task_failure)
+
+    async def _start_submit_server(self) -> None:
+        submit = getattr(self.config, "submit", None)
+        listen = getattr(submit, "listen", None) if submit is not None else None
+        if not listen:
+            return
+        from pipeline.sensor.submit import SubmitServer
+
+        server = SubmitServer(self.queue, listen, on_enqueued=self.notify_enqueued,
+                              max_bytes=getattr(submit, "max_bytes", None))
+        await server.start()
+        self._submit_server = server
+
+    @staticmethod
+    async def _close_quietly(closing: Awaitable[Any], what: str) -> None:
+        try:
+            await closing
+        except (PipelineError, OSError, RuntimeError) as exc:
+            log.warning("close_failed what=%s error=%s", what, exc)
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("sensor_task_failed task=%s error=%r", task.get_name(), error,
+                  exc_info=error)

@@ -1,0 +1,149 @@
+"""``pipeline-sensor``: run the sensor agent, or submit one event to its queue.
+
+::
+
+    pipeline-sensor run    --config sensor.yml
+    pipeline-sensor submit --config sensor.yml [FILE|-] [--attr key=value ...]
+
+``run`` stops gracefully on SIGTERM or SIGINT: running POSTs get a short grace period,
+retries waiting on backoff are abandoned (their chunks stay queued), the queue is closed.
+``submit`` prints the new event id on stdout. A configuration problem exits with status 2
+and a message naming the key; a queue that cannot be opened exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.common.logs import setup_logging
+from pipeline.version import SOFTWARE_VERSION
+
+if TYPE_CHECKING:
+    from pipeline.sensor.agent import SensorAgent
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline-sensor",
+        description="Open UXI pipeline sensor: durable queue, control channel, chunk upload.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {SOFTWARE_VERSION}")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+    parser.add_argument("--log-format", default="kv", choices=("kv", "json"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    run.add_argument("--config", "-c", type=Path, default=None,
+                     help="sensor YAML file (default: environment variables only)")
+
+    submit = commands.add_parser("submit", help="enqueue one event; prints its id")
+    submit.add_argument("--config", "-c", type=Path, default=None,
+                        help="sensor YAML file (default: environment variables only)")
+    submit.add_argument("file", nargs="?", default="-",
+                        help="file holding the event, or - for standard input (default)")
+    submit.add_argument("--attr", "-a", action="append", default=[], metavar="KEY=VALUE",
+                        help="an attribute of the event (repeatable)")
+    return parser
+
+
+def _parse_attrs(items: Sequence[str]) -> dict[str, str]:
+    attrs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--attr expects KEY=VALUE, got {item!r}", field="--attr")
+        attrs[key] = value
+    return attrs
+
+
+def _read_event(source: str) -> bytes:
+    if source == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read event file {source}: {exc.strerror or exc}",
+                          field="file") from exc
+
+
+async def run_agent(config_path: Path | None) -> int:
+    """Load the config, open the queue, run the agent until a signal; returns an exit code."""
+    from pipeline.common.config import load_sensor_config
+    from pipeline.sensor.agent import SensorAgent
+    from pipeline.sensor.submit import open_queue
+
+    config = load_sensor_config(config_path)
+    queue = await asyncio.to_thread(open_queue, config)
+    try:
+        agent = SensorAgent(config, queue)
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, _on_signal, agent, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError):  # not the main thread / platform
+                log.debug("signal_handler_unavailable signal=%s", signum)
+        try:
+            await agent.run()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+    finally:
+        queue.close()
+    return EXIT_OK
+
+
+def _on_signal(agent: SensorAgent, signum: int) -> None:
+    log.info("sensor_stopping signal=%s", signal.Signals(signum).name)
+    agent.stop()
+
+
+def submit_command(config_path: Path | None, source: str, attr_items: Sequence[str]) -> int:
+    """Enqueue one event from FILE or stdin and print its id."""
+    from pipeline.common.config import load_sensor_config
+    from pipeline.sensor.submit import submit_event
+
+    attrs = _parse_attrs(attr_items)
+    config = load_sensor_config(config_path)
+    data = _read_event(source)
+    event_id = submit_event(config, data, attributes=attrs)
+    sys.stdout.write(event_id + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        if args.command == "run":
+            return asyncio.run(run_agent(args.config))
+        return submit_command(args.config, args.file, args.attr)
+    except ConfigError as exc:
+        log.error("config_error key=%s message=%s", exc.field or "-", exc.message)
+        sys.stderr.write(f"pipeline-sensor: configuration error: {exc.message}\n")
+        return EXIT_CONFIG
+    except PipelineError as exc:
+        log.error("sensor_failed error=%s message=%s", exc.code, exc.message)
+        sys.stderr.write(f"pipeline-sensor: {exc.message}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""The sensor's network edges: the control WebSocket and the HTTP ingest client.
+
+Thin aiohttp shells, no decisions: they encode, send, receive and decode, and translate
+library errors at the boundary. The agent sees them only through the ``ControlTransport``
+/ ``ControlChannel`` / ``IngestTransport`` protocols, so tests and the simulator can wrap
+them (fault injection: drop, delay, cut) without touching the agent.
+
+Errors crossing these seams:
+
+* network trouble (refused, reset, DNS, TLS handshake, timeouts) -> built-in
+  ``ConnectionError`` / ``TimeoutError`` (retryable, see ``backoff.is_retryable``);
+* a refused control handshake -> ``Unauthenticated`` (401) / ``Forbidden`` (403);
+* an unreadable control frame -> a ``ProtocolError`` subclass; the channel stays usable;
+* an HTTP answer, whatever its status, is *not* an error: ``PostResult`` carries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Mapping, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from pipeline.common.errors import (
+    ConfigError,
+    FieldTypeError,
+    Forbidden,
+    ProtocolError,
+    Unauthenticated,
+)
+from pipeline.common.messages import (
+    Chunk,
+    Envelope,
+    IngestResult,
+    decode_envelope,
+    encode_chunk,
+    encode_envelope,
+    ingest_result_from_json,
+)
+
+log = logging.getLogger(__name__)
+
+INGEST_PATH = "/v1/ingest/chunk"
+CONTROL_PATH = "/control"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+MAX_CONTROL_FRAME = 4 * 1024 * 1024
+_MAX_ERROR_BODY = 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------
+# Seams
+
+
+class ControlChannel(Protocol):
+    """One open control connection."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def send(self, envelope: Envelope) -> None:
+        """Send one envelope; ``ConnectionError`` when the channel is gone."""
+
+    async def receive(self) -> Envelope | None:
+        """The next envelope; None once the channel is closed. A frame that cannot be
+        decoded raises a ``ProtocolError`` and the channel stays usable."""
+
+    async def close(self) -> None: ...
+
+
+class ControlTransport(Protocol):
+    """Opens control connections (one at a time)."""
+
+    async def connect(self) -> ControlChannel: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PostResult:
+    """The server's answer to one chunk POST.
+
+    ``result`` is the parsed 200 body (None if it could not be read); ``error`` the JSON
+    error body of a non-2xx answer (``{"error": code, "message": ...}``) when there was one;
+    ``retry_after`` the ``Retry-After`` header in seconds.
+    """
+
+    status: int
+    result: IngestResult | None = None
+    error: Mapping[str, Any] | None = None
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def error_code(self) -> str:
+        if self.error and isinstance(self.error.get("error"), str):
+            return str(self.error["error"])[:64]
+        return ""
+
+
+class IngestTransport(Protocol):
+    """Posts chunks to the data channel."""
+
+    async def post_chunk(self, chunk: Chunk) -> PostResult:
+        """One POST; network failures raise ``ConnectionError`` / ``TimeoutError``."""
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------
+# TLS
+
+
+def build_ssl_context(tls: Any, url: str, section: str) -> ssl.SSLContext | None:
+    """The client TLS context for ``url`` from a ``tls`` config section, or None for
+    plain ``ws://`` / ``http://``.
+
+    ``ca_cert`` pins the server's CA (instead of the system store); ``cert``/``key`` give
+    a client certificate; ``skip_verify`` turns verification off and says so loudly on
+    every start.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    secure = scheme in ("wss", "https")
+    enabled = bool(getattr(tls, "enabled", False)) if tls is not None else False
+    if enabled and not secure:
+        raise ConfigError(f"{section}.tls.enabled is true but {section}.url uses {scheme}://",
+                          field=f"{section}.tls.enabled")
+    if not secure:
+        return None
+    ca_cert = getattr(tls, "ca_cert", None) if tls is not None else None
+    cert = getattr(tls, "cert", None) if tls is not None else None
+    key = getattr(tls, "key", None) if tls is not None else None
+    skip_verify = bool(getattr(tls, "skip_verify", False)) if tls is not None else False
+    try:
+        context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
+        if cert:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{section}.tls: cannot load certificates: {exc}",
+                          field=f"{section}.tls") from exc
+    if key and not cert:
+        raise ConfigError(f"{section}.tls.key is set without {section}.tls.cert",
+                          field=f"{section}.tls.cert")
+    if skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        log.warning("tls_verification_disabled section=%s url=%s "
+                    "note=server_certificate_NOT_checked_do_not_use_in_production",
+                    section, _redact_url(url))
+    return context
+
+
+def _redact_url(url: str) -> str:
+    """Drop any userinfo and query from a URL before it is logged."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def ingest_endpoint(url: str) -> str:
+    """The chunk endpoint: a bare base URL (``http://host:8081``) gets ``/v1/ingest/chunk``."""
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        return urlunsplit((parts.scheme, parts.netloc, INGEST_PATH, parts.query, ""))
+    return url
+
+
+def control_endpoint(url: str) -> str:
+    """The control URL: a bare base URL (``ws://host:8765``) gets ``/control``."""
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        return urlunsplit((parts.scheme, parts.netloc, CONTROL_PATH, parts.query, ""))
+    return url
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:
+        return None
+    return min(max(seconds, 0.0), 3600.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Control channel (aiohttp WebSocket)
+
+
+class ControlConnection:
+    """One open control WebSocket: JSON text frames, and a ping every ``ping_interval``
+    seconds that must be answered within ``ping_timeout`` or the socket is closed.
+
+    aiohttp's own ``heartbeat`` waits ``interval / 2`` for the pong; the deployed key
+    ``ping_timeout`` needs its own loop, hence ``autoping=False`` and pings answered here.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, *, ping_interval: float,
+                 ping_timeout: float) -> None:
+        self._ws = ws
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._pong = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._close_code: int | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        if ping_interval and ping_interval > 0:
+            self._keepalive = asyncio.create_task(self._ping_loop(), name="control-ping")
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.closed
+
+    @property
+    def close_code(self) -> int | None:
+        return self._close_code if self._close_code is not None else self._ws.close_code
+
+    async def send(self, envelope: Envelope) -> None:
+        text = encode_envelope(envelope)
+        async with self._send_lock:
+            if self._ws.closed:
+                raise ConnectionError("control channel is closed")
+            try:
+                await self._ws.send_str(text)
+            except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+                raise ConnectionError(f"control send failed: {exc}") from exc
+
+    async def receive(self) -> Envelope | None:
+        while True:
+            try:
+                msg = await self._ws.receive()
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("control_receive_failed error=%s", exc)
+                return None
+            kind = msg.type
+            if kind is aiohttp.WSMsgType.TEXT:
+                return decode_envelope(msg.data)
+            if kind is aiohttp.WSMsgType.PING:
+                await self._answer_ping(msg.data)
+                continue
+            if kind is aiohttp.WSMsgType.PONG:
+                self._pong.set()
+                continue
+            if kind is aiohttp.WSMsgType.BINARY:
+                raise FieldTypeError("binary control frame received but proto was not "
+                                     "negotiated", field="frame")
+            if kind is aiohttp.WSMsgType.CLOSE:
+                self._close_code = msg.data if isinstance(msg.data, int) else None
+            return None
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            try:
+                await self._keepalive
+            except asyncio.CancelledError:
+                pass
+            self._keepalive = None
+        if not self._ws.closed:
+            try:
+                await asyncio.wait_for(self._ws.close(), timeout=2.0)
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+                log.debug("control_close_failed error=%s", exc)
+
+    async def _answer_ping(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._ws.pong(data)
+            except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+                log.debug("control_pong_failed error=%s", exc)
+
+    async def _ping_loop(self) -> None:
+        while not self._ws.closed:
+            await asyncio.sleep(self._ping_interval)
+            self._pong.clear()
+            try:
+                async with self._send_lock:
+                    await self._ws.ping()
+            except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+                log.info("control_ping_failed error=%s", exc)
+                return
+            try:
+                await asyncio.wait_for(self._pong.wait(), timeout=self._ping_timeout)
+            except asyncio.TimeoutError:
+                log.warning("control_ping_timeout ping_timeout_s=%.1f action=close",
+                            self._ping_timeout)
+                self._close_code = 1011
+                # Closing wakes ``receive()``, which then reports the channel closed.
+                try:
+                    await asyncio.wait_for(self._ws.close(code=1011, message=b"ping timeout"),
+                                           timeout=1.0)
+                except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                    pass
+                return
+
+
+class ControlClient:
+    """Opens ``ControlConnection``s to ``control.url`` with the 1.0 handshake headers."""
+
+    def __init__(self, *, url: str, sensor_id: str, token: str | Callable[[], str],
+                 headers: Mapping[str, str] | None = None, tls: Any = None,
+                 ping_interval: float = 20.0, ping_timeout: float = 20.0,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+        self._url = control_endpoint(url)
+        self._sensor_id = sensor_id
+        self._token = token
+        self._headers = dict(headers or {})
+        self._ssl = build_ssl_context(tls, self._url, "control")
+        self._ping_interval = float(ping_interval)
+        self._ping_timeout = float(ping_timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> ControlClient:
+        control = config.control
+        return cls(url=control.url, sensor_id=config.sensor_id, token=_token_source(config),
+                   headers=control.headers, tls=control.tls,
+                   ping_interval=control.ping_interval, ping_timeout=control.ping_timeout)
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def _current_token(self) -> str:
+        return self._token() if callable(self._token) else self._token
+
+    async def connect(self) -> ControlConnection:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        headers = dict(self._headers)
+        headers["X-Sensor-ID"] = self._sensor_id
+        headers["Authorization"] = f"Bearer {self._current_token()}"
+        try:
+            ws = await asyncio.wait_for(self._open(self._session, headers),
+                                        timeout=self._connect_timeout)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:
+                raise Unauthenticated(f"control handshake refused: {exc.status}") from exc
+            if exc.status == 403:
+                raise Forbidden(f"control handshake refused: {exc.status}") from exc
+            raise ConnectionError(f"control handshake failed: HTTP {exc.status}") from exc
+        except asyncio.TimeoutError as exc:
+            raise TimeoutError(f"control connect timed out after {self._connect_timeout}s") from exc
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+            raise ConnectionError(f"control connect failed: {exc}") from exc
+        return ControlConnection(ws, ping_interval=self._ping_interval,
+                                 ping_timeout=self._ping_timeout)
+
+    async def _open(self, session: aiohttp.ClientSession,
+                    headers: Mapping[str, str]) -> aiohttp.ClientWebSocketResponse:
+        return await session.ws_connect(
+            self._url, headers=headers, autoping=False, autoclose=True,
+            ssl=self._ssl if self._ssl is not None else True, max_msg_size=MAX_CONTROL_FRAME)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# ---------------------------------------------------------------------------------------
+# Ingest (aiohttp keep-alive session)
+
+
+@dataclass
+class IngestClient:
+    """POSTs chunks over one keep-alive ``ClientSession`` (at most ``max_parallel``
+    connections)."""
+
+    url: str
+    token: str | Callable[[], str]
+    timeout: float = 30.0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    tls: Any = None
+    max_parallel: int = 4
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = ingest_endpoint(self.url)
+        self._ssl = build_ssl_context(self.tls, self.url, "ingest")
+
+    @classmethod
+    def from_config(cls, config: Any) -> IngestClient:
+        ingest = config.ingest
+        return cls(url=ingest.url, token=_token_source(config), timeout=ingest.timeout,
+                   headers=dict(ingest.headers or {}), tls=ingest.tls,
+                   max_parallel=ingest.max_parallel)
+
+    def _current_token(self) -> str:
+        return self.token() if callable(self.token) else self.token
+
+    def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=max(1, int(self.max_parallel)),
+                ssl=self._ssl if self._ssl is not None else True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    async def post_chunk(self, chunk: Chunk) -> PostResult:
+        session = self._session_or_new()
+        headers = dict(self.headers)
+        headers["Content-Type"] = "application/json"
+        headers["Authorization"] = f"Bearer {self._current_token()}"
+        body = encode_chunk(chunk).encode("utf-8")
+        try:
+            async with session.post(self.url, data=body, headers=headers) as response:
+                raw = await response.content.read(_MAX_ERROR_BODY if response.status != 200
+                                                  else -1)
+                return _post_result(response.status, raw, response.headers.get("Retry-After"))
+        except asyncio.TimeoutError as exc:
+            raise TimeoutError(f"ingest POST timed out after {self.timeout}s") from exc
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+            raise ConnectionError(f"ingest POST failed: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _post_result(status: int, raw: bytes, retry_after: str | None) -> PostResult:
+    doc: Any = None
+    try:
+        doc = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if 200 <= status < 300:
+        result: IngestResult | None = None
+        if isinstance(doc, dict):
+            try:
+                result = ingest_result_from_json(doc)
+            except ProtocolError as exc:
+                log.warning("ingest_answer_unreadable status=%d error=%s", status, exc.message)
+        return PostResult(status=status, result=result)
+    return PostResult(status=status, error=doc if isinstance(doc, dict) else None,
+                      retry_after=parse_retry_after(retry_after))
+
+
+def _token_source(config: Any) -> Callable[[], str]:
+    """The credential, re-read from ``token_file`` on every use when one is configured,
+    so an operator can rotate it without restarting the agent."""
+    token_file = getattr(config, "token_file", None)
+    fallback = str(getattr(config, "token", "") or "")
+    if not token_file:
+        return lambda: fallback
+
+    def read() -> str:
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                value = handle.read().strip()
+        except OSError as exc:
+            log.warning("token_file_unreadable path=%s error=%s", token_file, exc)
+            return fallback
+        return value or fallback
+
+    return read
