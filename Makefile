@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo
+	$(PY) -m pipeline.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

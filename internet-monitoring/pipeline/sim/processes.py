@@ -112,10 +112,13 @@ class ServerProcess(ManagedProcess):
     """``python -m pipeline.server`` on free loopback ports with a generated config."""
 
     def __init__(self, workdir: Path, sensors: Mapping[str, str], *,
-                 extra_config: Mapping[str, Any] | None = None, name: str = "server") -> None:
+                 extra_config: Mapping[str, Any] | None = None, name: str = "server",
+                 ports: tuple[int, int, int] | None = None) -> None:
+        """``ports``: (control, ingest, stream); free loopback ports when omitted."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        self.control_port, self.ingest_port, self.stream_port = free_port(), free_port(), free_port()
+        self.control_port, self.ingest_port, self.stream_port = (
+            ports or (free_port(), free_port(), free_port()))
         self.sensors = dict(sensors)
         config: dict[str, Any] = {
             "store": {"path": str(workdir / "server.db")},
