@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1"
 BUSY_TIMEOUT_MS = 10_000
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+RESERVED_ATTRIBUTES = ("window_id", "traceparent")  # set by the agent when sending
 REASON_BYTE_CAP = "byte_cap"
 REASON_RETENTION = "retention"
 REASON_INTEGRITY = "integrity"
@@ -665,13 +666,20 @@ def _iso_utc(timestamp: float) -> str:
 
 
 def _encode_attributes(attributes: Mapping[str, str] | None) -> str:
-    """Validate against the server's limits: a chunk it would refuse would never leave."""
+    """Validate against the server's limits: a chunk it would refuse would never leave.
+
+    The agent adds the reserved attributes when sending, so they are refused here and
+    count against the wire limit."""
     if attributes is None:
         return "{}"
     if not isinstance(attributes, Mapping):
         raise FieldTypeError("attributes must be a mapping of strings", field="attributes")
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise FieldValueError(f"at most {MAX_ATTRIBUTES} attributes", field="attributes")
+    for name in RESERVED_ATTRIBUTES:
+        if name in attributes:
+            raise FieldValueError(f"attribute {name} is reserved", field=f"attributes.{name}")
+    limit = MAX_ATTRIBUTES - len(RESERVED_ATTRIBUTES)
+    if len(attributes) > limit:
+        raise FieldValueError(f"at most {limit} attributes", field="attributes")
     for key, value in attributes.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise FieldTypeError("attributes must map strings to strings", field="attributes")

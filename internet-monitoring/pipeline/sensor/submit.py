@@ -26,7 +26,6 @@ from pipeline.common.errors import (
     PayloadTooLarge,
     PipelineError,
 )
-from pipeline.common.messages import MAX_ATTRIBUTES
 
 if TYPE_CHECKING:
     from pipeline.common.config import SensorConfig
@@ -36,8 +35,6 @@ log = logging.getLogger(__name__)
 
 SUBMIT_PATH = "/v1/submit"
 DEFAULT_MAX_SUBMIT_BYTES = 16 * 1024 * 1024
-#: The agent adds ``window_id`` to every chunk it sends; the wire allows MAX_ATTRIBUTES.
-RESERVED_ATTRIBUTES = ("window_id",)
 
 
 def _resolve_config(config: SensorConfig | str | Path) -> SensorConfig:
@@ -69,16 +66,8 @@ def open_queue(config: SensorConfig, *, verify_on_open: bool = True) -> DurableQ
 
 
 def check_attributes(attributes: Mapping[str, str] | None) -> dict[str, str]:
-    """Refuse attributes the agent could not send: reserved names, or so many that adding
-    ``window_id`` would exceed the wire limit (the server would reject every chunk)."""
-    attrs = dict(attributes or {})
-    for name in RESERVED_ATTRIBUTES:
-        if name in attrs:
-            raise FieldValueError(f"attribute {name} is reserved", field=f"attributes.{name}")
-    limit = MAX_ATTRIBUTES - len(RESERVED_ATTRIBUTES)
-    if len(attrs) > limit:
-        raise FieldValueError(f"at most {limit} attributes", field="attributes")
-    return attrs
+    """Attributes as a plain dict; the queue refuses reserved names and excess."""
+    return dict(attributes or {})
 
 
 def submit_event(config: SensorConfig | str | Path, data: bytes, *,

@@ -546,3 +546,22 @@ def test_sigkill_during_enqueue_never_leaves_a_partial_event(qpath: Path) -> Non
     # The kills really landed on a busy writer of multi-chunk events.
     assert events_seen >= 50
     assert multi_chunk_seen >= 25
+
+
+def test_reserved_attributes_and_wire_limit_refused_at_enqueue(tmp_path):
+    """The agent adds window_id/traceparent when sending; an event whose attributes would
+    push a chunk past the server's limit must be refused now, not quarantined later."""
+    from pipeline.common.errors import FieldValueError
+    from pipeline.common.messages import MAX_ATTRIBUTES
+    from pipeline.sensor.queue import RESERVED_ATTRIBUTES
+
+    with DurableQueue(tmp_path / "q.db") as queue:
+        with pytest.raises(FieldValueError) as err:
+            queue.enqueue(b"x", attributes={"window_id": "w"})
+        assert err.value.field == "attributes.window_id"
+        too_many = {f"k{i}": "v" for i in range(MAX_ATTRIBUTES - len(RESERVED_ATTRIBUTES) + 1)}
+        with pytest.raises(FieldValueError):
+            queue.enqueue(b"x", attributes=too_many)
+        too_many.popitem()
+        queue.enqueue(b"x", attributes=too_many)
+        assert queue.event_count() == 1
