@@ -245,9 +245,17 @@ class SensorAuthConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
+    """``fleet_token`` (or its hex ``fleet_token_sha256``): one token accepted for any
+    well-formed sensor id that has no credentials of its own; for demos, not fleets."""
+
     sensors: tuple[SensorAuthConfig, ...] = ()
+    fleet_token: str = field(default="", repr=False)
+    fleet_token_sha256: str = ""
 
     def validate(self, at: str) -> None:
+        if self.fleet_token_sha256 and not _SHA256_HEX_RE.fullmatch(self.fleet_token_sha256):
+            _fail(_key(at, "fleet_token_sha256"),
+                  "must be 64 hexadecimal characters (SHA-256 of the token)")
         first: dict[str, int] = {}
         for i, sensor in enumerate(self.sensors):
             if sensor.id in first:

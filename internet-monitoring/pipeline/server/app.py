@@ -1,0 +1,328 @@
+"""PipelineServer: one asyncio process, three aiohttp listeners.
+
+::
+
+    control  (8765)  WebSocket /control          control.control_server
+    ingest   (8081)  POST /v1/ingest/chunk, read API, dashboard, /metrics, /healthz, /readyz
+    stream   (8766)  WebSocket /                  stream.stream_server
+
+Each listener is its own ``web.Application`` + ``AppRunner`` + ``TCPSite`` (own TLS context,
+own body limits). Port 0 binds an ephemeral port; the bound ports are the attributes
+``control_port``, ``ingest_port``, ``stream_port`` after ``start()``.
+
+Threads: the store is synchronous. Ingest batches and window persistence run on ONE
+dedicated store thread (ordered writes, no pile-up of threads); reads, readiness checks
+and retention pruning use ``asyncio.to_thread`` and interleave with ingest through the
+store's own lock, so a long prune never stalls ingest.
+
+Shutdown (``stop()``, also on SIGTERM/SIGINT in ``run_forever``): every listener stops
+accepting first; then the ingest listener waits for in-flight requests (their commits
+finish and are answered); the group committer drains what is queued; control and stream
+sockets are closed with 1001; the last window changes are written; the store closes.
+A request whose body is still arriving when shutdown starts cannot finish (aiohttp stops
+reading from closing connections): it is neither committed nor answered, and is cut after
+``SHUTDOWN_TIMEOUT_S``; the sensor retries it, which is safe because nothing was acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from pipeline.common.config import ServerConfig, TlsConfig
+from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.server.auth import TokenAuthenticator, hash_token
+from pipeline.server.control import ControlManager, control_server
+from pipeline.server.dashboard import DashboardConfig, add_dashboard_routes
+from pipeline.server.group_commit import CommitRecord, GroupCommitter
+from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
+from pipeline.server.metrics import ServerMetrics
+from pipeline.server.scheduler import RequestScheduler
+from pipeline.server.session import Committed, WindowPolicy
+from pipeline.server.snapshot_cache import SnapshotCache
+from pipeline.server.store import SQLiteChunkStore
+from pipeline.server.stream import StreamHub, stream_server
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+PRUNE_INTERVAL_S = 300.0
+PRUNE_BATCH = 1000
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def ssl_context_for(tls: TlsConfig, at: str) -> ssl.SSLContext | None:
+    """A server TLS context for one listener; ``client_ca`` makes client certificates
+    mandatory (the peer certificate is then ``request.transport.get_extra_info("peercert")``)."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{at}.tls: cannot load cert/key: {exc}", field=f"{at}.tls.cert") from exc
+    if tls.client_ca:
+        try:
+            ctx.load_verify_locations(cafile=tls.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{at}.tls: cannot load client_ca: {exc}",
+                              field=f"{at}.tls.client_ca") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def window_policy(config: ServerConfig) -> WindowPolicy:
+    s = config.scheduler
+    return WindowPolicy(max_chunks=s.max_chunks, max_bytes=s.max_bytes,
+                        max_in_flight=s.max_in_flight, windows_per_sensor=s.windows_per_sensor,
+                        window_timeout_s=s.window_timeout_s, quiet_s=s.quiet_s)
+
+
+class PipelineServer:
+    def __init__(self, config: ServerConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = ServerMetrics(self.registry)
+        self.authenticator = TokenAuthenticator.from_config(config)
+        self.scheduler = RequestScheduler(window_policy(config),
+                                          global_max_windows=config.scheduler.global_max_windows)
+        self.snapshots = SnapshotCache()
+        self.store: SQLiteChunkStore | None = None
+        self.manager: ControlManager | None = None
+        self.committer: GroupCommitter | None = None
+        self.control_port: int | None = None
+        self.ingest_port: int | None = None
+        self.stream_port: int | None = None
+        self._store_thread: ThreadPoolExecutor | None = None
+        self._runners: dict[str, web.AppRunner] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dashboard = DashboardConfig(
+            stream_scheme="wss" if config.stream.tls.enabled else "ws",
+            token_required=bool(config.stream.token))
+        self._up = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.store.engine != "sqlite":
+            raise ConfigError("store.engine: only sqlite is available in this server",
+                              field="store.engine")
+        contexts = {name: ssl_context_for(getattr(cfg, name).tls, name)
+                    for name in ("control", "ingest", "stream")}
+        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self._store_thread, self._open_store)
+        store = self.store
+        try:
+            self.manager = ControlManager(
+                self.scheduler, self.authenticator, metrics=self.metrics, store=store,
+                executor=self._store_thread, heartbeat_interval_s=cfg.heartbeat.interval_s,
+                missed_before_disconnect=cfg.heartbeat.missed_before_disconnect)
+            await self.manager.restore()
+            await self._restore_watermarks()
+            latest = await asyncio.to_thread(store.latest_events)
+            self.snapshots.warm((e, e.completed_at) for e in latest)
+            self.committer = GroupCommitter(store, executor=self._store_thread,
+                                            on_commit=self._after_commit)
+            self.committer.start()
+            self.manager.start()
+            await self._start_listeners(contexts)
+        except BaseException:
+            await self._abort()
+            raise
+        self._tasks = [loop.create_task(self._timer(), name="control-timer"),
+                       loop.create_task(self._pruner(), name="retention-prune")]
+        self._up = True
+        log.info("server_started control_port=%s ingest_port=%s stream_port=%s store=%s "
+                 "sensors=%d snapshots=%d", self.control_port, self.ingest_port,
+                 self.stream_port, cfg.store.path, len(self.authenticator.sensor_ids),
+                 len(self.snapshots.all()))
+
+    def _open_store(self) -> SQLiteChunkStore:
+        path = Path(self.config.store.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
+                              field="store.path") from exc
+        return SQLiteChunkStore(path, synchronous=self.config.store.synchronous)
+
+    async def _restore_watermarks(self) -> None:
+        """The store's offsets are the truth; saved session state may lag behind them."""
+        store = self.store
+        assert store is not None
+        sessions = dict(self.scheduler.sessions)
+        marks = await asyncio.to_thread(
+            lambda: {sid: store.committed_offset(sid, s.epoch) for sid, s in sessions.items()})
+        for sid, mark in marks.items():
+            session = self.scheduler.session(sid)
+            session.watermark = max(session.watermark, mark)
+
+    async def _start_listeners(self, contexts: dict[str, ssl.SSLContext | None]) -> None:
+        cfg = self.config
+        assert self.manager is not None and self.committer is not None and self.store is not None
+        middlewares = (error_middleware,)
+        control_app = control_server(self.manager, middlewares=middlewares,
+                                     path=cfg.control.path)
+        ctx = IngestContext(
+            authenticator=self.authenticator, committer=self.committer, manager=self.manager,
+            snapshots=self.snapshots, metrics=self.metrics, store=self.store, executor=None,
+            max_body_bytes=cfg.ingest.max_body_bytes,
+            read_token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
+            metrics_enabled=cfg.metrics.enabled, listeners_up=self.listeners_up,
+            configured_sensors=self.authenticator.sensor_ids)
+        ingest_app = ingest_server(ctx, middlewares=middlewares)
+        add_dashboard_routes(ingest_app, self._dashboard)
+        hub = StreamHub(snapshots=self.snapshots, metrics=self.metrics,
+                        token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
+                        allowed_origins=tuple(cfg.stream.allowed_origins))
+        stream_app = stream_server(hub, middlewares=middlewares)
+        plan: list[tuple[str, web.Application, Any]] = [
+            ("ingest", ingest_app, cfg.ingest), ("control", control_app, cfg.control),
+            ("stream", stream_app, cfg.stream)]
+        for name, app, section in plan:
+            runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+            await runner.setup()
+            self._runners[name] = runner
+            site = web.TCPSite(runner, section.bind, section.port, ssl_context=contexts[name])
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot listen on {section.bind}:{section.port}: "
+                                  f"{exc.strerror or exc}", field=f"{name}.port") from exc
+            setattr(self, f"{name}_port", site.port)
+        self._dashboard.stream_port = self.stream_port or 0
+
+    def listeners_up(self) -> bool:
+        return self._up and not self._stopping and all(
+            runner.sites for runner in self._runners.values())
+
+    async def stop(self) -> None:
+        """Graceful: stop accepting, finish in-flight commits, close sockets, close the store."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        log.info("server_stopping")
+        for runner in self._runners.values():
+            for site in list(runner.sites):
+                await site.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        # In-flight POSTs finish (and commit) before the committer is drained.
+        for name in ("ingest", "control", "stream"):
+            runner = self._runners.pop(name, None)
+            if runner is not None:
+                await runner.cleanup()
+        await self._abort()
+        self._up = False
+        self._stopped.set()
+        log.info("server_stopped")
+
+    async def _abort(self) -> None:
+        """Release what ``start`` acquired (also after a failed start)."""
+        for runner in self._runners.values():
+            await runner.cleanup()
+        self._runners.clear()
+        if self.committer is not None:
+            await self.committer.close()
+        if self.manager is not None:
+            await self.manager.close()
+        if self.store is not None:
+            store, self.store = self.store, None
+            await asyncio.get_running_loop().run_in_executor(self._store_thread, store.close)
+        if self._store_thread is not None:
+            self._store_thread.shutdown(wait=True)
+            self._store_thread = None
+
+    async def run_forever(self, on_started: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        await self.start()
+        if on_started is not None:
+            on_started()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            await stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    # -- post-commit --------------------------------------------------------------------
+
+    def _after_commit(self, records: list[CommitRecord]) -> None:
+        """Runs once per durable batch: metrics, snapshots (stream), acks; never before."""
+        assert self.manager is not None
+        now = time.time()
+        grouped: dict[str, tuple[list[Committed], dict[str, int]]] = {}
+        for rec in records:
+            outcome = rec.outcome
+            if outcome.error is not None:
+                continue
+            nbytes = len(rec.chunk.payload)
+            self.metrics.on_stored(outcome.sensor_id, nbytes, outcome.duplicate,
+                                   (now - rec.received_at) * 1000.0)
+            items, marks = grouped.setdefault(outcome.sensor_id, ([], {}))
+            items.append(Committed(outcome.sequence, rec.chunk.window_id, nbytes,
+                                   epoch=outcome.epoch))
+            marks[outcome.epoch] = max(marks.get(outcome.epoch, 0),
+                                       outcome.last_committed_sequence)
+            event = outcome.completed_event
+            if event is not None:
+                self.snapshots.update(event, event.completed_at)
+                self.metrics.on_event_completed()
+                log.info("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
+                         event.event_id, len(event.data))
+        for sensor_id, (items, marks) in grouped.items():
+            self.manager.on_committed(sensor_id, items, marks)
+
+    # -- background ---------------------------------------------------------------------
+
+    async def _timer(self) -> None:
+        assert self.manager is not None
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.manager.tick()
+                self.metrics.refresh(time.time(), heartbeats=self.manager.heartbeat_times(),
+                                     snapshots=self.snapshots.updated_at(),
+                                     windows_open=self.manager.windows_open())
+            except Exception:  # noqa: BLE001 - the timer must survive one bad tick
+                log.exception("timer_failed")
+
+    async def _pruner(self) -> None:
+        hours = self.config.store.retention_hours
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            store = self.store
+            if store is None:
+                return
+            cutoff = time.time() - hours * 3600.0
+            try:
+                removed = await asyncio.to_thread(store.prune, cutoff, batch=PRUNE_BATCH)
+                log.info("retention_pruned removed=%d retention_hours=%d", removed, hours)
+            except PipelineError as exc:
+                log.warning("retention_prune_failed error=%s", exc.code)

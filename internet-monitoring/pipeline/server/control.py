@@ -1,0 +1,559 @@
+"""The control channel: the asyncio shell around ``SensorSession`` / ``RequestScheduler``.
+
+``control_server(manager)`` builds the aiohttp application serving ``/control``. The
+handshake is authenticated BEFORE the WebSocket upgrade, so refusals are plain HTTP
+answers with a JSON body (protocol.md section 1)::
+
+    no / empty X-Sensor-ID          400 missing_field
+    malformed X-Sensor-ID           400 bad_value
+    missing, unknown, expired token 401 unauthenticated
+    another sensor's token          403 forbidden
+
+After the upgrade each text frame is one envelope (``messages.decode_envelope``):
+
+    malformed envelope              close 1002 (reason names the field)
+    unknown schema major            close 1002 "unsupported schema major ..."
+    envelope naming another sensor  close 1008
+    binary frame                    close 1003 (Protobuf frames are not negotiated here)
+    heartbeat                       session.on_heartbeat -> scheduler.pump -> ChunkRequests
+    command_response                logged
+
+Everything the server sends goes through one ``ControlConnection`` per socket: a bounded
+outbound queue drained by a sender task, so post-commit code can queue an ack without
+awaiting a socket. Server envelopes carry the server's own ``capabilities`` and, only for
+sensors that announced ``server_time``, a top-level ``server_time``; bodies are exactly
+the 1.0 fields (a 1.0 sensor drops the connection on an unknown body field).
+
+``ControlManager`` holds the current connection of every sensor. A second connection of
+the same sensor replaces the first, which is closed with 1008 "replaced"; acks always go
+to the current connection (a stale socket's acks would be lost with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from concurrent.futures import Executor
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from aiohttp import WSMsgType, web
+
+from pipeline.common.errors import (
+    AuthError,
+    FieldValueError,
+    MissingField,
+    PipelineError,
+    ProtocolError,
+    UnsupportedSchemaVersion,
+)
+from pipeline.common.messages import (
+    CAP_CHUNKS,
+    CAP_EPOCH,
+    CAP_HEARTBEAT_STATS,
+    CAP_HEARTBEATS,
+    CAP_SERVER_TIME,
+    SENSOR_ID_RE,
+    Body,
+    ChunkAck,
+    ChunkRequest,
+    CommandResponse,
+    Envelope,
+    Heartbeat,
+    decode_envelope,
+    encode_envelope,
+)
+from pipeline.server.auth import TokenAuthenticator, bearer_token
+from pipeline.server.metrics import ServerMetrics
+from pipeline.server.scheduler import Outgoing, RequestScheduler
+from pipeline.server.session import Committed, SensorSession
+
+log = logging.getLogger(__name__)
+
+SERVER_CAPABILITIES: tuple[str, ...] = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
+                                        CAP_HEARTBEAT_STATS)
+CLOSE_REPLACED = 1008
+CLOSE_PROTOCOL = 1002
+CLOSE_POLICY = 1008
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_LATER = 1013
+MAX_FRAME = 64 * 1024
+MAX_CLOSE_REASON = 120  # RFC 6455: the reason fits in 123 bytes
+
+
+def iso_now(now: float) -> str:
+    return datetime.fromtimestamp(now, tz=timezone.utc).isoformat()
+
+
+def close_reason(text: str) -> bytes:
+    return text.encode("utf-8")[:MAX_CLOSE_REASON]
+
+
+# ---------------------------------------------------------------------------------------
+# Persistence seam (the store's window methods, called off the loop)
+
+
+class WindowStore(Protocol):
+    def save_window(self, sensor_id: str, window_id: str, state: Mapping[str, Any]) -> None: ...
+    def delete_windows(self, sensor_id: str, window_ids: Iterable[str]) -> None: ...
+    def load_windows(self, sensor_id: str) -> Mapping[str, Any]: ...
+    def save_sensor_state(self, sensor_id: str, state: Mapping[str, Any]) -> None: ...
+    def load_sensor_states(self) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------
+# One socket
+
+
+class ControlConnection:
+    """One sensor's WebSocket: what it announced, and an outbound queue with its sender."""
+
+    def __init__(self, sensor_id: str, ws: web.WebSocketResponse, *, connected_at: float,
+                 peer: str = "", max_outbound: int = 4096) -> None:
+        self.sensor_id = sensor_id
+        self.ws = ws
+        self.connected_at = connected_at
+        self.peer = peer
+        self.capabilities: frozenset[str] = frozenset()
+        self.peer_certificate: dict[str, Any] | None = None
+        self._outbound: asyncio.Queue[str | None] = asyncio.Queue(maxsize=max_outbound)
+        self._sender: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._sender = asyncio.get_running_loop().create_task(
+            self._send_loop(), name=f"control-send-{self.sensor_id}")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing or self.ws.closed
+
+    def envelope(self, body: Body, now: float) -> Envelope:
+        return Envelope(sensor_id=self.sensor_id, sent_at=iso_now(now), body=body,
+                        capabilities=SERVER_CAPABILITIES,
+                        server_time=iso_now(now) if CAP_SERVER_TIME in self.capabilities
+                        else None)
+
+    def send_nowait(self, envelope: Envelope) -> bool:
+        """Queue an envelope; False (and the socket is closed) when it cannot be sent."""
+        if self.closing:
+            return False
+        if envelope.server_time is not None and CAP_SERVER_TIME not in self.capabilities:
+            envelope = dataclasses.replace(envelope, server_time=None)
+        try:
+            self._outbound.put_nowait(encode_envelope(envelope))
+        except asyncio.QueueFull:
+            log.warning("control_outbound_full sensor_id=%s", self.sensor_id)
+            self._closer = asyncio.get_running_loop().create_task(
+                self.close(CLOSE_TRY_LATER, "outbound queue full"))
+            return False
+        return True
+
+    async def _send_loop(self) -> None:
+        while True:
+            text = await self._outbound.get()
+            if text is None or self.ws.closed:
+                return
+            try:
+                await self.ws.send_str(text)
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("control_send_failed sensor_id=%s error=%s", self.sensor_id,
+                         type(exc).__name__)
+                return
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Let queued frames go out (used before a deliberate close)."""
+        deadline = time.monotonic() + timeout
+        while not self._outbound.empty() and not self.ws.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            await self.ws.close(code=code, message=close_reason(reason))
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError):
+            pass
+        await self.stop_sender()
+
+    async def stop_sender(self) -> None:
+        if self._sender is None:
+            return
+        if not self._sender.done():
+            self._sender.cancel()
+        try:
+            await self._sender
+        except asyncio.CancelledError:
+            pass
+        self._sender = None
+
+
+# ---------------------------------------------------------------------------------------
+# All sockets
+
+
+@dataclasses.dataclass
+class SensorInfo:
+    """What the read API shows beyond the session: connection facts."""
+
+    software_version: str = ""
+    connected_at: float | None = None
+    disconnected_at: float | None = None
+    peer: str = ""
+    capabilities: tuple[str, ...] = ()
+
+
+class ControlManager:
+    def __init__(self, scheduler: RequestScheduler, authenticator: TokenAuthenticator, *,
+                 metrics: ServerMetrics, store: WindowStore | None = None,
+                 executor: Executor | None = None, heartbeat_interval_s: float = 30.0,
+                 missed_before_disconnect: int = 2,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.scheduler = scheduler
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self.store = store
+        self.executor = executor
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.missed_before_disconnect = missed_before_disconnect
+        self.clock = clock
+        self.connections: dict[str, ControlConnection] = {}
+        self.info: dict[str, SensorInfo] = {}
+        self._persisted: dict[str, set[str]] = {}
+        self._dirty: dict[str, tuple[dict[str, dict[str, object]], dict[str, Any]]] = {}
+        self._persist_wakeup = asyncio.Event()
+        self._persister: asyncio.Task[None] | None = None
+        self._closed = False
+        self._closers: set[asyncio.Task[None]] = set()
+
+    # -- connections --------------------------------------------------------------------
+
+    async def register(self, sensor_id: str, connection: ControlConnection) -> None:
+        """Make ``connection`` the sensor's current one; an older one is closed ("replaced")."""
+        old = self.connections.get(sensor_id)
+        self.connections[sensor_id] = connection
+        now = self.clock()
+        session = self.scheduler.session(sensor_id)
+        session.on_connect(now)
+        info = self.info.setdefault(sensor_id, SensorInfo())
+        info.connected_at = now
+        info.peer = connection.peer
+        self.metrics.on_connection(sensor_id, True)
+        log.info("control_connected sensor_id=%s peer=%s replaced=%s", sensor_id,
+                 connection.peer, old is not None)
+        if old is not None and old is not connection:
+            # Closed in the background: a dead peer must not delay the new connection.
+            task = asyncio.get_running_loop().create_task(old.close(CLOSE_REPLACED, "replaced"))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    def unregister(self, sensor_id: str, connection: ControlConnection) -> bool:
+        """Forget ``connection`` if it is still the sensor's current one."""
+        if self.connections.get(sensor_id) is not connection:
+            return False
+        del self.connections[sensor_id]
+        now = self.clock()
+        self.scheduler.session(sensor_id).on_disconnect(now)
+        info = self.info.setdefault(sensor_id, SensorInfo())
+        info.disconnected_at = now
+        self.metrics.on_connection(sensor_id, False)
+        self._note_changes([sensor_id])
+        log.info("control_disconnected sensor_id=%s", sensor_id)
+        return True
+
+    def connection(self, sensor_id: str) -> ControlConnection | None:
+        conn = self.connections.get(sensor_id)
+        return None if conn is None or conn.closing else conn
+
+    def is_connected(self, sensor_id: str) -> bool:
+        return self.connection(sensor_id) is not None
+
+    def send_to(self, sensor_id: str, envelope: Envelope) -> bool:
+        """Queue an envelope to the sensor's CURRENT connection; False if none."""
+        conn = self.connection(sensor_id)
+        return conn is not None and conn.send_nowait(envelope)
+
+    def send_body(self, sensor_id: str, body: Body) -> bool:
+        conn = self.connection(sensor_id)
+        if conn is None:
+            return False
+        return conn.send_nowait(conn.envelope(body, self.clock()))
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def on_envelope(self, connection: ControlConnection, env: Envelope) -> None:
+        connection.capabilities = frozenset(env.capabilities)
+        sensor_id = connection.sensor_id
+        info = self.info.setdefault(sensor_id, SensorInfo())
+        info.capabilities = tuple(env.capabilities)
+        if isinstance(env.body, Heartbeat):
+            self.on_heartbeat(connection, env)
+        elif isinstance(env.body, CommandResponse):
+            log.info("command_response sensor_id=%s command_id=%s success=%s", sensor_id,
+                     env.body.command_id, env.body.success)
+        else:
+            log.info("control_ignored sensor_id=%s body_type=%s", sensor_id, env.body_type)
+
+    def on_heartbeat(self, connection: ControlConnection, env: Envelope) -> None:
+        assert isinstance(env.body, Heartbeat)
+        hb = env.body
+        sensor_id = connection.sensor_id
+        if self.connections.get(sensor_id) is not connection:
+            return  # a replaced socket's last words
+        now = self.clock()
+        epoch = (env.queue_epoch or "") if CAP_EPOCH in connection.capabilities else ""
+        session = self.scheduler.session(sensor_id)
+        session.on_heartbeat(hb, now, epoch=epoch)
+        self.info.setdefault(sensor_id, SensorInfo()).software_version = hb.software_version
+        self.metrics.on_heartbeat(sensor_id, hb)
+        log.debug("heartbeat sensor_id=%s queue_depth=%d last_committed=%d", sensor_id,
+                  hb.queue_depth, hb.last_committed_sequence)
+        self.dispatch(self.scheduler.pump(now, touched=[sensor_id]))
+        self._note_changes([sensor_id])
+
+    def on_committed(self, sensor_id: str, items: Sequence[Committed],
+                     watermarks: Mapping[str, int]) -> list[ChunkAck]:
+        """Chunks of one sensor made durable: ack them on the current connection and keep
+        windows flowing. ``watermarks`` maps a queue epoch to the store's committed offset."""
+        if not items:
+            return []
+        now = self.clock()
+        session = self.scheduler.session(sensor_id)
+        watermark = watermarks.get(session.epoch, 0)
+        acks = session.on_committed(list(items), watermark, now)
+        for ack in acks:
+            if not self.send_body(sensor_id, ack):
+                log.info("ack_not_sent sensor_id=%s window_id=%s reason=not_connected",
+                         sensor_id, ack.window_id)
+        self.dispatch(self.scheduler.pump(now, touched=[sensor_id]))
+        self._note_changes([sensor_id])
+        return acks
+
+    def request_sensor(self, sensor_id: str) -> ChunkRequest | None:
+        """A dashboard asks for fresh data: open a window now if the sensor is connected."""
+        if not self.is_connected(sensor_id):
+            return None
+        request = self.scheduler.request_sensor(sensor_id, self.clock())
+        if request is not None:
+            self.send_body(sensor_id, request)
+            self._note_changes([sensor_id])
+        return request
+
+    def dispatch(self, outgoing: Iterable[Outgoing]) -> int:
+        sent = 0
+        for item in outgoing:
+            if self.send_body(item.sensor_id, item.request):
+                sent += 1
+                log.debug("chunk_request sensor_id=%s window_id=%s since=%d", item.sensor_id,
+                          item.request.window_id, item.request.since_sequence)
+        return sent
+
+    # -- timers -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Timers: re-requests, freed budget, heartbeat deadlines, window persistence."""
+        now = self.clock()
+        self.dispatch(self.scheduler.tick(now))
+        deadline = self.heartbeat_interval_s * self.missed_before_disconnect
+        for sensor_id, conn in list(self.connections.items()):
+            session = self.scheduler.session(sensor_id)
+            last = max(session.last_heartbeat_at or 0.0, conn.connected_at)
+            if now - last > deadline and not conn.closing:
+                log.warning("heartbeat_missed sensor_id=%s silent_s=%.1f", sensor_id, now - last)
+                self.unregister(sensor_id, conn)
+                task = asyncio.get_running_loop().create_task(
+                    conn.close(CLOSE_GOING_AWAY, "heartbeat timeout"))
+                self._closers.add(task)
+                task.add_done_callback(self._closers.discard)
+        self._note_changes(self.scheduler.sessions)
+
+    def heartbeat_times(self) -> dict[str, float]:
+        return {sid: s.last_heartbeat_at for sid, s in self.scheduler.sessions.items()
+                if s.last_heartbeat_at is not None}
+
+    def windows_open(self) -> int:
+        return self.scheduler.active_total
+
+    # -- persistence --------------------------------------------------------------------
+
+    async def restore(self) -> int:
+        """Reload windows and per-sensor state (epoch, watermark) saved before a restart."""
+        if self.store is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        store = self.store
+        states = await loop.run_in_executor(self.executor, store.load_sensor_states)
+        count = 0
+        for sensor_id, state in dict(states or {}).items():
+            session = self.scheduler.session(sensor_id)
+            session.epoch = str(state.get("epoch", ""))
+            session.watermark = int(state.get("watermark", 0))
+            by_id = await loop.run_in_executor(self.executor, store.load_windows, sensor_id)
+            session.restore_windows(dict(by_id))
+            self._persisted[sensor_id] = set(by_id)
+            count += len(by_id)
+            session.take_changed()
+        log.info("control_restored sensors=%d windows=%d", len(self.scheduler.sessions), count)
+        return count
+
+    def start(self) -> None:
+        if self.store is not None and self._persister is None:
+            self._persister = asyncio.get_running_loop().create_task(
+                self._persist_loop(), name="window-persister")
+
+    def _note_changes(self, sensor_ids: Iterable[str]) -> None:
+        """Snapshot changed sessions for the persister; the store work happens off the loop."""
+        if self.store is None:
+            return
+        for sensor_id in list(sensor_ids):
+            session: SensorSession = self.scheduler.session(sensor_id)
+            if session.take_changed():
+                self._dirty[sensor_id] = (session.export_windows(),
+                                          {"epoch": session.epoch,
+                                           "watermark": session.watermark})
+        if self._dirty:
+            self._persist_wakeup.set()
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await self._persist_wakeup.wait()
+            self._persist_wakeup.clear()
+            await self.persist_now()
+            if self._closed:
+                return
+
+    async def persist_now(self) -> None:
+        """Write every pending change (windows saved or deleted, epoch, watermark)."""
+        if self.store is None or not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, self._write, dirty)
+        except PipelineError as exc:
+            log.warning("window_persist_failed sensors=%d error=%s", len(dirty), exc.code)
+            for sensor_id, item in dirty.items():  # retried on the next change
+                self._dirty.setdefault(sensor_id, item)
+
+    def _write(self, dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
+               ) -> None:
+        assert self.store is not None
+        for sensor_id, (windows, state) in dirty.items():
+            before = self._persisted.get(sensor_id, set())
+            gone = sorted(before - set(windows))
+            if gone:
+                self.store.delete_windows(sensor_id, gone)
+            for window_id, doc in windows.items():
+                self.store.save_window(sensor_id, window_id, doc)
+            self.store.save_sensor_state(sensor_id, state)
+            self._persisted[sensor_id] = set(windows)
+
+    async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:
+        """Close every socket and write the last window changes."""
+        conns = list(self.connections.items())
+        for sensor_id, conn in conns:
+            self.unregister(sensor_id, conn)
+        await asyncio.gather(*(c.close(code, reason) for _, c in conns), *self._closers,
+                             return_exceptions=True)
+        self._closed = True
+        if self._persister is not None:
+            self._persist_wakeup.set()
+            await self._persister
+            self._persister = None
+        await self.persist_now()
+
+
+# ---------------------------------------------------------------------------------------
+# The aiohttp edge
+
+MANAGER_KEY: web.AppKey[ControlManager] = web.AppKey("control_manager", ControlManager)
+
+
+def authenticate_handshake(request: web.Request, manager: ControlManager) -> str:
+    """Check X-Sensor-ID and the bearer token before any upgrade; raises PipelineError."""
+    sensor_id = request.headers.get("X-Sensor-ID", "").strip()
+    if not sensor_id:
+        raise MissingField("missing X-Sensor-ID header", field="X-Sensor-ID")
+    if not SENSOR_ID_RE.fullmatch(sensor_id):
+        raise FieldValueError("X-Sensor-ID is not a valid sensor id", field="X-Sensor-ID")
+    token = bearer_token(request.headers.get("Authorization"))
+    try:
+        return manager.authenticator.authenticate(sensor_id, token, manager.clock())
+    except AuthError:
+        manager.metrics.on_auth_failure()
+        raise
+
+
+async def control_handler(request: web.Request) -> web.StreamResponse:
+    manager = request.app[MANAGER_KEY]
+    sensor_id = authenticate_handshake(request, manager)
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, timeout=2.0, autoping=True)
+    if not ws.can_prepare(request).ok:
+        raise ProtocolError("expected a WebSocket upgrade", field="Upgrade")
+    await ws.prepare(request)
+    peer = request.remote or ""
+    conn = ControlConnection(sensor_id, ws, connected_at=manager.clock(), peer=peer)
+    # Reachable for the mTLS identity binding of a later issue (None without client certs).
+    conn.peer_certificate = (request.transport.get_extra_info("peercert")
+                             if request.transport is not None else None)
+    conn.start()
+    await manager.register(sensor_id, conn)
+    try:
+        await _read_frames(manager, conn)
+    except Exception:  # noqa: BLE001 - after the upgrade no HTTP error can be answered
+        log.exception("control_handler_crashed sensor_id=%s", sensor_id)
+        await conn.close(1011, "internal error")
+    finally:
+        manager.unregister(sensor_id, conn)
+        await conn.stop_sender()
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _read_frames(manager: ControlManager, conn: ControlConnection) -> None:
+    async for msg in conn.ws:
+        if msg.type is WSMsgType.TEXT:
+            try:
+                env = decode_envelope(msg.data)
+            except UnsupportedSchemaVersion as exc:
+                log.warning("control_refused sensor_id=%s reason=%s", conn.sensor_id, exc.message)
+                await conn.close(CLOSE_PROTOCOL, exc.message)
+                return
+            except ProtocolError as exc:
+                log.warning("control_malformed sensor_id=%s error=%s field=%s", conn.sensor_id,
+                            exc.code, exc.field)
+                await conn.close(CLOSE_PROTOCOL, f"{exc.code}: {exc.message}")
+                return
+            if env.sensor_id != conn.sensor_id:
+                log.warning("control_refused sensor_id=%s reason=sensor_id_mismatch",
+                            conn.sensor_id)
+                await conn.close(CLOSE_POLICY, "envelope sensor_id does not match X-Sensor-ID")
+                return
+            manager.on_envelope(conn, env)
+        elif msg.type is WSMsgType.BINARY:
+            await conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames were not negotiated")
+            return
+        elif msg.type is WSMsgType.ERROR:
+            log.info("control_socket_error sensor_id=%s error=%s", conn.sensor_id,
+                     type(conn.ws.exception()).__name__)
+            return
+
+
+def control_server(manager: ControlManager, *, middlewares: Sequence[Any] = (),
+                   path: str = "/control") -> web.Application:
+    """The control listener's application: ``GET /control`` (WebSocket)."""
+    app = web.Application(middlewares=list(middlewares))
+    app[MANAGER_KEY] = manager
+    app.router.add_get(path, control_handler)
+
+    async def _on_shutdown(_: web.Application) -> None:
+        await manager.close(CLOSE_GOING_AWAY, "server shutdown")
+
+    app.on_shutdown.append(_on_shutdown)
+    return app

@@ -1,0 +1,370 @@
+"""The ingest HTTP listener: chunk ingest, the read API, health and metrics.
+
+Routes (protocol.md section 2 for the ingest route; everything else is additive)::
+
+    POST /v1/ingest/chunk                  sensor token of chunk.sensor_id; group-committed
+    GET  /v1/snapshots                     read API (stream token when one is configured)
+    GET  /v1/snapshots/{sensor_id}
+    GET  /v1/sensors
+    GET  /v1/sensors/{sensor_id}/events    ?after=<cursor>&limit=<n>
+    POST /v1/sensors/{sensor_id}/request   202 {window_id} / 409 when not connected
+    GET  /healthz  /readyz  /metrics       open (no credentials)
+
+Ingest order: bearer token known (401) -> body within ``client_max_size`` (413) -> strict
+decode (400, the JSON error names the field) -> the token belongs to ``chunk.sensor_id``
+(401/403) -> group commit -> the store's verdict (422/409) or 200 with exactly the 1.0
+answer. Acks, snapshots and metrics for committed chunks are produced by the group
+committer's post-commit hook, never before the commit.
+
+``error_middleware`` is the ONE place where errors become responses, for all three
+listeners: a ``PipelineError`` becomes its ``http_status`` with ``error.to_json()``; an
+aiohttp HTTP error (404, 405, 413 from the body cap) becomes the same JSON shape; anything
+unexpected is logged and answered 500 JSON, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pipeline.common.errors import (
+    AuthError,
+    ConflictError,
+    FieldValueError,
+    NotFound,
+    PayloadTooLarge,
+    PipelineError,
+    StoreError,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
+from pipeline.common.messages import (
+    SENSOR_ID_RE,
+    IngestResult,
+    decode_chunk,
+    ingest_result_to_json,
+)
+from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer
+from pipeline.server.control import ControlManager
+from pipeline.server.group_commit import GroupCommitter
+from pipeline.server.metrics import ServerMetrics
+from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
+
+log = logging.getLogger(__name__)
+
+INGEST_PATH = "/v1/ingest/chunk"
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+_STATUS_CODES = {400: "malformed", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 408: "timeout", 413: "too_large",
+                 415: "unsupported_media_type", 429: "throttled"}
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: one place
+
+
+def error_response(status: int, doc: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(doc, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except PipelineError as exc:
+        _count_rejection(request, exc.code)
+        headers = None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {"Retry-After": str(max(1, int(retry_after)))}
+        if exc.http_status >= 500:
+            log.warning("request_failed path=%s status=%d error=%s", request.path,
+                        exc.http_status, exc.code)
+        return error_response(exc.http_status, exc.to_json(), headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "http_error")
+        _count_rejection(request, code)
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
+        return error_response(exc.status, {"error": code, "message": exc.reason}, headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the last line of defence: log, answer 500 JSON
+        log.exception("request_crashed method=%s path=%s", request.method, request.path)
+        return error_response(500, {"error": "internal", "message": "internal server error"})
+
+
+def _count_rejection(request: web.Request, code: str) -> None:
+    if request.path != INGEST_PATH:
+        return
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.on_rejected(code)
+
+
+# ---------------------------------------------------------------------------------------
+# Dependencies of the ingest listener
+
+
+@dataclass
+class IngestContext:
+    authenticator: TokenAuthenticator
+    committer: GroupCommitter
+    manager: ControlManager
+    snapshots: SnapshotCache
+    metrics: ServerMetrics
+    store: Any
+    executor: Executor | None
+    max_body_bytes: int
+    read_token_sha256: str | None = None
+    metrics_enabled: bool = True
+    listeners_up: Callable[[], bool] = lambda: True
+    configured_sensors: frozenset[str] = frozenset()
+
+    async def in_store_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+CONTEXT_KEY: web.AppKey[IngestContext] = web.AppKey("ingest_context", IngestContext)
+METRICS_KEY: web.AppKey[ServerMetrics] = web.AppKey("metrics", ServerMetrics)
+
+
+def _ctx(request: web.Request) -> IngestContext:
+    return request.app[CONTEXT_KEY]
+
+
+# ---------------------------------------------------------------------------------------
+# Ingest
+
+
+async def ingest_chunk(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    received = time.time()
+    token = bearer_token(request.headers.get("Authorization"))
+    try:
+        ctx.authenticator.check(token, received)
+    except AuthError:
+        ctx.metrics.on_auth_failure()
+        raise
+    if request.headers.get("Content-Type") is not None and \
+            request.content_type != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json",
+                                   field="Content-Type")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"request body is larger than {ctx.max_body_bytes} bytes",
+                              field="body") from exc
+    chunk = decode_chunk(body)
+    try:
+        ctx.authenticator.authenticate(chunk.sensor_id, token, received)
+    except AuthError:
+        ctx.metrics.on_auth_failure()
+        raise
+    (outcome,) = await ctx.committer.submit([chunk], received_at=received)
+    if outcome.error is not None:
+        log.info("chunk_rejected sensor_id=%s sequence=%d event_id=%s error=%s",
+                 chunk.sensor_id, chunk.sequence, chunk.event_id, outcome.error.code)
+        raise outcome.error
+    result = IngestResult(stored=outcome.stored, duplicate=outcome.duplicate,
+                          sequence=outcome.sequence, event_id=outcome.event_id,
+                          sensor_id=outcome.sensor_id, event_complete=outcome.event_complete,
+                          last_committed_sequence=outcome.last_committed_sequence)
+    return web.json_response(ingest_result_to_json(result))
+
+
+# ---------------------------------------------------------------------------------------
+# Read API
+
+
+def require_reader(request: web.Request) -> None:
+    """With a stream token configured, the read API needs it (a sensor token cannot read)."""
+    ctx = _ctx(request)
+    if ctx.read_token_sha256 is None:
+        return
+    if not check_bearer(ctx.read_token_sha256, bearer_token(request.headers.get("Authorization"))):
+        ctx.metrics.on_auth_failure()
+        raise Unauthenticated("the read API needs the stream token")
+
+
+def _sensor_id(request: web.Request) -> str:
+    sensor_id = request.match_info["sensor_id"]
+    if not SENSOR_ID_RE.fullmatch(sensor_id):
+        raise FieldValueError("invalid sensor id", field="sensor_id")
+    return sensor_id
+
+
+def _int_param(request: web.Request, name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise FieldValueError(f"query parameter {name} must be a non-negative integer",
+                              field=name)
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise FieldValueError(f"query parameter {name} must be between {minimum} and {maximum}",
+                              field=name)
+    return value
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    require_reader(request)
+    snaps = _ctx(request).snapshots.all()
+    return web.json_response({"snapshots": [s.to_json() for s in snaps]})
+
+
+async def get_snapshot(request: web.Request) -> web.Response:
+    require_reader(request)
+    sensor_id = _sensor_id(request)
+    snap = _ctx(request).snapshots.get(sensor_id)
+    if snap is None:
+        raise NotFound(f"no snapshot for sensor {sensor_id}", field="sensor_id")
+    return web.json_response(snap.to_json())
+
+
+async def list_sensors(request: web.Request) -> web.Response:
+    require_reader(request)
+    ctx = _ctx(request)
+    manager = ctx.manager
+    sessions = manager.scheduler.sessions
+    ids = sorted(set(sessions) | set(ctx.configured_sensors)
+                 | {s.sensor_id for s in ctx.snapshots.all()})
+    epochs = {sid: sessions[sid].epoch if sid in sessions else "" for sid in ids}
+
+    def offsets() -> dict[str, int]:
+        return {sid: ctx.store.committed_offset(sid, epochs[sid]) for sid in ids}
+
+    committed = await ctx.in_store_thread(offsets)
+    out = []
+    for sid in ids:
+        session = sessions.get(sid)
+        info = manager.info.get(sid)
+        hb = session.last_heartbeat if session is not None else None
+        out.append({
+            "sensor_id": sid,
+            "connected": manager.is_connected(sid),
+            "last_heartbeat_at": (iso_utc(session.last_heartbeat_at)
+                                  if session is not None and session.last_heartbeat_at
+                                  else None),
+            "queue_depth": hb.queue_depth if hb is not None else None,
+            "clock_skew_ms": hb.clock_skew_ms if hb is not None else None,
+            "committed_offset": committed[sid],
+            "backlog": session.backlog if session is not None else 0,
+            "software_version": (hb.software_version if hb is not None
+                                 else (info.software_version or None) if info else None),
+            "epoch": epochs[sid],
+            "windows_open": session.active_windows() if session is not None else 0,
+        })
+    return web.json_response({"sensors": out})
+
+
+def event_to_json(event: Any) -> dict[str, Any]:
+    doc = decode_json_payload(event.data)
+    is_json = bool(doc) or event.data.strip() in (b"{}", b"[]")
+    return {
+        "cursor": event.row_id,
+        "sensor_id": event.sensor_id,
+        "event_id": event.event_id,
+        "epoch": event.epoch,
+        "logical_timestamp_ms": event.logical_timestamp_ms,
+        "created_at": event.created_at,
+        "completed_at": iso_utc(event.completed_at),
+        "first_sequence": event.first_sequence,
+        "last_sequence": event.last_sequence,
+        "size": len(event.data),
+        "event_sha256": base64.b64encode(event.event_sha256).decode("ascii"),
+        "attributes": dict(event.attributes),
+        "payload_base64": base64.b64encode(event.data).decode("ascii"),
+        "payload_json": doc if is_json else None,
+    }
+
+
+async def list_events(request: web.Request) -> web.Response:
+    require_reader(request)
+    ctx = _ctx(request)
+    sensor_id = _sensor_id(request)
+    after = _int_param(request, "after", 0, 0, 2**63 - 1)
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    events = await ctx.in_store_thread(
+        lambda: ctx.store.events(sensor_id, after=after, limit=limit))
+    docs = [event_to_json(e) for e in events]
+    next_after = docs[-1]["cursor"] if len(docs) == limit else None
+    return web.json_response({"sensor_id": sensor_id, "events": docs, "next_after": next_after})
+
+
+async def request_sensor(request: web.Request) -> web.Response:
+    require_reader(request)
+    ctx = _ctx(request)
+    sensor_id = _sensor_id(request)
+    if not ctx.manager.is_connected(sensor_id):
+        raise ConflictError(f"sensor {sensor_id} is not connected", field="sensor_id")
+    chunk_request = ctx.manager.request_sensor(sensor_id)
+    if chunk_request is not None:
+        return web.json_response({"sensor_id": sensor_id, "window_id": chunk_request.window_id,
+                                  "already_open": False}, status=202)
+    # Its windows are all open already: data is flowing; name one of them.
+    session = ctx.manager.scheduler.session(sensor_id)
+    open_ids = sorted(w.window_id for w in session.windows.values()
+                      if w.status.value == "active")
+    return web.json_response({"sensor_id": sensor_id,
+                              "window_id": open_ids[0] if open_ids else None,
+                              "already_open": True}, status=202)
+
+
+# ---------------------------------------------------------------------------------------
+# Health and metrics
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    if not ctx.listeners_up():
+        raise StoreError("listeners are not up")
+    await ctx.in_store_thread(ctx.store.check_writable)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    if not ctx.metrics_enabled:
+        raise NotFound("metrics are disabled")
+    ctx.metrics.refresh(time.time(), heartbeats=ctx.manager.heartbeat_times(),
+                        snapshots=ctx.snapshots.updated_at(),
+                        windows_open=ctx.manager.windows_open())
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def ingest_server(ctx: IngestContext, *, middlewares: tuple[Any, ...] = (error_middleware,)
+                  ) -> web.Application:
+    """The ingest listener's application (dashboard routes are added by ``dashboard``)."""
+    app = web.Application(client_max_size=ctx.max_body_bytes, middlewares=list(middlewares))
+    app[CONTEXT_KEY] = ctx
+    app[METRICS_KEY] = ctx.metrics
+    r = app.router
+    r.add_post(INGEST_PATH, ingest_chunk)
+    r.add_get("/v1/snapshots", list_snapshots)
+    r.add_get("/v1/snapshots/{sensor_id}", get_snapshot)
+    r.add_get("/v1/sensors", list_sensors)
+    r.add_get("/v1/sensors/{sensor_id}/events", list_events)
+    r.add_post("/v1/sensors/{sensor_id}/request", request_sensor)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_handler)
+    return app
