@@ -10,10 +10,11 @@ Each listener is its own ``web.Application`` + ``AppRunner`` + ``TCPSite`` (own 
 own body limits). Port 0 binds an ephemeral port; the bound ports are the attributes
 ``control_port``, ``ingest_port``, ``stream_port`` after ``start()``.
 
-Threads: the store is synchronous. Ingest batches and window persistence run on ONE
-dedicated store thread (ordered writes, no pile-up of threads); reads, readiness checks
-and retention pruning use ``asyncio.to_thread`` and interleave with ingest through the
-store's own lock, so a long prune never stalls ingest.
+Threads: the store is synchronous. Ingest batches run on ONE dedicated store thread (a
+single writer, batches in order); window persistence, reads, readiness checks and
+retention pruning use the default thread pool and interleave with ingest through the
+store's own lock (one short transaction at a time), so none of them queues ingest behind
+a long run of small writes.
 
 Shutdown (``stop()``, also on SIGTERM/SIGINT in ``run_forever``): every listener stops
 accepting first; then the ingest listener waits for in-flight requests (their commits
@@ -129,7 +130,7 @@ class PipelineServer:
         try:
             self.manager = ControlManager(
                 self.scheduler, self.authenticator, metrics=self.metrics, store=store,
-                executor=self._store_thread, heartbeat_interval_s=cfg.heartbeat.interval_s,
+                executor=None, heartbeat_interval_s=cfg.heartbeat.interval_s,
                 missed_before_disconnect=cfg.heartbeat.missed_before_disconnect)
             await self.manager.restore()
             await self._restore_watermarks()

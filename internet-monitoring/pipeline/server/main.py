@@ -20,12 +20,13 @@ import sys
 from typing import Sequence, TextIO
 
 from pipeline.common.config import ServerConfig, load_server_config
-from pipeline.common.errors import ConfigError
+from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.logs import setup_logging
 from pipeline.common.messages import SENSOR_ID_RE
 from pipeline.server.auth import DEMO_TOKEN_PREFIX, hash_token, mint_token
 
 EXIT_CONFIG = 2
+EXIT_FAILURE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +91,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
         return EXIT_CONFIG
+    except PipelineError as exc:  # e.g. the store cannot be opened
+        sys.stderr.write(f"pipeline-server: {exc.code}: {exc.message}\n")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     return 0

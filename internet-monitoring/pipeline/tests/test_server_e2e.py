@@ -285,3 +285,13 @@ def test_bad_config_exits_non_zero_naming_the_key(tmp_path):
     assert proc.returncode == 2
     assert "ingest.prot" in proc.stderr and "configuration error" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_unusable_store_exits_non_zero_with_a_message(tmp_path):
+    env = server_env(tmp_path)
+    env["PIPELINE_SERVER__STORE__PATH"] = str(tmp_path)  # a directory, not a database file
+    proc = subprocess.run([sys.executable, "-m", "pipeline.server"], capture_output=True,
+                          text=True, timeout=30, env=env)
+    assert proc.returncode == 1
+    assert "pipeline-server: store_unavailable" in proc.stderr
+    assert "Traceback" not in proc.stderr
