@@ -220,3 +220,21 @@ async def test_windows_survive_a_restart(tmp_path, http):
     async with running_server(config) as again:
         restored = set(again.scheduler.session("pi-01").windows)
     assert issued <= restored
+
+
+async def test_minimal_1_0_client_drains_a_100_event_backlog_with_a_dropped_post(server, http):
+    """Acceptance: a client written from protocol.md alone (JSON 1.0, no capabilities,
+    deletes only on ChunkAck, never re-sends an in-flight chunk under another window id)
+    drains a 100-event backlog although one POST in the middle is lost."""
+    sensor = MiniSensor(http, server, "pi-01", TOKENS["pi-01"])
+    submitted = {sensor.enqueue(json.dumps({"i": i, "rtt_ms": i / 3}).encode()): i
+                 for i in range(100)}
+    sensor.drop_once = {37}
+    await sensor.connect()
+    sensor.start_heartbeats(0.2)
+    await sensor.drained(timeout=30)
+    assert len([r for r in sensor.records if r.kind == "dropped"]) == 1
+    stored = server.store.events("pi-01", limit=1000)
+    assert sorted(e.event_id for e in stored) == sorted(submitted)
+    assert server.store.missing_sequences("pi-01", "") == []
+    await sensor.close()
