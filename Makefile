@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench proto clean
+.PHONY: venv tools test demo bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+tools:
+	@bash scripts/install-test-tools.sh
+
+test: $(STAMP) tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

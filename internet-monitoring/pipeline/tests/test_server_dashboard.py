@@ -6,20 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 
 import aiohttp
 import pytest
 
 from pipeline.tests.server_support import TOKENS, chunk_docs, running_server, server_config, urls
 
-BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser",
-                                                 "google-chrome") if shutil.which(name)), None)
-
-
-async def dump_dom(url: str, profile: str) -> str:
+async def dump_dom(browser: str, url: str, profile: str) -> str:
     proc = await asyncio.create_subprocess_exec(
-        BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
@@ -31,8 +27,7 @@ async def dump_dom(url: str, profile: str) -> str:
     return out.decode()
 
 
-@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium installed")
-async def test_dashboard_renders_live_snapshots_in_a_browser(tmp_path):
+async def test_dashboard_renders_live_snapshots_in_a_browser(tmp_path, chromium):
     async with running_server(server_config(tmp_path)) as server:
         async with aiohttp.ClientSession() as http:
             for sid, seq, doc in (("pi-01", 1, {"download_mbps": 93.5, "dns": {"lookup_ms": 4}}),
@@ -41,7 +36,7 @@ async def test_dashboard_renders_live_snapshots_in_a_browser(tmp_path):
                 async with http.post(urls(server)["ingest"] + "/v1/ingest/chunk", json=chunk,
                                      headers={"Authorization": f"Bearer {TOKENS[sid]}"}) as r:
                     assert r.status == 200
-        html = await dump_dom(urls(server)["ingest"] + "/", str(tmp_path / "profile"))
+        html = await dump_dom(chromium, urls(server)["ingest"] + "/", str(tmp_path / "profile"))
     assert re.search(r'id="stream-status" data-state="live"', html), html[:2000]
     cards = re.findall(r'<section class="sensor-card[^"]*" data-sensor-id="([^"]+)"', html)
     assert cards == ["pi-01", "pi-02"]

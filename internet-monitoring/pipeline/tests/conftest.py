@@ -1,0 +1,38 @@
+"""Shared test setup: tools and services that tests need are found here.
+
+Locally, a missing tool or service skips the tests that need it, with the reason; under
+``CI=true`` it fails them loudly, so a green CI run never hides a skipped check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(*names: str) -> str:
+    """Path of the first of ``names`` on PATH; skip (locally) or fail (CI) without one."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = f"needs {' or '.join(names)} (make tools installs it)"
+    if on_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def chromium() -> str:
+    return require_tool("chromium", "chromium-browser", "google-chrome")
+
+
+@pytest.fixture
+def promtool() -> str:
+    return require_tool("promtool")
