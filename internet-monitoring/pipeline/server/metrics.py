@@ -18,15 +18,44 @@ Runbook names::
     server_snapshot_age_seconds{sensor_id}    gauge      now - updated_at of the latest snapshot
     control_channel_connected{sensor_id}      gauge      1 while the control socket is up
 
-Operator extras: ``pipeline_chunks_ingested_total``, ``pipeline_bytes_ingested_total``,
-``pipeline_events_completed_total``, ``pipeline_rejected_total{reason}``,
-``pipeline_auth_failures_total``, ``pipeline_windows_open``,
-``pipeline_heartbeat_age_seconds{sensor_id}``, ``pipeline_clock_skew_ms{sensor_id}``.
+Operator extras::
+
+    pipeline_chunks_ingested_total            counter    chunks newly stored (fleet)
+    pipeline_bytes_ingested_total             counter    compressed payload bytes newly stored
+    pipeline_events_completed_total           counter    events reassembled and verified
+    pipeline_rejected_total{reason}           counter    ingest requests refused, by error code
+    pipeline_auth_failures_total              counter    refused credentials (every listener)
+    pipeline_auth_bans_total                  counter    clients banned after repeated failures
+    pipeline_throttled_total{sensor_id}       counter    requests answered 429 (rate limits)
+    pipeline_windows_open                     gauge      active chunk request windows
+    pipeline_acks_pending                     gauge      chunk acks queued on control sockets,
+                                                         not yet written
+    pipeline_acks_unsent_total{sensor_id}     counter    acks with no connection to go to (the
+                                                         sensor re-sends; answered duplicate)
+    pipeline_heartbeat_age_seconds{sensor_id} gauge      seconds since the last heartbeat
+    pipeline_heartbeat_interval_seconds       gauge      the configured heartbeat interval
+    pipeline_clock_skew_ms{sensor_id}         gauge      clock skew reported by the sensor
+    pipeline_sensor_dropped_total{sensor_id}  gauge      chunks the sensor's queue dropped
+                                                         (size/age limits), from heartbeats
+    pipeline_sensor_dropped_by_reason_total{sensor_id, reason}
+                                              gauge      the same, by reason, when reported
+    pipeline_sensor_quarantined_total{sensor_id}
+                                              gauge      chunks the sensor quarantined, from
+                                                         heartbeats
+    pipeline_snapshot_value{sensor_id, field} gauge      allow-listed numeric fields of the
+                                                         sensor's latest snapshot
+
+The ``pipeline_sensor_*_total`` and ``sensor_chunk_retry_total`` series are gauges that
+mirror counters the sensor keeps (capability ``heartbeat_stats``): they only grow while the
+sensor's process (retries) or queue file (dropped, quarantined) lives, and PromQL's
+``increase()``/``rate()`` treat a drop to a lower value as a counter reset, which is what a
+sensor restart is. Sensors that did not negotiate ``heartbeat_stats`` have no such series.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,7 +65,8 @@ LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10
 
 
 class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *,
+                 snapshot_fields: Iterable[str] = ()) -> None:
         self.registry = registry
         r = registry
         self.queue_depth = Gauge("sensor_queue_depth", "Sensor queue depth from heartbeats",
@@ -73,6 +103,34 @@ class ServerMetrics:
                                    registry=r)
         self.clock_skew = Gauge("pipeline_clock_skew_ms", "Clock skew reported by the sensor",
                                 ["sensor_id"], registry=r)
+        self.throttled = Counter("pipeline_throttled_total",
+                                 "Requests refused with 429 by a rate limit", ["sensor_id"],
+                                 registry=r)
+        self.auth_bans = Counter("pipeline_auth_bans_total",
+                                 "Clients banned after repeated authentication failures",
+                                 registry=r)
+        self.acks_pending = Gauge("pipeline_acks_pending",
+                                  "Chunk acks queued on control sockets, not yet written",
+                                  registry=r)
+        self.acks_unsent = Counter("pipeline_acks_unsent_total",
+                                   "Chunk acks with no control connection to go to",
+                                   ["sensor_id"], registry=r)
+        self.heartbeat_interval = Gauge("pipeline_heartbeat_interval_seconds",
+                                        "Configured heartbeat interval", registry=r)
+        self.sensor_dropped = Gauge("pipeline_sensor_dropped_total",
+                                    "Chunks dropped by the sensor's queue, from heartbeats",
+                                    ["sensor_id"], registry=r)
+        self.sensor_dropped_by_reason = Gauge(
+            "pipeline_sensor_dropped_by_reason_total",
+            "Chunks dropped by the sensor's queue by reason, from heartbeats",
+            ["sensor_id", "reason"], registry=r)
+        self.sensor_quarantined = Gauge("pipeline_sensor_quarantined_total",
+                                        "Chunks quarantined by the sensor, from heartbeats",
+                                        ["sensor_id"], registry=r)
+        self.snapshot_value = Gauge("pipeline_snapshot_value",
+                                    "Allow-listed numeric fields of the latest snapshot",
+                                    ["sensor_id", "field"], registry=r)
+        self.snapshot_fields: tuple[str, ...] = tuple(snapshot_fields)
 
     # -- updates ------------------------------------------------------------------------
 
@@ -82,6 +140,13 @@ class ServerMetrics:
         self.heartbeat_age.labels(sensor_id).set(0.0)
         if heartbeat.retry_total is not None:
             self.chunk_retry.labels(sensor_id).set(heartbeat.retry_total)
+        if heartbeat.dropped_total is not None:
+            self.sensor_dropped.labels(sensor_id).set(heartbeat.dropped_total)
+        if heartbeat.quarantined_total is not None:
+            self.sensor_quarantined.labels(sensor_id).set(heartbeat.quarantined_total)
+        by_reason = getattr(heartbeat, "dropped_by_reason", None)
+        for reason, count in dict(by_reason or {}).items():
+            self.sensor_dropped_by_reason.labels(sensor_id, reason).set(count)
 
     def on_connection(self, sensor_id: str, connected: bool) -> None:
         self.connected.labels(sensor_id).set(1.0 if connected else 0.0)
@@ -103,8 +168,33 @@ class ServerMetrics:
     def on_auth_failure(self) -> None:
         self.auth_failures.inc()
 
+    def on_throttled(self, sensor_id: str) -> None:
+        """A request refused with 429; ``sensor_id`` is ``""`` when it is not known yet."""
+        self.throttled.labels(sensor_id).inc()
+
+    def on_auth_ban(self) -> None:
+        self.auth_bans.inc()
+
+    def on_ack_unsent(self, sensor_id: str) -> None:
+        self.acks_unsent.labels(sensor_id).inc()
+
+    def set_heartbeat_interval(self, seconds: float) -> None:
+        self.heartbeat_interval.set(seconds)
+
+    def on_snapshot(self, sensor_id: str, document: Any) -> dict[str, float]:
+        """Export the allow-listed numeric fields of a sensor's new latest snapshot.
+
+        A field missing from this snapshot keeps the value it had (the latest result that
+        carried it), so a speed test stays on the chart after a DNS test. Returns what was
+        set."""
+        values = snapshot_numbers(document, self.snapshot_fields)
+        for name, value in values.items():
+            self.snapshot_value.labels(sensor_id, name).set(value)
+        return values
+
     def refresh(self, now: float, *, heartbeats: Mapping[str, float],
-                snapshots: Mapping[str, float], windows_open: int) -> None:
+                snapshots: Mapping[str, float], windows_open: int,
+                acks_pending: int | None = None) -> None:
         """Recompute the time-derived gauges (called on scrape and by the timer).
 
         ``heartbeats`` and ``snapshots`` map sensor ids to the wall-clock time of the last
@@ -114,6 +204,31 @@ class ServerMetrics:
         for sensor_id, at in snapshots.items():
             self.snapshot_age.labels(sensor_id).set(max(0.0, now - at))
         self.windows_open.set(windows_open)
+        if acks_pending is not None:
+            self.acks_pending.set(acks_pending)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def snapshot_numbers(document: Any, paths: Iterable[str]) -> dict[str, float]:
+    """``{path: value}`` for each dotted ``path`` that names a finite number in
+    ``document`` (a decoded JSON snapshot). Booleans, strings and containers are skipped:
+    a gauge needs a number, and guessing units from text would mislead a chart."""
+    found: dict[str, float] = {}
+    for path in paths:
+        node: Any = document
+        for part in path.split("."):
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = None
+                break
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            continue
+        value = float(node)
+        if math.isfinite(value):
+            found[path] = value
+    return found
