@@ -302,9 +302,43 @@ class LoggingConfig:
             _fail(_key(at, "level"), f"must be one of {', '.join(LOG_LEVELS)}")
 
 
+#: Result fields exported as ``pipeline_snapshot_value{field}`` unless configured otherwise:
+#: the numbers the Open UXI test programs report (speed, DNS, ping, Wi-Fi, web).
+DEFAULT_SNAPSHOT_FIELDS = ("download_mbps", "upload_mbps", "latency_ms", "lookup_ms",
+                           "rtt_ms", "loss_pct", "rssi_dbm", "ttfb_ms")
+_SNAPSHOT_FIELD_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+MAX_SNAPSHOT_FIELDS = 64
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
+    """``snapshot_fields``: dotted paths into each sensor's latest snapshot (decoded JSON)
+    exported as gauges; ``[]`` exports none. The list bounds the series count."""
+
     enabled: bool = True
+    snapshot_fields: tuple[str, ...] = DEFAULT_SNAPSHOT_FIELDS
+
+    def validate(self, at: str) -> None:
+        if len(self.snapshot_fields) > MAX_SNAPSHOT_FIELDS:
+            _fail(_key(at, "snapshot_fields"), f"at most {MAX_SNAPSHOT_FIELDS} fields")
+        for i, name in enumerate(self.snapshot_fields):
+            if not _SNAPSHOT_FIELD_RE.fullmatch(name) or len(name) > 200:
+                _fail(_key(at, f"snapshot_fields[{i}]"),
+                      "must be a field name or dotted path (letters, digits, _ and -)")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing (optional extra ``openuxi-pipeline[otel]``). Enabled without
+    the extra installed, the process logs a warning and runs with a no-op tracer."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = ""
+
+    def validate(self, at: str) -> None:
+        if self.otlp_endpoint:
+            _check_url(at, "otlp_endpoint", self.otlp_endpoint, ("http", "https"))
 
 
 @dataclass(frozen=True)
@@ -318,6 +352,7 @@ class ServerConfig:
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,6 +482,7 @@ class SensorConfig:
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     metrics: SensorMetricsConfig = field(default_factory=SensorMetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __post_init__(self) -> None:
         if not self.queue.path:
