@@ -82,6 +82,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_LATER = 1013
 MAX_FRAME = 64 * 1024
 MAX_CLOSE_REASON = 120  # RFC 6455: the reason fits in 123 bytes
+MAX_HELD_ACK_SEQUENCES = 20_000
 
 
 def iso_now(now: float) -> str:
@@ -225,6 +226,8 @@ class ControlManager:
         self.connections: dict[str, ControlConnection] = {}
         self.info: dict[str, SensorInfo] = {}
         self._persisted: dict[str, set[str]] = {}
+        self._after_persist: list[Outgoing] = []
+        self._held_acks: dict[str, list[ChunkAck]] = {}
         self._dirty: dict[str, tuple[dict[str, dict[str, object]], dict[str, Any]]] = {}
         self._persist_wakeup = asyncio.Event()
         self._persister: asyncio.Task[None] | None = None
@@ -246,6 +249,7 @@ class ControlManager:
         self.metrics.on_connection(sensor_id, True)
         log.info("control_connected sensor_id=%s peer=%s replaced=%s", sensor_id,
                  connection.peer, old is not None)
+        self._release_held_acks(sensor_id)
         if old is not None and old is not connection:
             # Closed in the background: a dead peer must not delay the new connection.
             task = asyncio.get_running_loop().create_task(old.close(CLOSE_REPLACED, "replaced"))
@@ -328,8 +332,9 @@ class ControlManager:
         acks = session.on_committed(list(items), watermark, now)
         for ack in acks:
             if not self.send_body(sensor_id, ack):
-                log.info("ack_not_sent sensor_id=%s window_id=%s reason=not_connected",
+                log.info("ack_held sensor_id=%s window_id=%s reason=not_connected",
                          sensor_id, ack.window_id)
+                self._hold_ack(sensor_id, ack)
         self.dispatch(self.scheduler.pump(now, touched=[sensor_id]))
         self._note_changes([sensor_id])
         return acks
@@ -340,18 +345,42 @@ class ControlManager:
             return None
         request = self.scheduler.request_sensor(sensor_id, self.clock())
         if request is not None:
-            self.send_body(sensor_id, request)
-            self._note_changes([sensor_id])
+            self.dispatch([Outgoing(sensor_id, request)])
         return request
 
     def dispatch(self, outgoing: Iterable[Outgoing]) -> int:
+        """Send chunk requests. With a store, a request goes out only after its window is
+        durably saved: a sensor may hold chunks under a window id for ever (protocol 1.0
+        re-sends them only on a same-id request), so the server must never forget one it
+        issued (invariant 6)."""
+        items = list(outgoing)
+        if self.store is None:
+            return self._send_requests(items)
+        if items:
+            self._after_persist.extend(items)
+            self._note_changes({item.sensor_id for item in items}, force=True)
+        return 0
+
+    def _send_requests(self, items: Iterable[Outgoing]) -> int:
         sent = 0
-        for item in outgoing:
+        for item in items:
             if self.send_body(item.sensor_id, item.request):
                 sent += 1
                 log.debug("chunk_request sensor_id=%s window_id=%s since=%d", item.sensor_id,
                           item.request.window_id, item.request.since_sequence)
         return sent
+
+    def _hold_ack(self, sensor_id: str, ack: ChunkAck) -> None:
+        """An ack made while the sensor is offline waits for its next connection: the chunk
+        is committed, and without the ack the sensor would keep it (and re-send it)."""
+        held = self._held_acks.setdefault(sensor_id, [])
+        held.append(ack)
+        while sum(len(a.committed_sequences) for a in held) > MAX_HELD_ACK_SEQUENCES:
+            held.pop(0)  # the sensor still recovers: its first window re-sends from 0
+
+    def _release_held_acks(self, sensor_id: str) -> None:
+        for ack in self._held_acks.pop(sensor_id, []):
+            self.send_body(sensor_id, ack)
 
     # -- timers -------------------------------------------------------------------------
 
@@ -406,17 +435,17 @@ class ControlManager:
             self._persister = asyncio.get_running_loop().create_task(
                 self._persist_loop(), name="window-persister")
 
-    def _note_changes(self, sensor_ids: Iterable[str]) -> None:
+    def _note_changes(self, sensor_ids: Iterable[str], force: bool = False) -> None:
         """Snapshot changed sessions for the persister; the store work happens off the loop."""
         if self.store is None:
             return
         for sensor_id in list(sensor_ids):
             session: SensorSession = self.scheduler.session(sensor_id)
-            if session.take_changed():
+            if session.take_changed() or force:
                 self._dirty[sensor_id] = (session.export_windows(),
                                           {"epoch": session.epoch,
                                            "watermark": session.watermark})
-        if self._dirty:
+        if self._dirty or self._after_persist:
             self._persist_wakeup.set()
 
     async def _persist_loop(self) -> None:
@@ -428,17 +457,23 @@ class ControlManager:
                 return
 
     async def persist_now(self) -> None:
-        """Write every pending change (windows saved or deleted, epoch, watermark)."""
-        if self.store is None or not self._dirty:
+        """Write every pending change (windows saved or deleted, epoch, watermark), then
+        send the requests that waited for their windows to be durable."""
+        if self.store is None or not (self._dirty or self._after_persist):
             return
         dirty, self._dirty = self._dirty, {}
+        ready, self._after_persist = self._after_persist, []
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.executor, self._write, dirty)
+            if dirty:
+                await loop.run_in_executor(self.executor, self._write, dirty)
         except PipelineError as exc:
             log.warning("window_persist_failed sensors=%d error=%s", len(dirty), exc.code)
             for sensor_id, item in dirty.items():  # retried on the next change
                 self._dirty.setdefault(sensor_id, item)
+            self._after_persist[:0] = ready  # not sent until their windows are saved
+            return
+        self._send_requests(ready)
 
     def _write(self, dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
                ) -> None:

@@ -15,6 +15,7 @@ from pipeline.server.control import SERVER_CAPABILITIES
 from pipeline.tests.server_support import (
     TOKENS,
     MiniSensor,
+    chunk_docs,
     envelope,
     running_server,
     server_config,
@@ -238,3 +239,34 @@ async def test_minimal_1_0_client_drains_a_100_event_backlog_with_a_dropped_post
     assert sorted(e.event_id for e in stored) == sorted(submitted)
     assert server.store.missing_sequences("pi-01", "") == []
     await sensor.close()
+
+
+async def test_window_is_durable_before_its_request_reaches_the_sensor(server, http):
+    """Invariant 6: a 1.0 sensor re-sends a stuck chunk only under its window id, so the
+    server must still know every window it issued after a crash."""
+    ws = await http.ws_connect(urls(server)["control"],
+                               headers={"X-Sensor-ID": "pi-01",
+                                        "Authorization": f"Bearer {TOKENS['pi-01']}"})
+    await ws.send_str(envelope("pi-01", "heartbeat", {
+        "software_version": "fw", "last_committed_sequence": 0, "queue_depth": 3,
+        "clock_skew_ms": 0.0}))
+    doc = await next_frame(ws, "chunk_request")
+    assert doc["body"]["window_id"] in server.store.load_windows("pi-01")
+    await ws.close()
+
+
+async def test_ack_for_a_commit_made_while_offline_reaches_the_next_connection(server, http):
+    """A retried POST can commit while the control socket is down (the server restarted,
+    the sensor's HTTP retry won the race): its ack waits for the sensor's next socket."""
+    _, (chunk,) = chunk_docs("pi-01", b'{"rtt_ms": 3}', 1)
+    chunk["attributes"] = {"window_id": "w-before-restart"}
+    async with http.post(urls(server)["ingest"] + "/v1/ingest/chunk", json=chunk,
+                         headers={"Authorization": f"Bearer {TOKENS['pi-01']}"}) as r:
+        assert r.status == 200 and (await r.json())["stored"] is True
+    ws = await http.ws_connect(urls(server)["control"],
+                               headers={"X-Sensor-ID": "pi-01",
+                                        "Authorization": f"Bearer {TOKENS['pi-01']}"})
+    ack = await next_frame(ws, "chunk_ack")
+    assert ack["body"] == {"window_id": "w-before-restart", "committed_sequences": [1],
+                           "reset_window": False}
+    await ws.close()
