@@ -251,11 +251,24 @@ class AuthConfig:
     sensors: tuple[SensorAuthConfig, ...] = ()
     fleet_token: str = field(default="", repr=False)
     fleet_token_sha256: str = ""
+    # Security (docs/security.md): admin API credential, mutual-TLS identity rules,
+    # rotated-token overlay file, rotation overlap, config file watch.
+    admin_token: str = field(default="", repr=False)
+    admin_token_sha256: str = ""
+    client_cert_only: bool = False
+    client_cert_dns_suffix: str = ""
+    client_cert_cn_fallback: bool = False
+    credentials_file: str = ""
+    rotation_overlap_s: float = 86400.0
+    reload_watch_s: float = 2.0
 
     def validate(self, at: str) -> None:
-        if self.fleet_token_sha256 and not _SHA256_HEX_RE.fullmatch(self.fleet_token_sha256):
-            _fail(_key(at, "fleet_token_sha256"),
-                  "must be 64 hexadecimal characters (SHA-256 of the token)")
+        for name in ("fleet_token_sha256", "admin_token_sha256"):
+            value = getattr(self, name)
+            if value and not _SHA256_HEX_RE.fullmatch(value):
+                _fail(_key(at, name), "must be 64 hexadecimal characters (SHA-256 of the token)")
+        _check_non_negative(at, "rotation_overlap_s", self.rotation_overlap_s)
+        _check_non_negative(at, "reload_watch_s", self.reload_watch_s)
         first: dict[str, int] = {}
         for i, sensor in enumerate(self.sensors):
             if sensor.id in first:
@@ -342,6 +355,32 @@ class TracingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Throttling and hostile-client limits (docs/security.md); 0 switches a limit off
+    where noted in examples/server.yml."""
+
+    chunk_rate: float = 200.0
+    chunk_burst: int = 400
+    auth_failures_before_ban: int = 20
+    auth_failure_window_s: float = 60.0
+    ban_s: float = 300.0
+    max_connections_per_address: int = 256
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
+    tls_handshake_timeout_s: float = 10.0
+    ws_ping_interval_s: float = 30.0
+    max_event_bytes: int = 64 * MIB
+
+    def validate(self, at: str) -> None:
+        for name in ("chunk_rate", "auth_failures_before_ban", "auth_failure_window_s", "ban_s",
+                     "max_connections_per_address", "ws_ping_interval_s"):
+            _check_non_negative(at, name, getattr(self, name))
+        for name in ("chunk_burst", "header_timeout_s", "body_timeout_s",
+                     "tls_handshake_timeout_s", "max_event_bytes"):
+            _check_positive(at, name, getattr(self, name))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -353,6 +392,7 @@ class ServerConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -853,7 +893,8 @@ def load_sensor_config(path: str | Path | None,
 
 __all__ = [
     "AuthConfig", "BackoffConfig", "ControlConfig", "HeartbeatConfig", "IngestConfig",
-    "LoggingConfig", "MetricsConfig", "SchedulerConfig", "SensorAuthConfig", "SensorConfig",
+    "LimitsConfig", "LoggingConfig", "MetricsConfig", "SchedulerConfig", "SensorAuthConfig",
+    "SensorConfig",
     "SensorControlConfig", "SensorIngestConfig", "SensorMetricsConfig", "SensorQueueConfig",
     "SensorTlsConfig", "ServerConfig", "StoreConfig", "StreamConfig", "SubmitConfig",
     "TimeSyncConfig", "TlsConfig", "TokenConfig", "load_sensor_config", "load_server_config",
