@@ -73,13 +73,17 @@ class Fleet:
         return thread
 
     def wait_drained(self) -> None:
+        """Wait for empty queues (cheap to poll), then for the server to hold every event."""
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         expected = sum(len(v) for v in self.sent.values())
+        depths: list[int] = []
+        stored = 0
         while time.monotonic() < deadline:
             depths = [s.queue_depth() for s in self.sensors.values()]
-            stored = sum(len(self.server.events(sid)) for sid in SENSORS)
-            if not any(depths) and stored >= expected:
-                return
+            if not any(depths):
+                stored = sum(len(self.server.events(sid)) for sid in SENSORS)
+                if stored >= expected:
+                    return
             time.sleep(0.5)
         logs = "\n".join(s.log_text()[-2000:] for s in self.sensors.values())
         pytest.fail(f"not drained: depths={depths} stored={stored}/{expected}\n"
