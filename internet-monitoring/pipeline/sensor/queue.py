@@ -55,6 +55,7 @@ from pipeline.common.messages import (
     MAX_SEQUENCE,
     MAX_STRING,
 )
+from pipeline.common.tracing import TRACEPARENT, is_valid_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +359,13 @@ class DurableQueue:
         created_at: str | None = None,
         logical_timestamp_ms: int | None = None,
         attributes: Mapping[str, str] | None = None,
+        traceparent: str | None = None,
     ) -> EnqueuedEvent:
-        """Queue one event: all of its chunks commit together or none does."""
-        attrs_json = _encode_attributes(attributes)
+        """Queue one event: all of its chunks commit together or none does.
+
+        ``traceparent`` (the submit span's W3C trace context) is stored under the reserved
+        attribute of that name; callers cannot set it through ``attributes``."""
+        attrs_json = _encode_attributes(attributes, traceparent=traceparent)
         split = split_event(data, slice_size=self._slice_size, event_id=event_id)
         nbytes = sum(len(piece.payload) for piece in split.pieces)
         if self._max_bytes is not None and nbytes > self._max_bytes:
@@ -665,13 +670,17 @@ def _iso_utc(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _encode_attributes(attributes: Mapping[str, str] | None) -> str:
+def _encode_attributes(attributes: Mapping[str, str] | None, *,
+                       traceparent: str | None = None) -> str:
     """Validate against the server's limits: a chunk it would refuse would never leave.
 
-    The agent adds the reserved attributes when sending, so they are refused here and
-    count against the wire limit."""
+    The reserved attributes are refused here and count against the wire limit: the agent
+    adds ``window_id`` when sending; ``traceparent`` comes only through its own argument."""
+    if traceparent is not None and not is_valid_traceparent(traceparent):
+        raise FieldValueError("traceparent must be a W3C version-00 traceparent",
+                              field="traceparent")
     if attributes is None:
-        return "{}"
+        attributes = {}
     if not isinstance(attributes, Mapping):
         raise FieldTypeError("attributes must be a mapping of strings", field="attributes")
     for name in RESERVED_ATTRIBUTES:
@@ -692,7 +701,10 @@ def _encode_attributes(attributes: Mapping[str, str] | None) -> str:
         except UnicodeEncodeError as exc:
             raise FieldValueError("attributes must be valid unicode",
                                   field=f"attributes.{key[:64]}") from exc
-    return json.dumps(dict(attributes), ensure_ascii=False, separators=(",", ":"))
+    doc = dict(attributes)
+    if traceparent is not None:
+        doc[TRACEPARENT] = traceparent
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
 def _check_created_at(value: str) -> str:

@@ -26,6 +26,7 @@ from pipeline.common.errors import (
     PayloadTooLarge,
     PipelineError,
 )
+from pipeline.common.tracing import Tracing, setup_tracing
 
 if TYPE_CHECKING:
     from pipeline.common.config import SensorConfig
@@ -71,22 +72,45 @@ def check_attributes(attributes: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def submit_event(config: SensorConfig | str | Path, data: bytes, *,
-                 attributes: Mapping[str, str] | None = None) -> str:
+                 attributes: Mapping[str, str] | None = None,
+                 tracing: Tracing | None = None) -> str:
     """Enqueue one event into the sensor's queue; returns its event id.
 
-    ``config`` is a loaded ``SensorConfig`` or the path of its YAML file.
+    ``config`` is a loaded ``SensorConfig`` or the path of its YAML file. With tracing on
+    (``tracing`` given, or ``config.tracing.enabled``) the event starts a trace: the
+    ``sensor.submit`` span's traceparent is stored with it.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FieldValueError("data must be bytes", field="data")
     attrs = check_attributes(attributes)
-    queue = open_queue(_resolve_config(config), verify_on_open=False)
+    resolved = _resolve_config(config)
+    own_tracing = tracing is None
+    tracer = tracing if tracing is not None else setup_tracing(
+        getattr(resolved, "tracing", None), "pipeline-sensor")
     try:
-        event = queue.enqueue(bytes(data), attributes=attrs)
+        queue = open_queue(resolved, verify_on_open=False)
+        try:
+            event = enqueue_traced(queue, tracer, resolved.sensor_id, bytes(data), attrs)
+        finally:
+            queue.close()
     finally:
-        queue.close()
-    log.info("event_submitted event_id=%s chunks=%d bytes=%d", event.event_id,
-             len(event.sequences), event.size)
+        if own_tracing:
+            tracer.shutdown()
+    log.info("event_submitted sensor_id=%s event_id=%s chunks=%d bytes=%d", resolved.sensor_id,
+             event.event_id, len(event.sequences), event.size)
     return event.event_id
+
+
+def enqueue_traced(queue: DurableQueue, tracing: Tracing, sensor_id: str, data: bytes,
+                   attributes: Mapping[str, str]) -> Any:
+    """``queue.enqueue`` inside a ``sensor.submit`` span whose traceparent the event keeps
+    (blocking: call it from a worker thread in async code)."""
+    with tracing.span("sensor.submit", attributes={"sensor_id": sensor_id,
+                                                   "event.bytes": len(data)}) as span:
+        event = queue.enqueue(data, attributes=attributes, traceparent=span.traceparent)
+        span.set_attribute("event_id", event.event_id)
+        span.set_attribute("event.chunks", len(event.sequences))
+    return event
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -121,8 +145,11 @@ class SubmitServer:
 
     def __init__(self, queue: DurableQueue, listen: str, *,
                  on_enqueued: Callable[[], None] | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, tracing: Tracing | None = None,
+                 sensor_id: str = "") -> None:
         self._queue = queue
+        self._tracing = tracing or Tracing()
+        self._sensor_id = sensor_id
         self._host, self._port = parse_listen(listen)
         self._on_enqueued = on_enqueued
         self._max_bytes = int(max_bytes or DEFAULT_MAX_SUBMIT_BYTES)
@@ -170,7 +197,8 @@ class SubmitServer:
             return web.json_response(error.to_json(), status=error.http_status)
         try:
             attrs = check_attributes({k: v for k, v in request.query.items()})
-            event = await asyncio.to_thread(self._queue.enqueue, data, attributes=attrs)
+            event = await asyncio.to_thread(enqueue_traced, self._queue, self._tracing,
+                                            self._sensor_id, data, attrs)
         except PipelineError as exc:
             log.warning("submit_refused error=%s message=%s", exc.code, exc.message)
             return web.json_response(exc.to_json(), status=exc.http_status)

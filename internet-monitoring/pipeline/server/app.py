@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.common.config import ServerConfig, TlsConfig
 from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.auth import TokenAuthenticator, hash_token
 from pipeline.server.control import ControlManager, control_server
 from pipeline.server.dashboard import DashboardConfig, add_dashboard_routes
@@ -49,7 +50,7 @@ from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.session import Committed, WindowPolicy
-from pipeline.server.snapshot_cache import SnapshotCache
+from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload
 from pipeline.server.store import SQLiteChunkStore
 from pipeline.server.stream import StreamHub, stream_server
 
@@ -90,10 +91,17 @@ def window_policy(config: ServerConfig) -> WindowPolicy:
 
 
 class PipelineServer:
-    def __init__(self, config: ServerConfig, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, registry: CollectorRegistry | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = ServerMetrics(self.registry)
+        self.metrics = ServerMetrics(self.registry,
+                                     snapshot_fields=config.metrics.snapshot_fields)
+        self.metrics.set_heartbeat_interval(config.heartbeat.interval_s)
+        # An injected tracer (tests: in-memory exporter) is the caller's to shut down.
+        self._own_tracing = tracing is None
+        self.tracing = tracing if tracing is not None else setup_tracing(config.tracing,
+                                                                         "pipeline-server")
         self.authenticator = TokenAuthenticator.from_config(config)
         self.scheduler = RequestScheduler(window_policy(config),
                                           global_max_windows=config.scheduler.global_max_windows)
@@ -136,6 +144,9 @@ class PipelineServer:
             await self._restore_watermarks()
             latest = await asyncio.to_thread(store.latest_events)
             self.snapshots.warm((e, e.completed_at) for e in latest)
+            if self.metrics.snapshot_fields:
+                for snap in self.snapshots.all():
+                    self.metrics.on_snapshot(snap.sensor_id, decode_json_payload(snap.payload))
             self.committer = GroupCommitter(store, executor=self._store_thread,
                                             on_commit=self._after_commit)
             self.committer.start()
@@ -184,6 +195,7 @@ class PipelineServer:
             max_body_bytes=cfg.ingest.max_body_bytes,
             read_token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
             metrics_enabled=cfg.metrics.enabled, listeners_up=self.listeners_up,
+            tracing=self.tracing,
             configured_sensors=self.authenticator.sensor_ids)
         ingest_app = ingest_server(ctx, middlewares=middlewares)
         add_dashboard_routes(ingest_app, self._dashboard)
@@ -232,6 +244,8 @@ class PipelineServer:
                 await runner.cleanup()
         await self._abort()
         self._up = False
+        if self._own_tracing:
+            self.tracing.shutdown()
         self._stopped.set()
         log.info("server_stopped")
 
@@ -279,6 +293,7 @@ class PipelineServer:
         assert self.manager is not None
         now = time.time()
         grouped: dict[str, tuple[list[Committed], dict[str, int]]] = {}
+        trace_parents: dict[str, str] = {}
         for rec in records:
             outcome = rec.outcome
             if outcome.error is not None:
@@ -291,14 +306,29 @@ class PipelineServer:
                                    epoch=outcome.epoch))
             marks[outcome.epoch] = max(marks.get(outcome.epoch, 0),
                                        outcome.last_committed_sequence)
+            parent = traceparent_of(rec.chunk.attributes)
+            if parent is not None:
+                trace_parents.setdefault(outcome.sensor_id, parent)
             event = outcome.completed_event
             if event is not None:
-                self.snapshots.update(event, event.completed_at)
-                self.metrics.on_event_completed()
-                log.info("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
-                         event.event_id, len(event.data))
+                with self.tracing.span("server.snapshot", parent=parent, attributes={
+                        "sensor_id": event.sensor_id, "event_id": event.event_id}):
+                    self._on_event_completed(event)
         for sensor_id, (items, marks) in grouped.items():
-            self.manager.on_committed(sensor_id, items, marks)
+            # One ack span per sensor and batch, in the trace of its first traced chunk.
+            with self.tracing.span("server.ack", parent=trace_parents.get(sensor_id),
+                                   attributes={"sensor_id": sensor_id, "chunks": len(items)}):
+                self.manager.on_committed(sensor_id, items, marks)
+
+    def _on_event_completed(self, event: Any) -> None:
+        self.snapshots.update(event, event.completed_at)
+        self.metrics.on_event_completed()
+        latest = self.snapshots.get(event.sensor_id)
+        if self.metrics.snapshot_fields and latest is not None \
+                and latest.event_id == event.event_id:
+            self.metrics.on_snapshot(event.sensor_id, decode_json_payload(event.data))
+        log.info("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
+                 event.event_id, len(event.data))
 
     # -- background ---------------------------------------------------------------------
 
@@ -310,7 +340,8 @@ class PipelineServer:
                 self.manager.tick()
                 self.metrics.refresh(time.time(), heartbeats=self.manager.heartbeat_times(),
                                      snapshots=self.snapshots.updated_at(),
-                                     windows_open=self.manager.windows_open())
+                                     windows_open=self.manager.windows_open(),
+                                     acks_pending=self.manager.acks_pending())
             except Exception:  # noqa: BLE001 - the timer must survive one bad tick
                 log.exception("timer_failed")
 

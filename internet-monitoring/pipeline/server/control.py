@@ -376,7 +376,8 @@ class ControlManager:
         held = self._held_acks.setdefault(sensor_id, [])
         held.append(ack)
         while sum(len(a.committed_sequences) for a in held) > MAX_HELD_ACK_SEQUENCES:
-            held.pop(0)  # the sensor still recovers: its first window re-sends from 0
+            dropped = held.pop(0)  # the sensor still recovers: its first window re-sends from 0
+            self.metrics.on_ack_unsent(sensor_id, len(dropped.committed_sequences))
 
     def _release_held_acks(self, sensor_id: str) -> None:
         for ack in self._held_acks.pop(sensor_id, []):
@@ -407,6 +408,11 @@ class ControlManager:
 
     def windows_open(self) -> int:
         return self.scheduler.active_total
+
+    def acks_pending(self) -> int:
+        """Committed sequences whose acks wait for their sensor's next connection."""
+        return sum(len(ack.committed_sequences) for held in self._held_acks.values()
+                   for ack in held)
 
     # -- persistence --------------------------------------------------------------------
 

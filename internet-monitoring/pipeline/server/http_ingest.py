@@ -29,7 +29,7 @@ import base64
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -52,6 +52,7 @@ from pipeline.common.messages import (
     decode_chunk,
     ingest_result_to_json,
 )
+from pipeline.common.tracing import Tracing, traceparent_of, with_traceparent
 from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer
 from pipeline.server.control import ControlManager
 from pipeline.server.group_commit import GroupCommitter
@@ -133,6 +134,7 @@ class IngestContext:
     metrics_enabled: bool = True
     listeners_up: Callable[[], bool] = lambda: True
     configured_sensors: frozenset[str] = frozenset()
+    tracing: Tracing = field(default_factory=Tracing)
 
     async def in_store_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -144,6 +146,11 @@ METRICS_KEY: web.AppKey[ServerMetrics] = web.AppKey("metrics", ServerMetrics)
 
 def _ctx(request: web.Request) -> IngestContext:
     return request.app[CONTEXT_KEY]
+
+
+def chunk_span_attributes(chunk: Any) -> dict[str, str | int]:
+    return {"sensor_id": chunk.sensor_id, "event_id": chunk.event_id,
+            "sequence": chunk.sequence, "window_id": chunk.window_id or ""}
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,16 +176,23 @@ async def ingest_chunk(request: web.Request) -> web.Response:
         raise PayloadTooLarge(f"request body is larger than {ctx.max_body_bytes} bytes",
                               field="body") from exc
     chunk = decode_chunk(body)
-    try:
-        ctx.authenticator.authenticate(chunk.sensor_id, token, received)
-    except AuthError:
-        ctx.metrics.on_auth_failure()
-        raise
-    (outcome,) = await ctx.committer.submit([chunk], received_at=received)
-    if outcome.error is not None:
-        log.info("chunk_rejected sensor_id=%s sequence=%d event_id=%s error=%s",
-                 chunk.sensor_id, chunk.sequence, chunk.event_id, outcome.error.code)
-        raise outcome.error
+    with ctx.tracing.span("server.ingest", parent=traceparent_of(chunk.attributes),
+                          attributes=chunk_span_attributes(chunk)):
+        with ctx.tracing.span("server.verify"):
+            try:
+                ctx.authenticator.authenticate(chunk.sensor_id, token, received)
+            except AuthError:
+                ctx.metrics.on_auth_failure()
+                raise
+        with ctx.tracing.span("server.commit") as commit_span:
+            # The post-commit hook (ack, snapshot) continues the trace under this span.
+            chunk = with_traceparent(chunk, commit_span.traceparent)
+            (outcome,) = await ctx.committer.submit([chunk], received_at=received)
+        if outcome.error is not None:
+            log.info("chunk_rejected sensor_id=%s window_id=%s sequence=%d event_id=%s "
+                     "error=%s", chunk.sensor_id, chunk.window_id, chunk.sequence,
+                     chunk.event_id, outcome.error.code)
+            raise outcome.error
     result = IngestResult(stored=outcome.stored, duplicate=outcome.duplicate,
                           sequence=outcome.sequence, event_id=outcome.event_id,
                           sensor_id=outcome.sensor_id, event_complete=outcome.event_complete,
@@ -347,7 +361,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
         raise NotFound("metrics are disabled")
     ctx.metrics.refresh(time.time(), heartbeats=ctx.manager.heartbeat_times(),
                         snapshots=ctx.snapshots.updated_at(),
-                        windows_open=ctx.manager.windows_open())
+                        windows_open=ctx.manager.windows_open(),
+                        acks_pending=ctx.manager.acks_pending())
     return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

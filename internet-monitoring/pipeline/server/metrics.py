@@ -28,10 +28,10 @@ Operator extras::
     pipeline_auth_bans_total                  counter    clients banned after repeated failures
     pipeline_throttled_total{sensor_id}       counter    requests answered 429 (rate limits)
     pipeline_windows_open                     gauge      active chunk request windows
-    pipeline_acks_pending                     gauge      chunk acks queued on control sockets,
-                                                         not yet written
-    pipeline_acks_unsent_total{sensor_id}     counter    acks with no connection to go to (the
-                                                         sensor re-sends; answered duplicate)
+    pipeline_acks_pending                     gauge      committed sequences whose acks wait
+                                                         for their sensor's next connection
+    pipeline_acks_unsent_total{sensor_id}     counter    held acks given up (over the hold cap;
+                                                         the sensor re-sends, answered duplicate)
     pipeline_heartbeat_age_seconds{sensor_id} gauge      seconds since the last heartbeat
     pipeline_heartbeat_interval_seconds       gauge      the configured heartbeat interval
     pipeline_clock_skew_ms{sensor_id}         gauge      clock skew reported by the sensor
@@ -110,10 +110,10 @@ class ServerMetrics:
                                  "Clients banned after repeated authentication failures",
                                  registry=r)
         self.acks_pending = Gauge("pipeline_acks_pending",
-                                  "Chunk acks queued on control sockets, not yet written",
-                                  registry=r)
+                                  "Committed sequences whose acks wait for the sensor to "
+                                  "reconnect", registry=r)
         self.acks_unsent = Counter("pipeline_acks_unsent_total",
-                                   "Chunk acks with no control connection to go to",
+                                   "Held acks given up (sequences) over the hold cap",
                                    ["sensor_id"], registry=r)
         self.heartbeat_interval = Gauge("pipeline_heartbeat_interval_seconds",
                                         "Configured heartbeat interval", registry=r)
@@ -175,8 +175,8 @@ class ServerMetrics:
     def on_auth_ban(self) -> None:
         self.auth_bans.inc()
 
-    def on_ack_unsent(self, sensor_id: str) -> None:
-        self.acks_unsent.labels(sensor_id).inc()
+    def on_ack_unsent(self, sensor_id: str, sequences: int = 1) -> None:
+        self.acks_unsent.labels(sensor_id).inc(sequences)
 
     def set_heartbeat_interval(self, seconds: float) -> None:
         self.heartbeat_interval.set(seconds)
