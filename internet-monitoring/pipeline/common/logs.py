@@ -3,8 +3,13 @@
 Call sites log ``log.info("event_completed sensor_id=%s event_id=%s", sid, eid)``: the
 first word is the event name, the rest are key=value pairs. Extra fields may also be
 passed with ``extra={"fields": {...}}``; both formatters render them. Secrets are never
-passed to a logger (tokens are reduced to ``token_hint``, the first 4 characters of their
-SHA-256).
+passed to a logger (tokens are reduced to ``token_hint``, the first 8 hex characters of
+their SHA-256).
+
+``bind_log_context(sensor_id=...)`` adds fields to every record logged from the current
+asyncio task and the tasks and worker threads it starts (a ``ContextVar``): the sensor
+agent binds its ``sensor_id`` so that each line says which sensor it is about, even when a
+simulator runs many agents in one process. A key already in the message wins.
 """
 
 from __future__ import annotations
@@ -14,9 +19,20 @@ import json
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from contextvars import ContextVar, Token
+from typing import Any, Mapping, TextIO
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
+_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("pipeline_log_context", default={})
+
+
+def bind_log_context(**fields: Any) -> Token[Mapping[str, Any]]:
+    """Add ``fields`` to the records of this context; undo with ``reset_log_context``."""
+    return _CONTEXT.set({**_CONTEXT.get(), **fields})
+
+
+def reset_log_context(token: Token[Mapping[str, Any]]) -> None:
+    _CONTEXT.reset(token)
 
 
 def token_hint(token: str) -> str:
@@ -25,8 +41,17 @@ def token_hint(token: str) -> str:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """Bound context fields, then the record's own ``fields``, minus keys the message
+    already names."""
+    merged = dict(_CONTEXT.get())
     found = getattr(record, "fields", None)
-    return dict(found) if isinstance(found, dict) else {}
+    if isinstance(found, dict):
+        merged.update(found)
+    if merged:
+        message = record.getMessage()
+        merged = {k: v for k, v in merged.items()
+                  if f" {k}=" not in f" {message}" or k in (found or {})}
+    return merged
 
 
 class KeyValueFormatter(logging.Formatter):

@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
+from prometheus_client import CollectorRegistry
+
 from pipeline.common.backoff import Backoff, is_permanent_rejection
 from pipeline.common.errors import AuthError, PipelineError, ProtocolError, QueueError
 from pipeline.common.messages import (
@@ -45,6 +47,8 @@ from pipeline.common.messages import (
     Envelope,
     Heartbeat,
 )
+from pipeline.common.logs import bind_log_context, reset_log_context
+from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.time_sync import ClockSkewEstimator
 from pipeline.sensor.transports import (
@@ -59,6 +63,7 @@ from pipeline.version import SOFTWARE_VERSION
 
 if TYPE_CHECKING:
     from pipeline.common.config import SensorConfig
+    from pipeline.sensor.metrics import SensorMetricsServer
     from pipeline.sensor.queue import DurableQueue, QueuedChunk
     from pipeline.sensor.submit import SubmitServer
 
@@ -117,9 +122,18 @@ class SensorAgent:
                  clock: Callable[[], float] = time.time,
                  control: ControlTransport | None = None,
                  ingest: IngestTransport | None = None,
-                 dispatcher: Dispatcher | None = None) -> None:
+                 dispatcher: Dispatcher | None = None,
+                 registry: CollectorRegistry | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.config = config
         self.queue = queue
+        # Metrics: an AgentCollector on this registry reads the counters below at scrape
+        # time; served on ``metrics.listen`` when set.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._own_tracing = tracing is None
+        self.tracing = tracing if tracing is not None else setup_tracing(
+            getattr(config, "tracing", None), "pipeline-sensor")
+        self._metrics_server: SensorMetricsServer | None = None
         self._clock = clock
         self.capabilities = effective_capabilities(config)
         self._control: ControlTransport = control or ControlClient.from_config(config)
@@ -153,6 +167,9 @@ class SensorAgent:
         self.connects = 0
         self.connect_failures = 0
         self.bad_frames = 0
+        from pipeline.sensor.metrics import AgentCollector
+
+        self.registry.register(AgentCollector(self))
 
     # ------------------------------------------------------------------ public
 
@@ -164,6 +181,15 @@ class SensorAgent:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def sensor_id(self) -> str:
+        return self.config.sensor_id
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the optional ``/metrics`` endpoint, once started."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
     def submit_port(self) -> int | None:
@@ -184,11 +210,22 @@ class SensorAgent:
                 "clock_skew_ms": self.skew.skew_ms, "connected": float(self.connected)}
 
     async def run(self) -> None:
+        # Every line logged by this agent's tasks and threads carries its sensor_id.
+        log_context = bind_log_context(sensor_id=self.config.sensor_id)
+        try:
+            await self._run()
+        finally:
+            if self._own_tracing:
+                self.tracing.shutdown()
+            reset_log_context(log_context)
+
+    async def _run(self) -> None:
         log.info("sensor_agent_started sensor_id=%s capabilities=%s queue=%s epoch=%s",
                  self.config.sensor_id, ",".join(self.capabilities), self.queue.path,
                  self.queue.epoch)
         ticker = asyncio.create_task(self._tick_loop(), name="sensor-tick")
         try:
+            await self._start_metrics_server()
             await self._start_submit_server()
             await self._control_loop()
         finally:
@@ -201,6 +238,8 @@ class SensorAgent:
             await self._close_quietly(self._ingest.close(), "ingest")
             if self._submit_server is not None:
                 await self._close_quietly(self._submit_server.close(), "submit")
+            if self._metrics_server is not None:
+                await self._close_quietly(self._metrics_server.close(), "metrics")
             log.info("sensor_agent_stopped sensor_id=%s posted=%d acked=%d retries=%d "
                      "quarantined=%d abandoned=%d", self.config.sensor_id, self.posted,
                      self.acked, self.retries, self.quarantined, self.abandoned)
@@ -456,7 +495,13 @@ class SensorAgent:
                     return "acked"
                 try:
                     async with self._semaphore:
-                        answer = await self._ingest.post_chunk(chunk)
+                        # One span per attempt; the chunk carries this span's traceparent.
+                        with self.tracing.span("sensor.post_chunk",
+                                               parent=traceparent_of(chunk.attributes),
+                                               attributes=_span_attributes(chunk)) as span:
+                            answer = await self._ingest.post_chunk(
+                                with_traceparent(chunk, span.traceparent))
+                            span.set_attribute("http.status", answer.status)
                 except (ConnectionError, TimeoutError, OSError) as exc:
                     delay = backoff.next()
                     log.info("chunk_post_failed sequence=%d window_id=%s attempt=%d error=%s "
@@ -615,9 +660,21 @@ class SensorAgent:
         from pipeline.sensor.submit import SubmitServer
 
         server = SubmitServer(self.queue, listen, on_enqueued=self.notify_enqueued,
-                              max_bytes=getattr(submit, "max_bytes", None))
+                              max_bytes=getattr(submit, "max_bytes", None),
+                              tracing=self.tracing, sensor_id=self.config.sensor_id)
         await server.start()
         self._submit_server = server
+
+    async def _start_metrics_server(self) -> None:
+        metrics = getattr(self.config, "metrics", None)
+        listen = getattr(metrics, "listen", None) if metrics is not None else None
+        if not listen:
+            return
+        from pipeline.sensor.metrics import SensorMetricsServer
+
+        server = SensorMetricsServer(self.registry, listen)
+        await server.start()
+        self._metrics_server = server
 
     @staticmethod
     async def _close_quietly(closing: Awaitable[Any], what: str) -> None:
@@ -625,6 +682,11 @@ class SensorAgent:
             await closing
         except (PipelineError, OSError, RuntimeError) as exc:
             log.warning("close_failed what=%s error=%s", what, exc)
+
+
+def _span_attributes(chunk: Chunk) -> dict[str, str | int]:
+    return {"sensor_id": chunk.sensor_id, "event_id": chunk.event_id,
+            "sequence": chunk.sequence, "window_id": chunk.window_id}
 
 
 def _log_task_failure(task: asyncio.Task[Any]) -> None:

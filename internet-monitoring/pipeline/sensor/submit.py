@@ -205,7 +205,7 @@ class SubmitServer:
         self.accepted += 1
         if self._on_enqueued is not None:
             self._on_enqueued()
-        log.info("event_submitted event_id=%s chunks=%d bytes=%d via=http", event.event_id,
-                 len(event.sequences), event.size)
+        log.info("event_submitted sensor_id=%s event_id=%s chunks=%d bytes=%d via=http",
+                 self._sensor_id or "-", event.event_id, len(event.sequences), event.size)
         return web.json_response({"event_id": event.event_id, "chunks": len(event.sequences)},
                                  status=202)
