@@ -180,10 +180,15 @@ def reassemble(
         total += len(part)
         parts.append(part)
     data = b"".join(parts)
+    verify_event(data, event_sha256)
+    return data
+
+
+def verify_event(data: bytes, event_sha256: bytes) -> None:
+    """Raise EventHashMismatch unless the whole uncompressed event hashes to ``event_sha256``."""
     if len(event_sha256) != SHA256_LEN or not hmac.compare_digest(sha256(data), event_sha256):
         raise EventHashMismatch("reassembled event does not match event_sha256",
                                 field="event_sha256")
-    return data
 
 
 def _decompress_within_event(payload: bytes, budget: int, max_event_bytes: int) -> bytes:

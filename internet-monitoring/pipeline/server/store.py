@@ -44,6 +44,7 @@ from pipeline.common import chunking
 from pipeline.common.errors import (
     ConfigError,
     ConflictError,
+    DecompressionLimitExceeded,
     FieldValueError,
     IntegrityError,
     PayloadTooLarge,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
 SCHEMA_VERSION = 1
+CACHE_KIB = 64 * 1024
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -280,6 +282,7 @@ class _Pending:
     event_complete: bool = False
     completed_event: StoredEvent | None = None
     error: PipelineError | None = None
+    raw: bytes | None = None  # the decompressed slice of a one-chunk event
 
 
 @dataclass
@@ -290,6 +293,33 @@ class _Partial:
     event_sha256: bytes
     first_sequence: int
     last_sequence: int
+    created_at: str
+    logical_timestamp_ms: int
+    attributes: str  # JSON, sorted keys
+
+
+def _attributes_json(chunk: Chunk) -> str:
+    return json.dumps(dict(chunk.attributes), sort_keys=True)
+
+
+# Both dedupe keys of a chunk in one statement: tag 0 = same (sensor, epoch, sequence),
+# tag 1 = same (sensor, event, chunk_index). Each arm is a probe of a UNIQUE index.
+_CHUNK_KEYS_SQL = (
+    "SELECT 0, event_id, chunk_index, chunk_sha256 FROM chunks"
+    " WHERE sensor_id = ? AND epoch = ? AND sequence = ?"
+    " UNION ALL SELECT 1, event_id, chunk_index, chunk_sha256 FROM chunks"
+    " WHERE sensor_id = ? AND event_id = ? AND chunk_index = ?")
+
+# Where an event stands, in one statement: tag 0 = partial (still missing chunks),
+# 1 = completed, 2 = rejected. Each arm is a primary-key / UNIQUE index probe.
+_EVENT_STATE_SQL = (
+    "SELECT 0, epoch, chunk_count, received, event_sha256, first_sequence, last_sequence,"
+    " created_at, logical_timestamp_ms, attributes FROM partial_events"
+    " WHERE sensor_id = ? AND event_id = ?"
+    " UNION ALL SELECT 1, NULL, NULL, NULL, event_sha256, NULL, NULL, NULL, NULL, NULL"
+    " FROM events WHERE sensor_id = ? AND event_id = ?"
+    " UNION ALL SELECT 2, NULL, NULL, NULL, event_sha256, NULL, NULL, NULL, NULL, NULL"
+    " FROM rejected_events WHERE sensor_id = ? AND event_id = ?")
 
 
 class SQLiteChunkStore:
@@ -335,6 +365,9 @@ class SQLiteChunkStore:
             raise StoreError(f"store {self.path} cannot use WAL (journal_mode={journal})")
         conn.execute(f"PRAGMA synchronous={mode}")
         conn.execute("PRAGMA busy_timeout=30000")
+        # The ingest probes hit random keys (event ids) in every UNIQUE index: a page cache
+        # that holds those indexes keeps the cost per chunk flat as the tables grow.
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA:
@@ -400,7 +433,10 @@ class SQLiteChunkStore:
             return [self._outcome(item) for item in pending]
 
     def _precheck(self, item: _Pending) -> None:
-        """Checks needing no database: hash, decompression (bomb cap), field sanity."""
+        """Checks needing no database: hash, decompression (bomb cap), field sanity.
+
+        A one-chunk event's decompressed slice is the event itself: it is kept so that
+        completing the event needs no second decompression."""
         chunk = item.chunk
         try:
             if chunk.sequence < 1:
@@ -417,7 +453,9 @@ class SQLiteChunkStore:
                     f"an event of {chunk.chunk_count} chunks exceeds the "
                     f"{self._max_event_bytes}-byte event limit", field="chunk_count")
             chunking.verify_chunk(chunk.payload, chunk.chunk_sha256)
-            chunking.decompress_slice(chunk.payload, max_bytes=chunking.MAX_SLICE)
+            raw = chunking.decompress_slice(chunk.payload, max_bytes=chunking.MAX_SLICE)
+            if chunk.chunk_count == 1:
+                item.raw = raw
         except PipelineError as exc:
             item.error = exc
             log.info("chunk_rejected sensor=%s epoch=%s sequence=%d event_id=%s error=%s",
@@ -449,16 +487,26 @@ class SQLiteChunkStore:
         tracker.add(chunk.sequence)
 
     def _decide_and_write(self, item: _Pending, tracker: OffsetTracker, now: float) -> None:
+        """Dedupe, then write the chunk (and finish its event when it is the last one).
+
+        Two lookups decide (both index probes, see ``_CHUNK_KEYS_SQL`` and
+        ``_EVENT_STATE_SQL``); a chunk that completes its event is inserted without its
+        payload, which goes straight into the event row instead of being written and
+        cleared in the same transaction."""
         chunk = item.chunk
         conn = self._conn
         sid, epoch = chunk.sensor_id, chunk.queue_epoch
-        row = conn.execute(
-            "SELECT event_id, chunk_index, chunk_sha256 FROM chunks "
-            "WHERE sensor_id = ? AND epoch = ? AND sequence = ?",
-            (sid, epoch, chunk.sequence)).fetchone()
-        if row is not None:
-            if (row[0] == chunk.event_id and row[1] == chunk.chunk_index
-                    and bytes(row[2]) == chunk.chunk_sha256):
+        same_sequence: tuple[str, int, bytes] | None = None
+        same_slot: bytes | None = None
+        for tag, event_id, index, digest in conn.execute(
+                _CHUNK_KEYS_SQL, (sid, epoch, chunk.sequence, sid, chunk.event_id,
+                                  chunk.chunk_index)):
+            if tag == 0:
+                same_sequence = (event_id, index, bytes(digest))
+            else:
+                same_slot = bytes(digest)
+        if same_sequence is not None:
+            if same_sequence == (chunk.event_id, chunk.chunk_index, chunk.chunk_sha256):
                 self._mark_duplicate(item)
                 return
             raise SequenceConflict(
@@ -468,12 +516,8 @@ class SQLiteChunkStore:
             # Committed long ago and its key pruned by retention: still a duplicate.
             self._mark_duplicate(item)
             return
-        row = conn.execute(
-            "SELECT chunk_sha256 FROM chunks "
-            "WHERE sensor_id = ? AND event_id = ? AND chunk_index = ?",
-            (sid, chunk.event_id, chunk.chunk_index)).fetchone()
-        if row is not None:
-            if bytes(row[0]) == chunk.chunk_sha256:
+        if same_slot is not None:
+            if same_slot == chunk.chunk_sha256:
                 # The same chunk queued twice under two sequences: ack this one too.
                 self._mark_duplicate(item)
                 return
@@ -481,60 +525,65 @@ class SQLiteChunkStore:
                 f"chunk {chunk.chunk_index} of event {chunk.event_id} is already stored "
                 "with different content", field="chunk_index")
 
-        partial = self._load_partial(sid, chunk.event_id)
+        partial, finished = self._event_state(sid, chunk.event_id)
         if partial is not None:
             self._check_same_event(partial, chunk)
-            keep_payload = True
-        else:
-            finished = self._finished_event_sha(sid, chunk.event_id)
-            if finished is not None:
-                # A late chunk of an event already completed/rejected: keep only its key.
-                if finished[0] != chunk.event_sha256:
-                    raise ConflictError(f"event {chunk.event_id} was finished with another "
-                                        "event_sha256", field="event_sha256")
-                keep_payload = False
-            else:
-                keep_payload = True
-
-        conn.execute(
-            "INSERT INTO chunks (sensor_id, epoch, sequence, event_id, chunk_index, chunk_count,"
-            " chunk_sha256, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (sid, epoch, chunk.sequence, chunk.event_id, chunk.chunk_index, chunk.chunk_count,
-             chunk.chunk_sha256, chunk.payload if keep_payload else None, now))
-        item.stored = True
-        if not keep_payload:
-            item.event_complete = finished is not None and finished[1]
+        elif finished is not None:
+            # A late chunk of an event already completed/rejected: keep only its key.
+            if finished[0] != chunk.event_sha256:
+                raise ConflictError(f"event {chunk.event_id} was finished with another "
+                                    "event_sha256", field="event_sha256")
+            self._insert_chunk(chunk, None, now)
+            item.stored = True
+            item.event_complete = finished[1]
             return
+
+        had_row = partial is not None
+        completes = (partial.received if partial is not None else 0) + 1 >= chunk.chunk_count
+        self._insert_chunk(chunk, None if completes else chunk.payload, now)
+        item.stored = True
         if partial is None:
             partial = _Partial(epoch=epoch, chunk_count=chunk.chunk_count, received=1,
                                event_sha256=chunk.event_sha256,
-                               first_sequence=chunk.sequence, last_sequence=chunk.sequence)
-            conn.execute(
-                "INSERT INTO partial_events (sensor_id, event_id, epoch, chunk_count, received,"
-                " event_sha256, created_at, logical_timestamp_ms, attributes, first_sequence,"
-                " last_sequence, first_seen) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, chunk.event_id, epoch, chunk.chunk_count, chunk.event_sha256,
-                 chunk.created_at, chunk.logical_timestamp_ms,
-                 json.dumps(dict(chunk.attributes), sort_keys=True),
-                 chunk.sequence, chunk.sequence, now))
+                               first_sequence=chunk.sequence, last_sequence=chunk.sequence,
+                               created_at=chunk.created_at,
+                               logical_timestamp_ms=chunk.logical_timestamp_ms,
+                               attributes=_attributes_json(chunk))
+            if not completes:
+                conn.execute(
+                    "INSERT INTO partial_events (sensor_id, event_id, epoch, chunk_count,"
+                    " received, event_sha256, created_at, logical_timestamp_ms, attributes,"
+                    " first_sequence, last_sequence, first_seen)"
+                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                    (sid, chunk.event_id, epoch, chunk.chunk_count, chunk.event_sha256,
+                     partial.created_at, partial.logical_timestamp_ms, partial.attributes,
+                     chunk.sequence, chunk.sequence, now))
         else:
             partial.received += 1
             partial.first_sequence = min(partial.first_sequence, chunk.sequence)
             partial.last_sequence = max(partial.last_sequence, chunk.sequence)
-            conn.execute(
-                "UPDATE partial_events SET received = ?, first_sequence = ?, last_sequence = ?"
-                " WHERE sensor_id = ? AND event_id = ?",
-                (partial.received, partial.first_sequence, partial.last_sequence,
-                 sid, chunk.event_id))
             if chunk.chunk_index == 0:
                 # The event's metadata is chunk 0's, whatever order the chunks came in.
+                partial.created_at = chunk.created_at
+                partial.logical_timestamp_ms = chunk.logical_timestamp_ms
+                partial.attributes = _attributes_json(chunk)
+            if not completes:
                 conn.execute(
-                    "UPDATE partial_events SET created_at = ?, logical_timestamp_ms = ?,"
+                    "UPDATE partial_events SET received = ?, first_sequence = ?,"
+                    " last_sequence = ?, created_at = ?, logical_timestamp_ms = ?,"
                     " attributes = ? WHERE sensor_id = ? AND event_id = ?",
-                    (chunk.created_at, chunk.logical_timestamp_ms,
-                     json.dumps(dict(chunk.attributes), sort_keys=True), sid, chunk.event_id))
-        if partial.received >= partial.chunk_count:
-            self._complete(item, partial, now)
+                    (partial.received, partial.first_sequence, partial.last_sequence,
+                     partial.created_at, partial.logical_timestamp_ms, partial.attributes,
+                     sid, chunk.event_id))
+        if completes:
+            self._complete(item, partial, had_row, now)
+
+    def _insert_chunk(self, chunk: Chunk, payload: bytes | None, now: float) -> None:
+        self._conn.execute(
+            "INSERT INTO chunks (sensor_id, epoch, sequence, event_id, chunk_index, chunk_count,"
+            " chunk_sha256, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
+             chunk.chunk_index, chunk.chunk_count, chunk.chunk_sha256, payload, now))
 
     def _mark_duplicate(self, item: _Pending) -> None:
         item.duplicate = True
@@ -542,16 +591,24 @@ class SQLiteChunkStore:
             "SELECT 1 FROM events WHERE sensor_id = ? AND event_id = ?",
             (item.chunk.sensor_id, item.chunk.event_id)).fetchone() is not None
 
-    def _load_partial(self, sensor_id: str, event_id: str) -> _Partial | None:
-        row = self._conn.execute(
-            "SELECT epoch, chunk_count, received, event_sha256, first_sequence, last_sequence"
-            " FROM partial_events WHERE sensor_id = ? AND event_id = ?",
-            (sensor_id, event_id)).fetchone()
-        if row is None:
-            return None
-        return _Partial(epoch=row[0], chunk_count=row[1], received=row[2],
-                        event_sha256=bytes(row[3]), first_sequence=row[4],
-                        last_sequence=row[5])
+    def _event_state(self, sensor_id: str, event_id: str
+                     ) -> tuple[_Partial | None, tuple[bytes, bool] | None]:
+        """(partial progress, None) for an event still missing chunks; (None,
+        (event_sha256, completed)) for one already completed or rejected; else (None, None)."""
+        partial: _Partial | None = None
+        finished: tuple[bytes, bool] | None = None
+        for row in self._conn.execute(_EVENT_STATE_SQL, (sensor_id, event_id) * 3):
+            tag = row[0]
+            if tag == 0:
+                partial = _Partial(epoch=row[1], chunk_count=row[2], received=row[3],
+                                   event_sha256=bytes(row[4]), first_sequence=row[5],
+                                   last_sequence=row[6], created_at=row[7],
+                                   logical_timestamp_ms=row[8], attributes=row[9])
+            elif finished is None or tag == 1:
+                finished = (bytes(row[4]), tag == 1)
+        if partial is not None:
+            return partial, None
+        return None, finished
 
     @staticmethod
     def _check_same_event(partial: _Partial, chunk: Chunk) -> None:
@@ -562,41 +619,46 @@ class SQLiteChunkStore:
             raise ConflictError(f"event {chunk.event_id} has another event_sha256",
                                 field="event_sha256")
 
-    def _finished_event_sha(self, sensor_id: str, event_id: str) -> tuple[bytes, bool] | None:
-        """(event_sha256, completed) of an event already completed or rejected, else None."""
-        row = self._conn.execute("SELECT event_sha256 FROM events WHERE sensor_id = ? AND "
-                                 "event_id = ?", (sensor_id, event_id)).fetchone()
-        if row is not None:
-            return bytes(row[0]), True
-        row = self._conn.execute("SELECT event_sha256 FROM rejected_events WHERE sensor_id = ?"
-                                 " AND event_id = ?", (sensor_id, event_id)).fetchone()
-        if row is not None:
-            return bytes(row[0]), False
-        return None
+    def _complete(self, item: _Pending, partial: _Partial, had_row: bool, now: float) -> None:
+        """All chunks are in: reassemble, verify, insert the event once, drop payloads.
 
-    def _complete(self, item: _Pending, partial: _Partial, now: float) -> None:
-        """All chunks are in: reassemble, verify, insert the event once, drop payloads."""
+        ``item``'s own chunk row was written without its payload; the payload is taken
+        from the request (and a one-chunk event from the slice ``_precheck`` decompressed).
+        """
         conn = self._conn
         chunk = item.chunk
         sid, event_id = chunk.sensor_id, chunk.event_id
-        stored = [r[0] for r in conn.execute(
-            "SELECT payload FROM chunks WHERE sensor_id = ? AND event_id = ?"
-            " ORDER BY chunk_index", (sid, event_id))]
-        meta = conn.execute(
-            "SELECT created_at, logical_timestamp_ms, attributes FROM partial_events"
-            " WHERE sensor_id = ? AND event_id = ?", (sid, event_id)).fetchone()
-        conn.execute("DELETE FROM partial_events WHERE sensor_id = ? AND event_id = ?",
-                     (sid, event_id))
-        conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = ? AND event_id = ?",
-                     (sid, event_id))
+        payloads: list[bytes] = []
+        if chunk.chunk_count > 1:
+            for index, payload in conn.execute(
+                    "SELECT chunk_index, payload FROM chunks WHERE sensor_id = ? AND"
+                    " event_id = ? ORDER BY chunk_index", (sid, event_id)):
+                if index == chunk.chunk_index:
+                    payloads.append(chunk.payload)
+                elif payload is not None:
+                    payloads.append(bytes(payload))
+            conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = ? AND event_id = ?"
+                         " AND payload IS NOT NULL", (sid, event_id))
+        if had_row:
+            conn.execute("DELETE FROM partial_events WHERE sensor_id = ? AND event_id = ?",
+                         (sid, event_id))
         try:
-            payloads = [bytes(p) for p in stored if p is not None]
-            if len(payloads) != partial.chunk_count:
-                raise IntegrityError(f"event {event_id} has {len(payloads)} stored payloads, "
-                                     f"expected {partial.chunk_count}")
-            data = chunking.reassemble(payloads, partial.event_sha256,
-                                       max_event_bytes=self._max_event_bytes,
-                                       max_slice=chunking.MAX_SLICE)
+            if chunk.chunk_count == 1 and item.raw is not None:
+                data = item.raw
+                if len(data) > self._max_event_bytes:
+                    raise DecompressionLimitExceeded(
+                        f"event decompresses to more than {self._max_event_bytes} bytes",
+                        field="payload")
+                chunking.verify_event(data, partial.event_sha256)
+            else:
+                if chunk.chunk_count == 1:
+                    payloads = [chunk.payload]
+                if len(payloads) != partial.chunk_count:
+                    raise IntegrityError(f"event {event_id} has {len(payloads)} stored "
+                                         f"payloads, expected {partial.chunk_count}")
+                data = chunking.reassemble(payloads, partial.event_sha256,
+                                           max_event_bytes=self._max_event_bytes,
+                                           max_slice=chunking.MAX_SLICE)
         except PipelineError as exc:
             # The chunk itself was valid and stays stored (and acked); only the event fails.
             conn.execute(
@@ -607,21 +669,22 @@ class SQLiteChunkStore:
             log.warning("event_rejected sensor=%s epoch=%s event_id=%s reason=%s",
                         sid, partial.epoch, event_id, exc.code)
             return
-        attributes = json.loads(meta[2])
         cursor = conn.execute(
             "INSERT INTO events (sensor_id, epoch, event_id, event_sha256, data,"
             " logical_timestamp_ms, created_at, completed_at, first_sequence, last_sequence,"
             " attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (sid, partial.epoch, event_id, partial.event_sha256, data, meta[1], meta[0], now,
-             partial.first_sequence, partial.last_sequence, meta[2]))
+            (sid, partial.epoch, event_id, partial.event_sha256, data,
+             partial.logical_timestamp_ms, partial.created_at, now, partial.first_sequence,
+             partial.last_sequence, partial.attributes))
         row_id = cursor.lastrowid
         assert row_id is not None
         item.event_complete = True
         item.completed_event = StoredEvent(
             row_id=row_id, sensor_id=sid, epoch=partial.epoch, event_id=event_id,
-            event_sha256=partial.event_sha256, data=data, logical_timestamp_ms=meta[1],
-            created_at=meta[0], completed_at=now, first_sequence=partial.first_sequence,
-            last_sequence=partial.last_sequence, attributes=attributes)
+            event_sha256=partial.event_sha256, data=data,
+            logical_timestamp_ms=partial.logical_timestamp_ms, created_at=partial.created_at,
+            completed_at=now, first_sequence=partial.first_sequence,
+            last_sequence=partial.last_sequence, attributes=json.loads(partial.attributes))
         log.debug("event_completed sensor=%s event_id=%s bytes=%d", sid, event_id, len(data))
 
     def _save_offsets(self, work: Mapping[OffsetKey, OffsetTracker], now: float) -> None:
