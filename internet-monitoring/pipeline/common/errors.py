@@ -14,7 +14,8 @@ boundary with ``raise ... from``.
     │   ├── FieldValueError             400  bad_value
     │   ├── UnsupportedSchemaVersion    400  unsupported_schema_version
     │   ├── UnsupportedMediaType        415  unsupported_media_type
-    │   └── PayloadTooLarge             413  too_large
+    │   ├── PayloadTooLarge             413  too_large
+    │   └── RequestTimeout              408  timeout (body not received in time)
     ├── IntegrityError                  422  integrity
     │   ├── ChunkHashMismatch           422  chunk_hash_mismatch
     │   ├── EventHashMismatch           422  event_hash_mismatch
@@ -91,6 +92,13 @@ class PayloadTooLarge(ProtocolError):
     http_status = 413
     close_code = 1009
     code = "too_large"
+
+
+class RequestTimeout(ProtocolError):
+    """The request body did not arrive within the read deadline (slow clients)."""
+
+    http_status = 408
+    code = "timeout"
 
 
 class IntegrityError(PipelineError):

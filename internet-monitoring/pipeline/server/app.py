@@ -45,10 +45,13 @@ from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.auth import TokenAuthenticator, hash_token
 from pipeline.server.control import ControlManager, control_server
 from pipeline.server.dashboard import DashboardConfig, add_dashboard_routes
+from pipeline.server.gate import GATE_KEY, security_middleware
 from pipeline.server.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
+from pipeline.server.listeners import GuardedSite
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.scheduler import RequestScheduler
+from pipeline.server.security import SecurityManager, add_security_routes
 from pipeline.server.session import Committed, WindowPolicy
 from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload
 from pipeline.server.store import SQLiteChunkStore
@@ -92,7 +95,9 @@ def window_policy(config: ServerConfig) -> WindowPolicy:
 
 class PipelineServer:
     def __init__(self, config: ServerConfig, *, registry: CollectorRegistry | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None,
+                 config_loader: Callable[[], ServerConfig] | None = None,
+                 config_path: str | None = None) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ServerMetrics(self.registry,
@@ -103,6 +108,12 @@ class PipelineServer:
         self.tracing = tracing if tracing is not None else setup_tracing(config.tracing,
                                                                          "pipeline-server")
         self.authenticator = TokenAuthenticator.from_config(config)
+        # Reload, revocation, rotation, limits (docs/security.md); merges rotated tokens
+        # into ``self.authenticator`` in place.
+        self.security = SecurityManager(config, authenticator=self.authenticator,
+                                        metrics=self.metrics, config_loader=config_loader,
+                                        watch_paths=[config_path] if config_path else ())
+        self.stream_hub: StreamHub | None = None
         self.scheduler = RequestScheduler(window_policy(config),
                                           global_max_windows=config.scheduler.global_max_windows)
         self.snapshots = SnapshotCache()
@@ -170,7 +181,8 @@ class PipelineServer:
         except OSError as exc:
             raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
                               field="store.path") from exc
-        return SQLiteChunkStore(path, synchronous=self.config.store.synchronous)
+        return SQLiteChunkStore(path, synchronous=self.config.store.synchronous,
+                                max_event_bytes=self.config.limits.max_event_bytes)
 
     async def _restore_watermarks(self) -> None:
         """The store's offsets are the truth; saved session state may lag behind them."""
@@ -186,7 +198,7 @@ class PipelineServer:
     async def _start_listeners(self, contexts: dict[str, ssl.SSLContext | None]) -> None:
         cfg = self.config
         assert self.manager is not None and self.committer is not None and self.store is not None
-        middlewares = (error_middleware,)
+        middlewares = (error_middleware, security_middleware)
         control_app = control_server(self.manager, middlewares=middlewares,
                                      path=cfg.control.path)
         ctx = IngestContext(
@@ -203,14 +215,25 @@ class PipelineServer:
                         token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
                         allowed_origins=tuple(cfg.stream.allowed_origins))
         stream_app = stream_server(hub, middlewares=middlewares)
+        self.stream_hub = hub
+        add_security_routes(ingest_app, self.security)
+        for app in (control_app, ingest_app, stream_app):
+            app[GATE_KEY] = self.security.gate
         plan: list[tuple[str, web.Application, Any]] = [
             ("ingest", ingest_app, cfg.ingest), ("control", control_app, cfg.control),
             ("stream", stream_app, cfg.stream)]
         for name, app, section in plan:
-            runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+            # keepalive_timeout doubles as the request-header deadline (slowloris);
+            # nothing here uses Content-Encoding, so no decompression before our checks.
+            runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None,
+                                   keepalive_timeout=cfg.limits.header_timeout_s,
+                                   auto_decompress=False)
             await runner.setup()
             self._runners[name] = runner
-            site = web.TCPSite(runner, section.bind, section.port, ssl_context=contexts[name])
+            site = GuardedSite(runner, section.bind, section.port, ssl_context=contexts[name],
+                               limiter=self.security.connection_limiters[name],
+                               handshake_timeout=cfg.limits.tls_handshake_timeout_s,
+                               listener=name, on_refused=self.security.on_connection_refused)
             try:
                 await site.start()
             except OSError as exc:
@@ -218,6 +241,8 @@ class PipelineServer:
                                   f"{exc.strerror or exc}", field=f"{name}.port") from exc
             setattr(self, f"{name}_port", site.port)
         self._dashboard.stream_port = self.stream_port or 0
+        self.security.attach(manager=self.manager, hub=hub, contexts=contexts)
+        self.security.start()
 
     def listeners_up(self) -> bool:
         return self._up and not self._stopping and all(
@@ -237,6 +262,7 @@ class PipelineServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.security.close()
         # In-flight POSTs finish (and commit) before the committer is drained.
         for name in ("ingest", "control", "stream"):
             runner = self._runners.pop(name, None)
@@ -251,6 +277,7 @@ class PipelineServer:
 
     async def _abort(self) -> None:
         """Release what ``start`` acquired (also after a failed start)."""
+        await self.security.close()
         for runner in self._runners.values():
             await runner.cleanup()
         self._runners.clear()
@@ -265,8 +292,15 @@ class PipelineServer:
             self._store_thread.shutdown(wait=True)
             self._store_thread = None
 
+    async def reload(self, reason: str = "sighup") -> None:
+        """SIGHUP: reload sensors, tokens, limits and certificates (docs/security.md)."""
+        try:
+            await self.security.reload(reason)
+        except ConfigError:
+            pass  # logged by the security manager; the old configuration keeps serving
+
     async def run_forever(self, on_started: Callable[[], None] | None = None) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
         await self.start()
         if on_started is not None:
             on_started()
@@ -279,6 +313,18 @@ class PipelineServer:
                 installed.append(sig)
             except (NotImplementedError, RuntimeError):
                 pass
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload("sighup"), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        try:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+            installed.append(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass
         try:
             await stop.wait()
         finally:

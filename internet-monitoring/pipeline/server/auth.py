@@ -109,28 +109,8 @@ class TokenAuthenticator:
                      fleet_token_sha256: str | None = None) -> "TokenAuthenticator":
         """Build from ``auth.sensors`` entries (mappings or objects with the same fields):
         ``{id, token?, token_sha256?, tokens?: [{token?, token_sha256?, not_after?}]}``."""
-        creds: list[Credential] = []
-        for index, entry in enumerate(sensors):
-            sensor_id = _field(entry, "id")
-            key = f"auth.sensors[{index}]"
-            if not isinstance(sensor_id, str) or not SENSOR_ID_RE.fullmatch(sensor_id):
-                raise ConfigError(f"{key}.id is not a valid sensor id", field=f"{key}.id")
-            items: list[tuple[Any, str]] = [(entry, key)]
-            for j, item in enumerate(_field(entry, "tokens") or ()):
-                items.append((item, f"{key}.tokens[{j}]"))
-            for item, item_key in items:
-                digest = _digest_of(item, item_key)
-                if digest is None:
-                    continue
-                creds.append(Credential(sensor_id, digest,
-                                        _to_epoch(_field(item, "not_after"),
-                                                  f"{item_key}.not_after")))
-        fleet = None
-        if fleet_token:
-            fleet = hash_token(fleet_token)
-        elif fleet_token_sha256:
-            fleet = _normalise_digest(fleet_token_sha256, "auth.fleet_token_sha256")
-        return cls(creds, fleet_token_sha256=fleet)
+        return cls(credentials_from_entries(sensors),
+                   fleet_token_sha256=fleet_digest(fleet_token, fleet_token_sha256))
 
     @classmethod
     def from_config(cls, config: Any) -> "TokenAuthenticator":
@@ -138,6 +118,33 @@ class TokenAuthenticator:
         auth = config.auth
         return cls.from_entries(auth.sensors, fleet_token=getattr(auth, "fleet_token", "") or None,
                                 fleet_token_sha256=getattr(auth, "fleet_token_sha256", "") or None)
+
+    def replace_with(self, other: "TokenAuthenticator") -> None:
+        """Take over ``other``'s credentials in place (reload): every holder of this object
+        (control manager, ingest context, security gate) sees the new set at once."""
+        self._by_digest = dict(other._by_digest)
+        self._sensors = set(other._sensors)
+        self._fleet = other._fleet
+
+    def credentials(self, sensor_id: str | None = None) -> list[Credential]:
+        """The accepted credentials (digests only), all or one sensor's."""
+        return [c for c in self._by_digest.values()
+                if sensor_id is None or c.sensor_id == sensor_id]
+
+    def identify(self, token: str | None, now: float) -> str | None:
+        """The owner of a live token, None for the fleet token; raises Unauthenticated."""
+        return self._resolve(None, token, now)
+
+    def still_valid(self, sensor_id: str, token_sha256: str | None, now: float) -> bool:
+        """Whether a connection authenticated as ``sensor_id`` with the token of this digest
+        may stay open (used after a reload and when a token's ``not_after`` passes)."""
+        if not token_sha256:
+            return False
+        cred = self._by_digest.get(token_sha256)
+        if cred is not None:
+            return cred.sensor_id == sensor_id and cred.live(now)
+        return (self._fleet is not None and hmac.compare_digest(self._fleet, token_sha256)
+                and sensor_id not in self._sensors)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -191,6 +198,35 @@ class TokenAuthenticator:
         log.info("auth_refused reason=unknown_token sensor_id=%s token=%s",
                  sensor_id, token_hint(token))
         raise Unauthenticated("unknown token")
+
+
+def credentials_from_entries(sensors: Iterable[Any]) -> list[Credential]:
+    """Digests of every token configured in ``auth.sensors`` entries."""
+    creds: list[Credential] = []
+    for index, entry in enumerate(sensors):
+        sensor_id = _field(entry, "id")
+        key = f"auth.sensors[{index}]"
+        if not isinstance(sensor_id, str) or not SENSOR_ID_RE.fullmatch(sensor_id):
+            raise ConfigError(f"{key}.id is not a valid sensor id", field=f"{key}.id")
+        items: list[tuple[Any, str]] = [(entry, key)]
+        for j, item in enumerate(_field(entry, "tokens") or ()):
+            items.append((item, f"{key}.tokens[{j}]"))
+        for item, item_key in items:
+            digest = _digest_of(item, item_key)
+            if digest is None:
+                continue
+            creds.append(Credential(sensor_id, digest,
+                                    _to_epoch(_field(item, "not_after"),
+                                              f"{item_key}.not_after")))
+    return creds
+
+
+def fleet_digest(fleet_token: str | None, fleet_token_sha256: str | None) -> str | None:
+    if fleet_token:
+        return hash_token(fleet_token)
+    if fleet_token_sha256:
+        return _normalise_digest(fleet_token_sha256, "auth.fleet_token_sha256")
+    return None
 
 
 def check_bearer(expected_sha256: str, token: str | None) -> bool:

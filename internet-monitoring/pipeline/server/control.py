@@ -8,6 +8,8 @@ answers with a JSON body (protocol.md section 1)::
     malformed X-Sensor-ID           400 bad_value
     missing, unknown, expired token 401 unauthenticated
     another sensor's token          403 forbidden
+    client certificate (mTLS) not naming X-Sensor-ID       403 forbidden
+    address banned after repeated failures                 429 throttled (Retry-After)
 
 After the upgrade each text frame is one envelope (``messages.decode_envelope``):
 
@@ -54,6 +56,7 @@ from pipeline.common.messages import (
     CAP_EPOCH,
     CAP_HEARTBEAT_STATS,
     CAP_HEARTBEATS,
+    CAP_ROTATION,
     CAP_SERVER_TIME,
     SENSOR_ID_RE,
     Body,
@@ -65,7 +68,8 @@ from pipeline.common.messages import (
     decode_envelope,
     encode_envelope,
 )
-from pipeline.server.auth import TokenAuthenticator, bearer_token
+from pipeline.server.auth import TokenAuthenticator, bearer_token, hash_token
+from pipeline.server.gate import GATE_KEY, SensorPrincipal
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.scheduler import Outgoing, RequestScheduler
 from pipeline.server.session import Committed, SensorSession
@@ -73,7 +77,7 @@ from pipeline.server.session import Committed, SensorSession
 log = logging.getLogger(__name__)
 
 SERVER_CAPABILITIES: tuple[str, ...] = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                                        CAP_HEARTBEAT_STATS)
+                                        CAP_HEARTBEAT_STATS, CAP_ROTATION)
 CLOSE_REPLACED = 1008
 CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
@@ -120,6 +124,9 @@ class ControlConnection:
         self.peer = peer
         self.capabilities: frozenset[str] = frozenset()
         self.peer_certificate: dict[str, Any] | None = None
+        # The credential that let this socket in (security sweeps close it once revoked).
+        self.token_sha256: str | None = None
+        self.cert_bound = False
         self._outbound: asyncio.Queue[str | None] = asyncio.Queue(maxsize=max_outbound)
         self._sender: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
@@ -233,6 +240,9 @@ class ControlManager:
         self._persister: asyncio.Task[None] | None = None
         self._closed = False
         self._closers: set[asyncio.Task[None]] = set()
+        # Commands awaiting their CommandResponse, by (sensor_id, command_id): only the
+        # addressed sensor's own socket can answer one (token rotation).
+        self.pending_commands: dict[tuple[str, str], asyncio.Future[CommandResponse]] = {}
 
     # -- connections --------------------------------------------------------------------
 
@@ -300,6 +310,9 @@ class ControlManager:
         elif isinstance(env.body, CommandResponse):
             log.info("command_response sensor_id=%s command_id=%s success=%s", sensor_id,
                      env.body.command_id, env.body.success)
+            waiter = self.pending_commands.pop((sensor_id, env.body.command_id), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(env.body)
         else:
             log.info("control_ignored sensor_id=%s body_type=%s", sensor_id, env.body_type)
 
@@ -515,25 +528,34 @@ class ControlManager:
 MANAGER_KEY: web.AppKey[ControlManager] = web.AppKey("control_manager", ControlManager)
 
 
-def authenticate_handshake(request: web.Request, manager: ControlManager) -> str:
-    """Check X-Sensor-ID and the bearer token before any upgrade; raises PipelineError."""
+def authenticate_handshake(request: web.Request, manager: ControlManager) -> SensorPrincipal:
+    """Check X-Sensor-ID, the client certificate (mTLS) and the bearer token before any
+    upgrade; raises PipelineError."""
     sensor_id = request.headers.get("X-Sensor-ID", "").strip()
     if not sensor_id:
         raise MissingField("missing X-Sensor-ID header", field="X-Sensor-ID")
     if not SENSOR_ID_RE.fullmatch(sensor_id):
         raise FieldValueError("X-Sensor-ID is not a valid sensor id", field="X-Sensor-ID")
     token = bearer_token(request.headers.get("Authorization"))
+    gate = request.app.get(GATE_KEY)
+    if gate is not None:
+        return gate.authenticate_sensor(request, "control", sensor_id, token)
     try:
-        return manager.authenticator.authenticate(sensor_id, token, manager.clock())
+        manager.authenticator.authenticate(sensor_id, token, manager.clock())
     except AuthError:
         manager.metrics.on_auth_failure()
         raise
+    return SensorPrincipal(sensor_id, hash_token(token or ""), False)
 
 
 async def control_handler(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER_KEY]
-    sensor_id = authenticate_handshake(request, manager)
-    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, timeout=2.0, autoping=True)
+    principal = authenticate_handshake(request, manager)
+    sensor_id = principal.sensor_id
+    gate = request.app.get(GATE_KEY)
+    ping = gate.ws_ping_interval_s if gate is not None and gate.ws_ping_interval_s > 0 else None
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, timeout=2.0, autoping=True,
+                               heartbeat=ping)
     if not ws.can_prepare(request).ok:
         raise ProtocolError("expected a WebSocket upgrade", field="Upgrade")
     await ws.prepare(request)
@@ -542,6 +564,8 @@ async def control_handler(request: web.Request) -> web.StreamResponse:
     # Reachable for the mTLS identity binding of a later issue (None without client certs).
     conn.peer_certificate = (request.transport.get_extra_info("peercert")
                              if request.transport is not None else None)
+    conn.token_sha256 = principal.token_sha256
+    conn.cert_bound = principal.cert_bound
     conn.start()
     await manager.register(sensor_id, conn)
     try:

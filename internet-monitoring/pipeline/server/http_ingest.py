@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -40,7 +41,6 @@ from pipeline.common.errors import (
     ConflictError,
     FieldValueError,
     NotFound,
-    PayloadTooLarge,
     PipelineError,
     StoreError,
     Unauthenticated,
@@ -55,6 +55,7 @@ from pipeline.common.messages import (
 from pipeline.common.tracing import Tracing, traceparent_of, with_traceparent
 from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer
 from pipeline.server.control import ControlManager
+from pipeline.server.gate import GATE_KEY, read_body
 from pipeline.server.group_commit import GroupCommitter
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
@@ -89,11 +90,15 @@ async def error_middleware(request: web.Request,
         headers = None
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
-            headers = {"Retry-After": str(max(1, int(retry_after)))}
+            headers = {"Retry-After": str(min(3600, max(1, math.ceil(retry_after))))}
         if exc.http_status >= 500:
             log.warning("request_failed path=%s status=%d error=%s", request.path,
                         exc.http_status, exc.code)
-        return error_response(exc.http_status, exc.to_json(), headers)
+        response = error_response(exc.http_status, exc.to_json(), headers)
+        if exc.http_status in (408, 413):
+            # The rest of the body is not worth reading (too big, or dribbling): close.
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -161,29 +166,41 @@ async def ingest_chunk(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     received = time.time()
     token = bearer_token(request.headers.get("Authorization"))
-    try:
-        ctx.authenticator.check(token, received)
-    except AuthError:
-        ctx.metrics.on_auth_failure()
-        raise
+    gate = request.app.get(GATE_KEY)
+    owner: str | None = None
+    if gate is not None:
+        # Strangers and over-rate sensors are refused before their body is read.
+        owner = gate.precheck_ingest(request, token)
+        if owner is not None:
+            gate.throttle_chunks(owner)
+    else:
+        try:
+            ctx.authenticator.check(token, received)
+        except AuthError:
+            ctx.metrics.on_auth_failure()
+            raise
     if request.headers.get("Content-Type") is not None and \
             request.content_type != "application/json":
         raise UnsupportedMediaType("Content-Type must be application/json",
                                    field="Content-Type")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(f"request body is larger than {ctx.max_body_bytes} bytes",
-                              field="body") from exc
+    body = await read_body(request, ctx.max_body_bytes,
+                           gate.body_timeout_s if gate is not None else None)
     chunk = decode_chunk(body)
     with ctx.tracing.span("server.ingest", parent=traceparent_of(chunk.attributes),
                           attributes=chunk_span_attributes(chunk)):
         with ctx.tracing.span("server.verify"):
-            try:
-                ctx.authenticator.authenticate(chunk.sensor_id, token, received)
-            except AuthError:
-                ctx.metrics.on_auth_failure()
-                raise
+            if gate is not None:
+                # The chunk's sensor_id must be the authenticated identity (token owner,
+                # and the client certificate on an mTLS listener): 401/403 otherwise.
+                gate.authenticate_sensor(request, "ingest", chunk.sensor_id, token)
+                if owner is None:
+                    gate.throttle_chunks(chunk.sensor_id)
+            else:
+                try:
+                    ctx.authenticator.authenticate(chunk.sensor_id, token, received)
+                except AuthError:
+                    ctx.metrics.on_auth_failure()
+                    raise
         with ctx.tracing.span("server.commit") as commit_span:
             # The post-commit hook (ack, snapshot) continues the trace under this span.
             chunk = with_traceparent(chunk, commit_span.traceparent)
@@ -206,6 +223,10 @@ async def ingest_chunk(request: web.Request) -> web.Response:
 
 def require_reader(request: web.Request) -> None:
     """With a stream token configured, the read API needs it (a sensor token cannot read)."""
+    gate = request.app.get(GATE_KEY)
+    if gate is not None:
+        gate.authorize_read(request)  # the stream token as reloaded
+        return
     ctx = _ctx(request)
     if ctx.read_token_sha256 is None:
         return

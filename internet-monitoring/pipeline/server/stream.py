@@ -60,18 +60,23 @@ class StreamHub:
     token_sha256: str | None = None
     allowed_origins: Sequence[str] = ()
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # The token digest each socket was admitted with: a reload that changes stream.token
+    # closes the sockets holding the old one (pipeline.server.security).
+    socket_tokens: dict[web.WebSocketResponse, str | None] = field(default_factory=dict)
 
-    def authorize(self, request: web.Request) -> None:
+    def authorize(self, request: web.Request) -> str | None:
+        """Origin allow-list, then the stream token; the accepted token's digest."""
         origin = request.headers.get("Origin")
         if self.allowed_origins and origin is not None and origin not in self.allowed_origins:
             raise Forbidden("origin not allowed", field="Origin")
         if self.token_sha256 is None:
-            return
+            return None
         token = bearer_token(request.headers.get("Authorization")) or token_from_subprotocols(
             request.headers.get("Sec-WebSocket-Protocol"))
         if not check_bearer(self.token_sha256, token):
             self.metrics.on_auth_failure()
             raise Unauthenticated("the stream needs the stream token")
+        return self.token_sha256
 
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: bytes = b"server shutdown"
                         ) -> None:
@@ -84,13 +89,14 @@ HUB_KEY: web.AppKey[StreamHub] = web.AppKey("stream_hub", StreamHub)
 
 async def stream_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB_KEY]
-    hub.authorize(request)
+    admitted_with = hub.authorize(request)
     ws = web.WebSocketResponse(protocols=(STREAM_SUBPROTOCOL,), max_msg_size=64 * 1024,
                                timeout=2.0, heartbeat=30.0)
     if not ws.can_prepare(request).ok:
         raise ProtocolError("expected a WebSocket upgrade", field="Upgrade")
     await ws.prepare(request)
     hub.sockets.add(ws)
+    hub.socket_tokens[ws] = admitted_with
     sub, batch = hub.snapshots.subscribe()
     forwarder: asyncio.Task[None] | None = None
     try:
@@ -104,6 +110,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     finally:
         hub.snapshots.unsubscribe(sub)
         hub.sockets.discard(ws)
+        hub.socket_tokens.pop(ws, None)
         if forwarder is not None:
             forwarder.cancel()
             try:

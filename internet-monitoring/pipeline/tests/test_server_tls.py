@@ -36,8 +36,10 @@ def client_context(pki, with_cert: bool) -> ssl.SSLContext:
 
 async def test_tls_listeners_and_client_certificates(tmp_path, pki):
     tls = {"enabled": True, "cert": str(pki["cert"]), "key": str(pki["key"])}
+    # The certificate names pi-01 as the DNS SAN pi-01.sensors.example (docs/security.md).
     config = server_config(tmp_path, control={"tls": {**tls, "client_ca": str(pki["ca"])}},
-                           ingest={"tls": tls})
+                           ingest={"tls": tls},
+                           auth={"client_cert_dns_suffix": ".sensors.example"})
     async with running_server(config) as server:
         async with aiohttp.ClientSession() as http:
             ok = client_context(pki, with_cert=False)
