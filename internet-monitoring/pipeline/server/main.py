@@ -2,8 +2,12 @@
 
 ::
 
-    pipeline-server [--config server.yml]     serve until SIGTERM / SIGINT
+    pipeline-server [--config server.yml]     serve until SIGTERM / SIGINT; SIGHUP reloads
     pipeline-server token create SENSOR_ID    mint a sensor token and its config entry
+    pipeline-server [--config server.yml] token rotate SENSOR_ID [--url URL]
+                                              rotate a connected sensor's token through the
+                                              running server (admin token from
+                                              PIPELINE_ADMIN_TOKEN; docs/security.md)
 
 Without ``--config`` the server runs on embedded defaults (SQLite under ``./var/``, loopback
 binds) and, unless the environment configures credentials, generates a demo fleet token
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import sys
 from typing import Sequence, TextIO
 
@@ -38,7 +43,53 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="mint a token for a sensor")
     create.add_argument("sensor_id")
+    rotate = token_sub.add_parser(
+        "rotate", help="rotate a connected sensor's token through the running server")
+    rotate.add_argument("sensor_id")
+    rotate.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="server YAML configuration (finds the ingest listener)")
+    rotate.add_argument("--url", help="ingest base URL (default: from the configuration)")
+    rotate.add_argument("--overlap-s", type=float, default=None,
+                        help="how long the old token stays valid (default: "
+                             "auth.rotation_overlap_s)")
+    rotate.add_argument("--admin-token-file", help="file holding the admin token "
+                                                   "(default: $PIPELINE_ADMIN_TOKEN)")
+    rotate.add_argument("--cafile", help="CA bundle to verify an https ingest listener")
+    rotate.add_argument("--cert", help="client certificate (mTLS ingest listener)")
+    rotate.add_argument("--key", help="client key (mTLS ingest listener)")
     return parser
+
+
+def token_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    """Ask the running server to rotate ``args.sensor_id``; prints the (secret-free) answer."""
+    from pipeline.server.admin_client import (
+        ingest_base_url,
+        post_admin,
+        read_admin_token,
+        rotate_url,
+    )
+
+    if not SENSOR_ID_RE.fullmatch(args.sensor_id):
+        sys.stderr.write(f"pipeline-server: invalid sensor id {args.sensor_id[:140]!r}\n")
+        return EXIT_CONFIG
+    try:
+        base = args.url or ingest_base_url(load_server_config(getattr(args, "config", None)))
+        token = read_admin_token(args.admin_token_file)
+        body = {} if args.overlap_s is None else {"overlap_s": args.overlap_s}
+        answer = post_admin(rotate_url(base, args.sensor_id), token, body, cafile=args.cafile,
+                            cert=args.cert, key=args.key)
+    except ConfigError as exc:
+        sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
+        return EXIT_CONFIG
+    except ConnectionError as exc:
+        sys.stderr.write(f"pipeline-server: {exc}\n")
+        return EXIT_FAILURE
+    out.write(json.dumps({"status": answer.status, **answer.doc}, sort_keys=True) + "\n")
+    if answer.status != 200:
+        sys.stderr.write(f"pipeline-server: rotation not confirmed (HTTP {answer.status}): "
+                         f"{answer.doc.get('message', '')}\n")
+        return EXIT_FAILURE
+    return 0
 
 
 def token_create(sensor_id: str, out: TextIO) -> int:
@@ -62,10 +113,21 @@ def with_demo_token(config: ServerConfig) -> tuple[ServerConfig, str | None]:
     return dataclasses.replace(config, auth=dataclasses.replace(auth, fleet_token=token)), token
 
 
-async def serve(config: ServerConfig, demo_token: str | None, out: TextIO) -> None:
+async def serve(config: ServerConfig, demo_token: str | None, out: TextIO,
+                config_path: str | None = None) -> None:
     from pipeline.server.app import PipelineServer  # heavy imports only when serving
 
-    server = PipelineServer(config)
+    def reload_config() -> ServerConfig:
+        """SIGHUP / file watch: the file and environment again (the demo token stays)."""
+        fresh = load_server_config(config_path)
+        auth = fresh.auth
+        if demo_token is not None and not (auth.sensors or auth.fleet_token
+                                           or auth.fleet_token_sha256):
+            fresh = dataclasses.replace(fresh, auth=dataclasses.replace(
+                auth, fleet_token=demo_token))
+        return fresh
+
+    server = PipelineServer(config, config_loader=reload_config, config_path=config_path)
 
     def announce() -> None:
         if demo_token is not None:
@@ -80,6 +142,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     stdout = out or sys.stdout
     args = build_parser().parse_args(argv)
     if args.command == "token":
+        if args.token_command == "rotate":
+            return token_rotate(args, stdout)
         return token_create(args.sensor_id, stdout)
     try:
         config = load_server_config(args.config)
@@ -87,7 +151,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.config is None:
             config, demo_token = with_demo_token(config)
         setup_logging(config.logging.level, config.logging.format)
-        asyncio.run(serve(config, demo_token, stdout))
+        asyncio.run(serve(config, demo_token, stdout, args.config))
     except ConfigError as exc:
         sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
         return EXIT_CONFIG
