@@ -119,3 +119,41 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02)
             return
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(interval)
+
+
+def agent_config(server: PipelineServer, tmp_path: Any, sensor_id: str, token: str,
+                 **sections: Any) -> Any:
+    """A sensor config pointed at ``server``: fast heartbeats and backoff, own queue file."""
+    from pipeline.common.config import sensor_config_from_dict
+
+    doc: dict[str, Any] = {
+        "sensor_id": sensor_id, "token": token, "heartbeat_interval": 0.5,
+        "capabilities": ["chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats"],
+        "queue": {"path": str(tmp_path / f"queue-{sensor_id}.db")},
+        "control": {"url": urls(server)["control"]},
+        "ingest": {"url": urls(server)["ingest"] + "/v1/ingest/chunk"},
+        "backoff": {"initial_s": 0.05, "max_s": 0.2},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            doc.setdefault(name, {}).update(values)
+        else:
+            doc[name] = values
+    return sensor_config_from_dict(doc)
+
+
+class RunningAgent:
+    """``async with RunningAgent(agent):`` runs ``agent.run()`` as a task and stops it."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Any:
+        self.task = asyncio.get_running_loop().create_task(self.agent.run())
+        return self.agent
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.agent.stop()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, timeout=15)
