@@ -38,6 +38,7 @@ from pipeline.common.messages import (
     CAP_HEARTBEAT_STATS,
     CAP_HEARTBEATS,
     CAP_HTTP_ACK,
+    CAP_ROTATION,
     CAP_SERVER_TIME,
     Chunk,
     ChunkAck,
@@ -49,6 +50,7 @@ from pipeline.common.messages import (
 )
 from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
+from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.time_sync import ClockSkewEstimator
 from pipeline.sensor.transports import (
@@ -71,7 +73,7 @@ log = logging.getLogger(__name__)
 
 #: Capabilities this agent implements; others found in the config are dropped with a warning.
 SUPPORTED_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS)
+                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS, CAP_ROTATION)
 TICK_S = 1.0
 EXTRA_HEARTBEAT_MIN_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 300.0
@@ -96,6 +98,11 @@ def effective_capabilities(config: Any) -> tuple[str, ...]:
     time_sync = getattr(config, "time_sync", None)
     if CAP_SERVER_TIME in wanted and time_sync is not None and not time_sync.enabled:
         wanted.remove(CAP_SERVER_TIME)
+    if CAP_ROTATION in wanted and not getattr(config, "token_file", ""):
+        # A rotated token must survive a restart: only a token_file can hold it.
+        log.warning("capability_unsupported capability=rotation reason=no_token_file "
+                    "action=not_announced")
+        wanted.remove(CAP_ROTATION)
     return tuple(wanted)
 
 
@@ -360,7 +367,13 @@ class SensorAgent:
             log.info("control_body_ignored body_type=%s", envelope.body_type)
 
     async def _answer_command(self, channel: ControlChannel, command: Command) -> None:
-        """This agent implements no commands: say so instead of leaving the server waiting."""
+        """``rotate_token`` (capability ``rotation``, sensor/credentials.py); any other
+        command is answered unsupported instead of leaving the server waiting."""
+        if command.name == ROTATE_COMMAND and self._both(CAP_ROTATION):
+            reply = await asyncio.to_thread(apply_rotation, command,
+                                            getattr(self.config, "token_file", "") or None)
+            await channel.send(self._envelope(reply))
+            return
         log.warning("command_unsupported command_id=%s name=%s", command.command_id,
                     command.name[:64])
         reply = CommandResponse(command_id=command.command_id, success=False,
