@@ -478,6 +478,116 @@ def _read_attributes(doc: Mapping[str, Any]) -> dict[str, str]:
 
 
 def chunk_from_json(doc: Mapping[str, Any]) -> Chunk:
+    """The chunk in ``doc``, validated; a ``ProtocolError`` names the first bad field."""
+    fast = _chunk_fast(doc)
+    return fast if fast is not None else chunk_from_json_strict(doc)
+
+
+# -- the fast path ----------------------------------------------------------------------
+# Ingest decodes every chunk, so the common case (a well-formed ASCII chunk of the current
+# schema) is checked with plain comparisons instead of one reader call per field. It
+# accepts a subset of what ``chunk_from_json_strict`` accepts, with equal results (a
+# property test holds them to that); anything unusual, including every error, goes to the
+# strict reader, which decides and names the field.
+
+_FAST_SCHEMA_VERSIONS = frozenset({PIPELINE_SCHEMA_VERSION})
+_MAX_B64_TEXT = (MAX_PAYLOAD_BYTES * 4) // 3 + 4
+_SENSOR_ID_MATCH = SENSOR_ID_RE.fullmatch
+_EVENT_ID_MATCH = EVENT_ID_RE.fullmatch
+_EPOCH_MATCH = EPOCH_RE.fullmatch
+
+
+def _fast_text(value: Any, max_len: int) -> bool:
+    return type(value) is str and len(value) <= max_len and value.isascii()
+
+
+def _fast_int(value: Any, minimum: int = 0, maximum: int = MAX_SEQUENCE) -> bool:
+    return type(value) is int and minimum <= value <= maximum
+
+
+def _fast_b64(value: Any, max_text: int) -> bytes | None:
+    if type(value) is not str or len(value) > max_text or not value.isascii():
+        return None
+    try:
+        # Strict mode accepts only canonical base64, a subset of what b64decode(validate=True)
+        # accepts, and decodes it identically.
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _fast_attributes(value: Any) -> bool:
+    if type(value) is not dict or len(value) > MAX_ATTRIBUTES:
+        return False
+    for key, item in value.items():
+        if type(key) is not str or type(item) is not str or len(key) > MAX_STRING \
+                or len(item) > MAX_ATTRIBUTE_VALUE or not key.isascii() or not item.isascii():
+            return False
+    return True
+
+
+def chunk_if_plain(schema_version: Any, sensor_id: Any, event_id: Any, sequence: Any,
+                   chunk_index: Any, chunk_count: Any, compression: Any, payload: bytes,
+                   chunk_sha256: Any, event_sha256: Any, created_at: Any,
+                   logical_timestamp_ms: Any, clock_skew_ms: Any, attributes: Any,
+                   queue_epoch: Any) -> Chunk | None:
+    """A ``Chunk`` when every field is plainly valid, else None (shared with the Protobuf
+    codec: bytes fields arrive decoded, ``queue_epoch`` "" means absent)."""
+    if not (type(schema_version) is str and schema_version in _FAST_SCHEMA_VERSIONS
+            and _fast_text(sensor_id, MAX_STRING) and _SENSOR_ID_MATCH(sensor_id)
+            and type(event_id) is str and len(event_id) == 32 and _EVENT_ID_MATCH(event_id)
+            and _fast_int(sequence)
+            and _fast_int(chunk_count, 1, MAX_CHUNK_COUNT)
+            and _fast_int(chunk_index, 0, chunk_count - 1)
+            and compression == "gzip"
+            and len(payload) <= MAX_PAYLOAD_BYTES
+            and type(chunk_sha256) is bytes and len(chunk_sha256) == SHA256_LEN
+            and type(event_sha256) is bytes and len(event_sha256) == SHA256_LEN
+            and _fast_text(created_at, 64)
+            and _fast_int(logical_timestamp_ms)
+            and _fast_number(clock_skew_ms)
+            and _fast_attributes(attributes)
+            and (queue_epoch == "" or (_fast_text(queue_epoch, MAX_STRING)
+                                       and _EPOCH_MATCH(queue_epoch)))):
+        return None
+    return Chunk(schema_version=schema_version, sensor_id=sensor_id, event_id=event_id,
+                 sequence=sequence, chunk_index=chunk_index, chunk_count=chunk_count,
+                 compression=compression, payload=payload, chunk_sha256=chunk_sha256,
+                 event_sha256=event_sha256, created_at=created_at,
+                 logical_timestamp_ms=logical_timestamp_ms, clock_skew_ms=float(clock_skew_ms),
+                 attributes=attributes, queue_epoch=queue_epoch)
+
+
+_INF = float("inf")
+_FLOAT_MAX = 1e308  # any int strictly inside converts to a finite float
+
+
+def _fast_number(value: Any) -> bool:
+    kind = type(value)
+    return (kind is float and -_INF < value < _INF) or \
+        (kind is int and -_FLOAT_MAX < value < _FLOAT_MAX)
+
+
+def _chunk_fast(doc: Mapping[str, Any]) -> Chunk | None:
+    get = doc.get
+    payload = _fast_b64(get("payload"), _MAX_B64_TEXT)
+    if payload is None:
+        return None
+    chunk_sha256 = _fast_b64(get("chunk_sha256"), 88)
+    event_sha256 = _fast_b64(get("event_sha256"), 88)
+    attributes = get("attributes", {})
+    queue_epoch = get("queue_epoch")
+    if chunk_sha256 is None or event_sha256 is None or queue_epoch == "":
+        return None
+    return chunk_if_plain(
+        get("schema_version"), get("sensor_id"), get("event_id"), get("sequence"),
+        get("chunk_index"), get("chunk_count"), get("compression"), payload, chunk_sha256,
+        event_sha256, get("created_at"), get("logical_timestamp_ms"), get("clock_skew_ms", 0.0),
+        {} if attributes is None else attributes, "" if queue_epoch is None else queue_epoch)
+
+
+def chunk_from_json_strict(doc: Mapping[str, Any]) -> Chunk:
+    """The reference reader: one checked read per field, errors name the field."""
     schema_version = check_schema_version(read_str(doc, "schema_version"))
     chunk_count = read_int(doc, "chunk_count", minimum=1, maximum=MAX_CHUNK_COUNT)
     chunk_index = read_int(doc, "chunk_index", maximum=MAX_CHUNK_COUNT)
