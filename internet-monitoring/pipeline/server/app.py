@@ -302,8 +302,6 @@ class PipelineServer:
     async def run_forever(self, on_started: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
         await self.start()
-        if on_started is not None:
-            on_started()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         installed = []
@@ -325,6 +323,10 @@ class PipelineServer:
             installed.append(signal.SIGHUP)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
+        # Announced only now: a supervisor that signals as soon as it reads the
+        # announcement gets a graceful stop, not the default action of SIGTERM.
+        if on_started is not None:
+            on_started()
         try:
             await stop.wait()
         finally:

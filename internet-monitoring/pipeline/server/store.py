@@ -458,7 +458,7 @@ class SQLiteChunkStore:
                 item.raw = raw
         except PipelineError as exc:
             item.error = exc
-            log.info("chunk_rejected sensor=%s epoch=%s sequence=%d event_id=%s error=%s",
+            log.info("chunk_rejected sensor_id=%s epoch=%s sequence=%d event_id=%s error=%s",
                      chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
                      exc.code)
 
@@ -480,7 +480,7 @@ class SQLiteChunkStore:
         except PipelineError as exc:
             # Raised only before this chunk wrote anything.
             item.error = exc
-            log.info("chunk_rejected sensor=%s epoch=%s sequence=%d event_id=%s error=%s",
+            log.info("chunk_rejected sensor_id=%s epoch=%s sequence=%d event_id=%s error=%s",
                      chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
                      exc.code)
             return
@@ -666,7 +666,7 @@ class SQLiteChunkStore:
                 " chunk_count, reason, code, rejected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (sid, event_id, partial.epoch, partial.event_sha256, partial.chunk_count,
                  exc.message, exc.code, now))
-            log.warning("event_rejected sensor=%s epoch=%s event_id=%s reason=%s",
+            log.warning("event_rejected sensor_id=%s epoch=%s event_id=%s reason=%s",
                         sid, partial.epoch, event_id, exc.code)
             return
         cursor = conn.execute(
@@ -685,7 +685,7 @@ class SQLiteChunkStore:
             logical_timestamp_ms=partial.logical_timestamp_ms, created_at=partial.created_at,
             completed_at=now, first_sequence=partial.first_sequence,
             last_sequence=partial.last_sequence, attributes=json.loads(partial.attributes))
-        log.debug("event_completed sensor=%s event_id=%s bytes=%d", sid, event_id, len(data))
+        log.debug("event_committed sensor_id=%s event_id=%s bytes=%d", sid, event_id, len(data))
 
     def _save_offsets(self, work: Mapping[OffsetKey, OffsetTracker], now: float) -> None:
         for (sensor_id, epoch), tracker in work.items():
