@@ -43,6 +43,12 @@ def test_promtool_check_rules(promtool: str) -> None:
     assert "SUCCESS: 5 rules found" in result.stdout
 
 
+def test_promtool_check_config_of_the_example_prometheus(promtool: str) -> None:
+    result = run(promtool, "check", "config", "prometheus.yml", cwd=PROMETHEUS_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout
+
+
 def test_promtool_unit_tests_fire_and_stay_silent(promtool: str) -> None:
     result = run(promtool, "test", "rules", str(RULE_TESTS), cwd=RULE_TESTS.parent)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,11 +58,11 @@ def test_promtool_unit_tests_fire_and_stay_silent(promtool: str) -> None:
 # Each mutation moves one alert's threshold so that its "fires" case no longer fires (or
 # its "silent" case fires): the unit tests must catch it.
 MUTATIONS = {
-    "PipelineSensorQueueBacklog": ("sensor_queue_depth > 500", "sensor_queue_depth > 1000"),
+    "PipelineSensorQueueBacklog": ("(sensor_queue_depth) > 500", "(sensor_queue_depth) > 1000"),
     "PipelineSnapshotStale": ("server_snapshot_age_seconds > 300",
                               "server_snapshot_age_seconds > 200"),
-    "PipelineChunkRetries": ("increase(sensor_chunk_retry_total[10m]) > 5",
-                             "increase(sensor_chunk_retry_total[10m]) > 3"),
+    "PipelineChunkRetries": ("increase(sensor_chunk_retry_total[10m])) > 5",
+                             "increase(sensor_chunk_retry_total[10m])) > 3"),
     "PipelineClockSkew": ("abs(pipeline_clock_skew_ms) > 500", "pipeline_clock_skew_ms > 500"),
     "PipelineHeartbeatsMissing": ("2 * pipeline_heartbeat_interval_seconds",
                                   "1 * pipeline_heartbeat_interval_seconds"),
