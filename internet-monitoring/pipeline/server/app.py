@@ -63,6 +63,7 @@ TICK_S = 0.25
 PRUNE_INTERVAL_S = 300.0
 PRUNE_BATCH = 1000
 SHUTDOWN_TIMEOUT_S = 5.0
+LINGER_S = 1.0
 
 
 def ssl_context_for(tls: TlsConfig, at: str) -> ssl.SSLContext | None:
@@ -225,9 +226,11 @@ class PipelineServer:
         for name, app, section in plan:
             # keepalive_timeout doubles as the request-header deadline (slowloris);
             # nothing here uses Content-Encoding, so no decompression before our checks.
+            # lingering_time: after refusing a body (413/408) aiohttp reads and discards
+            # what is still coming, so the client can see the answer; briefly, not 10 s.
             runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None,
                                    keepalive_timeout=cfg.limits.header_timeout_s,
-                                   auto_decompress=False)
+                                   auto_decompress=False, lingering_time=LINGER_S)
             await runner.setup()
             self._runners[name] = runner
             site = GuardedSite(runner, section.bind, section.port, ssl_context=contexts[name],
