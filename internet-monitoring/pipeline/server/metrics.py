@@ -36,9 +36,9 @@ Operator extras::
     pipeline_heartbeat_interval_seconds       gauge      the configured heartbeat interval
     pipeline_clock_skew_ms{sensor_id}         gauge      clock skew reported by the sensor
     pipeline_sensor_dropped_total{sensor_id}  gauge      chunks the sensor's queue dropped
-                                                         (size/age limits), from heartbeats
-    pipeline_sensor_dropped_by_reason_total{sensor_id, reason}
-                                              gauge      the same, by reason, when reported
+                                                         (size/age limits), from heartbeats;
+                                                         by reason on the sensor's own
+                                                         /metrics (sensor_chunks_dropped_total)
     pipeline_sensor_quarantined_total{sensor_id}
                                               gauge      chunks the sensor quarantined, from
                                                          heartbeats
@@ -120,10 +120,6 @@ class ServerMetrics:
         self.sensor_dropped = Gauge("pipeline_sensor_dropped_total",
                                     "Chunks dropped by the sensor's queue, from heartbeats",
                                     ["sensor_id"], registry=r)
-        self.sensor_dropped_by_reason = Gauge(
-            "pipeline_sensor_dropped_by_reason_total",
-            "Chunks dropped by the sensor's queue by reason, from heartbeats",
-            ["sensor_id", "reason"], registry=r)
         self.sensor_quarantined = Gauge("pipeline_sensor_quarantined_total",
                                         "Chunks quarantined by the sensor, from heartbeats",
                                         ["sensor_id"], registry=r)
@@ -144,9 +140,6 @@ class ServerMetrics:
             self.sensor_dropped.labels(sensor_id).set(heartbeat.dropped_total)
         if heartbeat.quarantined_total is not None:
             self.sensor_quarantined.labels(sensor_id).set(heartbeat.quarantined_total)
-        by_reason = getattr(heartbeat, "dropped_by_reason", None)
-        for reason, count in dict(by_reason or {}).items():
-            self.sensor_dropped_by_reason.labels(sensor_id, reason).set(count)
 
     def on_connection(self, sensor_id: str, connected: bool) -> None:
         self.connected.labels(sensor_id).set(1.0 if connected else 0.0)
