@@ -38,6 +38,8 @@ _ERROR_TEXT = {
 
 _SENSOR_ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
 _B64 = {"type": "string", "format": "byte"}
+_SHA256_B64 = {"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$",
+               "description": "base64 of a 32-byte SHA-256"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -76,21 +78,25 @@ def _schemas() -> dict[str, Any]:
                          "chunk_count", "compression", "payload", "chunk_sha256",
                          "event_sha256", "created_at", "logical_timestamp_ms"],
             "properties": {
-                "schema_version": {"type": "string", "example": "1.0.0"},
+                "schema_version": {"type": "string", "pattern": r"^1\.[0-9]{1,6}\.[0-9]{1,6}$",
+                                   "example": "1.0.0"},
                 "sensor_id": _SENSOR_ID,
                 "event_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                 "sequence": {"type": "integer", "minimum": 0, "maximum": MAX_SEQUENCE},
-                "chunk_index": {"type": "integer", "minimum": 0, "maximum": MAX_CHUNK_COUNT},
+                "chunk_index": {"type": "integer", "minimum": 0, "maximum": MAX_CHUNK_COUNT,
+                                "description": "below chunk_count (400 otherwise)"},
                 "chunk_count": {"type": "integer", "minimum": 1, "maximum": MAX_CHUNK_COUNT},
                 "compression": {"type": "string", "enum": ["gzip"]},
-                "payload": _B64,
-                "chunk_sha256": _B64,
-                "event_sha256": _B64,
-                "created_at": {"type": "string"},
-                "logical_timestamp_ms": {"type": "integer", "minimum": 0},
+                "payload": {**_B64, "description": "base64 of the gzip-compressed slice; "
+                                                   "at most 1 MiB decoded"},
+                "chunk_sha256": _SHA256_B64,
+                "event_sha256": _SHA256_B64,
+                "created_at": {"type": "string", "maxLength": 64},
+                "logical_timestamp_ms": {"type": "integer", "minimum": 0,
+                                         "maximum": MAX_SEQUENCE},
                 "clock_skew_ms": {"type": "number"},
                 "attributes": {"type": "object", "maxProperties": MAX_ATTRIBUTES,
-                               "additionalProperties": {"type": "string"}},
+                               "additionalProperties": {"type": "string", "maxLength": 1024}},
                 "queue_epoch": {"type": "string", "pattern": "^[0-9a-f]{8,64}$"},
             },
         },
