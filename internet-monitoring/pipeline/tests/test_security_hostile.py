@@ -337,3 +337,30 @@ async def test_connections_per_address_are_capped(tmp_path, clean_logs):
             w.close()
         assert server.registry.get_sample_value("pipeline_throttled_total",
                                                 {"sensor_id": ""}) >= 1
+
+
+async def test_event_size_cap_and_unanswered_pings(tmp_path, clean_logs):
+    config = hostile_config(tmp_path, max_event_bytes=100_000, ws_ping_interval_s=0.4)
+    async with running_server(config) as server:
+        async with aiohttp.ClientSession() as http:
+            # limits.max_event_bytes: three slices of at least 64 KiB cannot fit 100 kB.
+            doc = good_chunk()
+            doc["chunk_count"] = 3
+            async with http.post(f"http://127.0.0.1:{server.ingest_port}/v1/ingest/chunk",
+                                 json=doc, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 413 and (await r.json())["field"] == "chunk_count"
+            # A control peer that never answers pings is dropped after ~1.5 intervals.
+            ws = await http.ws_connect(f"ws://127.0.0.1:{server.control_port}/control",
+                                       headers={"X-Sensor-ID": "pi-01",
+                                                "Authorization": f"Bearer {TOKEN}"},
+                                       autoping=False)
+            await ws.send_str(envelope("pi-01", "heartbeat", {
+                "software_version": "x", "last_committed_sequence": 0, "queue_depth": 0,
+                "clock_skew_ms": 0.0}))
+            await eventually(lambda: server.manager.is_connected("pi-01"), what="connected")
+            started = time.monotonic()
+            await eventually(lambda: not server.manager.is_connected("pi-01"), timeout=5,
+                             what="silent peer dropped")
+            assert time.monotonic() - started < 3
+            await ws.close()
+        assert counts(server) == (0, 0)
