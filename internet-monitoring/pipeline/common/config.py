@@ -504,7 +504,7 @@ class SensorMetricsConfig:
         _check_listen(at, "listen", self.listen)
 
 
-DEFAULT_CAPABILITIES = ("chunks", "heartbeats", "epoch", "server_time")
+DEFAULT_CAPABILITIES = ("chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats")
 
 
 @dataclass(frozen=True)
