@@ -159,3 +159,31 @@ async def test_metrics_over_http_match_the_traffic_exactly(tmp_path: Path) -> No
     assert value(after, "control_channel_connected", sensor_id="pi-02") == 1
     assert value(after, "pipeline_acks_pending") == 0
     assert [x["body"]["committed_sequences"] for x in held] == [[1]]
+
+
+async def test_snapshot_values_survive_a_restart_and_follow_the_allow_list(tmp_path: Path
+                                                                          ) -> None:
+    """The gauges come back from the store's latest events after a restart, with the
+    allow-list of the new configuration; ``[]`` exports none."""
+    result = {"test": "speed", "download_mbps": 250.0, "upload_mbps": 40.5, "note": "x",
+              "ok": True}
+    async with running_server(server_config(tmp_path)) as server, \
+            aiohttp.ClientSession() as http:
+        _, (doc,) = event_docs("pi-01", result, 1)
+        assert (await post_doc(http, server, doc, TOKENS["pi-01"]))[0] == 200
+        first = parse_samples(await scrape(http, urls(server)["ingest"]))
+    assert value(first, "pipeline_snapshot_value", sensor_id="pi-01",
+                 field="download_mbps") == 250.0
+    assert value(first, "pipeline_snapshot_value", sensor_id="pi-01", field="ok") is None
+
+    restarted = server_config(tmp_path, metrics={"snapshot_fields": ["upload_mbps", "note"]})
+    async with running_server(restarted) as server, aiohttp.ClientSession() as http:
+        again = parse_samples(await scrape(http, urls(server)["ingest"]))
+    fields = {dict(labels)["field"]: v for (name, labels), v in again.items()
+              if name == "pipeline_snapshot_value"}
+    assert fields == {"upload_mbps": 40.5}  # "note" is text: skipped
+
+    silent = server_config(tmp_path, metrics={"snapshot_fields": []})
+    async with running_server(silent) as server, aiohttp.ClientSession() as http:
+        text = await scrape(http, urls(server)["ingest"])
+    assert not [k for k in parse_samples(text) if k[0] == "pipeline_snapshot_value"]
