@@ -52,6 +52,7 @@ from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
 from pipeline.sensor.dispatch import Dispatcher
+from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
 from pipeline.sensor.time_sync import ClockSkewEstimator
 from pipeline.sensor.transports import (
     ControlChannel,
@@ -65,7 +66,6 @@ from pipeline.version import SOFTWARE_VERSION
 
 if TYPE_CHECKING:
     from pipeline.common.config import SensorConfig
-    from pipeline.sensor.metrics import SensorMetricsServer
     from pipeline.sensor.queue import DurableQueue, QueuedChunk
     from pipeline.sensor.submit import SubmitServer
 
@@ -174,8 +174,6 @@ class SensorAgent:
         self.connects = 0
         self.connect_failures = 0
         self.bad_frames = 0
-        from pipeline.sensor.metrics import AgentCollector
-
         self.registry.register(AgentCollector(self))
 
     # ------------------------------------------------------------------ public
@@ -683,8 +681,6 @@ class SensorAgent:
         listen = getattr(metrics, "listen", None) if metrics is not None else None
         if not listen:
             return
-        from pipeline.sensor.metrics import SensorMetricsServer
-
         server = SensorMetricsServer(self.registry, listen)
         await server.start()
         self._metrics_server = server
