@@ -30,16 +30,19 @@ from pipeline.common.tracing import (
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sensor.submit import open_queue, submit_event
+from pipeline.tests.conftest import on_ci
 from pipeline.tests.observability_support import RunningAgent, agent_config, wait_for
 from pipeline.server.app import PipelineServer
 from pipeline.tests.server_support import TOKENS, server_config
 
-otel_sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="dev extra opentelemetry-sdk")
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter,
-)
+try:  # the dev extra installs the SDK; under CI=true its absence fails instead of skipping
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+except ImportError:  # pragma: no cover - depends on the environment
+    if on_ci():
+        raise
+    pytest.skip("needs opentelemetry-sdk (pip install -e '.[dev]')", allow_module_level=True)
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -201,7 +204,6 @@ async def test_one_trace_from_submit_to_commit(tmp_path: Path,
 
 
 async def test_spans_reach_an_otlp_http_collector() -> None:
-    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
