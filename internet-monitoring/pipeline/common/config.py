@@ -370,10 +370,11 @@ class LimitsConfig:
     tls_handshake_timeout_s: float = 10.0
     ws_ping_interval_s: float = 30.0
     max_event_bytes: int = 64 * MIB
+    throttle_delay_s: float = 1.0
 
     def validate(self, at: str) -> None:
         for name in ("chunk_rate", "auth_failures_before_ban", "auth_failure_window_s", "ban_s",
-                     "max_connections_per_address", "ws_ping_interval_s"):
+                     "max_connections_per_address", "ws_ping_interval_s", "throttle_delay_s"):
             _check_non_negative(at, name, getattr(self, name))
         for name in ("chunk_burst", "header_timeout_s", "body_timeout_s",
                      "tls_handshake_timeout_s", "max_event_bytes"):

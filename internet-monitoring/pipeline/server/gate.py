@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
@@ -78,6 +79,7 @@ class SecurityGate:
     bans: AuthFailureBans = field(default_factory=lambda: AuthFailureBans(0, 60.0, 0.0))
     body_timeout_s: float = 30.0
     ws_ping_interval_s: float = 0.0
+    throttle_delay_s: float = 0.0
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
 
@@ -195,15 +197,28 @@ async def security_middleware(request: web.Request,
                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                               ) -> web.StreamResponse:
     """Ban check before any authenticated route; a 401 counts toward a ban (a 403 does
-    not: the caller proved who it is and asked for something it may not have)."""
+    not: the caller proved who it is and asked for something it may not have).
+
+    A 429 (over the rate, or banned) is answered only after ``throttle_delay_s`` (at most
+    the whole seconds Retry-After would announce), with Retry-After reduced by the time
+    already waited: a client that honours Retry-After loses (almost) nothing, one that
+    hammers regardless can make at most one request per connection per delay, so its flood
+    cannot crowd the event loop that serves everyone else (test_security_flood.py)."""
     gate = request.app.get(GATE_KEY)
     if gate is None or request.path in OPEN_PATHS:
         return await handler(request)
-    gate.check_ban(request)
     try:
-        return await handler(request)
-    except Unauthenticated:
-        gate.auth_failed(request)
+        gate.check_ban(request)
+        try:
+            return await handler(request)
+        except Unauthenticated:
+            gate.auth_failed(request)
+            raise
+    except Throttled as exc:
+        delay = min(gate.throttle_delay_s, max(1.0, math.ceil(exc.retry_after)))
+        if delay > 0:
+            await asyncio.sleep(delay)
+            exc.retry_after = max(0.0, exc.retry_after - delay)
         raise
 
 

@@ -113,6 +113,7 @@ def gate_settings(config: ServerConfig) -> dict[str, Any]:
         "admin_token_sha256": _token_digest(auth.admin_token, auth.admin_token_sha256),
         "body_timeout_s": config.limits.body_timeout_s,
         "ws_ping_interval_s": config.limits.ws_ping_interval_s,
+        "throttle_delay_s": config.limits.throttle_delay_s,
     }
 
 

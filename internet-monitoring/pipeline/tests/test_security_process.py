@@ -42,7 +42,8 @@ def write_config(path: Path, base: Path, sensors: list[dict[str, Any]], watch: f
 
 
 @asynccontextmanager
-async def server_process(config: Path, log: Path) -> AsyncIterator[tuple[subprocess.Popen, dict[str, int]]]:
+async def server_process(config: Path, log: Path
+                         ) -> AsyncIterator[tuple[subprocess.Popen, dict[str, int]]]:
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.server", "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=err,

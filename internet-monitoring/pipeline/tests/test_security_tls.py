@@ -23,7 +23,13 @@ from pipeline.tests.security_support import (
     sensor_config,
     stored_events,
 )
-from pipeline.tests.server_support import TOKENS, chunk_docs, envelope, running_server, server_config
+from pipeline.tests.server_support import (
+    TOKENS,
+    chunk_docs,
+    envelope,
+    running_server,
+    server_config,
+)
 
 
 @pytest.fixture(scope="module")
