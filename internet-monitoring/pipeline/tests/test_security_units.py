@@ -304,3 +304,26 @@ def test_atomic_write_replaces_whole_content(tmp_path):
     atomic_write_text(path, "b")
     assert path.read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_the_agent_announces_rotation_only_with_a_token_file(tmp_path, caplog):
+    from pipeline.common.config import sensor_config_from_dict
+    from pipeline.sensor.agent import effective_capabilities
+
+    doc = {"sensor_id": "pi-01", "capabilities": ["chunks", "heartbeats", "rotation"]}
+    with_file = sensor_config_from_dict({**doc, "token_file": str(tmp_path / "t")})
+    without = sensor_config_from_dict({**doc, "token": "tok-0123456789abcdef"})
+    assert "rotation" in effective_capabilities(with_file)
+    assert "rotation" not in effective_capabilities(without)
+    assert "reason=no_token_file" in caplog.text
+
+
+def test_admin_client_finds_the_local_ingest_listener():
+    from pipeline.server.admin_client import ingest_base_url, rotate_url
+
+    plain = server_config_from_dict({"ingest": {"bind": "0.0.0.0", "port": 9000}})
+    assert ingest_base_url(plain) == "http://127.0.0.1:9000"
+    tls = server_config_from_dict({"ingest": {"bind": "::1", "port": 9443, "tls": {
+        "enabled": True, "cert": "c.pem", "key": "k.pem"}}})
+    assert ingest_base_url(tls) == "https://[::1]:9443"
+    assert rotate_url("http://h:1/", "pi:01") == "http://h:1/v1/sensors/pi%3A01/rotate"
