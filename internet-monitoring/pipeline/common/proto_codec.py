@@ -288,6 +288,23 @@ def _outcome_doc(message: data_pb2.IngestResult) -> dict[str, Any]:
     return doc
 
 
+def encode_ingest_result_proto(result: IngestResult) -> bytes:
+    """The answer to one Protobuf chunk POST (capability ``proto``)."""
+    message = data_pb2.IngestResult()
+    _outcome_message(message, result)
+    return message.SerializeToString()
+
+
+def decode_ingest_result_proto(data: bytes) -> IngestResult:
+    """A 200 answer to one chunk; an answer carrying a rejection is a ``ProtocolError``
+    (a single chunk is refused with a non-2xx JSON error, never inside a 200)."""
+    outcome = outcome_from_json(_outcome_doc(_parse(data_pb2.IngestResult, data,
+                                                    "ingest result")))
+    if not isinstance(outcome, IngestResult):
+        raise FieldValueError("a single-chunk answer cannot be a rejection", field="error_code")
+    return outcome
+
+
 def encode_batch_result_proto(results: Sequence[IngestResult | ChunkRejection | PipelineError],
                               chunks: Sequence[Chunk | PipelineError] | None = None) -> bytes:
     """``results[i]`` answers ``chunks[i]``; see ``batch.batch_outcomes`` for ``chunks``."""

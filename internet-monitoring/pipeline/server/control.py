@@ -16,7 +16,8 @@ After the upgrade each text frame is one envelope (``messages.decode_envelope``)
     malformed envelope              close 1002 (reason names the field)
     unknown schema major            close 1002 "unsupported schema major ..."
     envelope naming another sensor  close 1008
-    binary frame                    close 1003 (Protobuf frames are not negotiated here)
+    binary frame                    a Protobuf envelope (capability proto); close 1003
+                                    when the server does not announce proto
     heartbeat                       session.on_heartbeat -> scheduler.pump -> ChunkRequests
     command_response                logged
 
@@ -34,6 +35,7 @@ to the current connection (a stale socket's acks would be lost with it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -52,10 +54,13 @@ from pipeline.common.errors import (
     UnsupportedSchemaVersion,
 )
 from pipeline.common.messages import (
+    CAP_BATCH,
     CAP_CHUNKS,
     CAP_EPOCH,
     CAP_HEARTBEAT_STATS,
     CAP_HEARTBEATS,
+    CAP_HTTP_ACK,
+    CAP_PROTO,
     CAP_ROTATION,
     CAP_SERVER_TIME,
     SENSOR_ID_RE,
@@ -68,6 +73,7 @@ from pipeline.common.messages import (
     decode_envelope,
     encode_envelope,
 )
+from pipeline.common.proto_codec import decode_envelope_proto, encode_envelope_proto
 from pipeline.server.auth import TokenAuthenticator, bearer_token, hash_token
 from pipeline.server.gate import GATE_KEY, SensorPrincipal
 from pipeline.server.metrics import ServerMetrics
@@ -77,7 +83,8 @@ from pipeline.server.session import Committed, SensorSession
 log = logging.getLogger(__name__)
 
 SERVER_CAPABILITIES: tuple[str, ...] = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                                        CAP_HEARTBEAT_STATS, CAP_ROTATION)
+                                        CAP_HEARTBEAT_STATS, CAP_ROTATION, CAP_PROTO,
+                                        CAP_BATCH, CAP_HTTP_ACK)
 CLOSE_REPLACED = 1008
 CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
@@ -127,7 +134,7 @@ class ControlConnection:
         # The credential that let this socket in (security sweeps close it once revoked).
         self.token_sha256: str | None = None
         self.cert_bound = False
-        self._outbound: asyncio.Queue[str | None] = asyncio.Queue(maxsize=max_outbound)
+        self._outbound: asyncio.Queue[str | bytes | None] = asyncio.Queue(maxsize=max_outbound)
         self._sender: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False
@@ -152,8 +159,12 @@ class ControlConnection:
             return False
         if envelope.server_time is not None and CAP_SERVER_TIME not in self.capabilities:
             envelope = dataclasses.replace(envelope, server_time=None)
+        if CAP_PROTO in self.capabilities and CAP_PROTO in SERVER_CAPABILITIES:
+            frame: str | bytes = encode_envelope_proto(envelope)  # both announced proto
+        else:
+            frame = encode_envelope(envelope)
         try:
-            self._outbound.put_nowait(encode_envelope(envelope))
+            self._outbound.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("control_outbound_full sensor_id=%s", self.sensor_id)
             self._closer = asyncio.get_running_loop().create_task(
@@ -163,11 +174,14 @@ class ControlConnection:
 
     async def _send_loop(self) -> None:
         while True:
-            text = await self._outbound.get()
-            if text is None or self.ws.closed:
+            frame = await self._outbound.get()
+            if frame is None or self.ws.closed:
                 return
             try:
-                await self.ws.send_str(text)
+                if isinstance(frame, bytes):
+                    await self.ws.send_bytes(frame)
+                else:
+                    await self.ws.send_str(frame)
             except (ConnectionError, RuntimeError) as exc:
                 log.info("control_send_failed sensor_id=%s error=%s", self.sensor_id,
                          type(exc).__name__)
@@ -234,7 +248,8 @@ class ControlManager:
         self.info: dict[str, SensorInfo] = {}
         self._persisted: dict[str, set[str]] = {}
         self._after_persist: list[Outgoing] = []
-        self._held_acks: dict[str, list[ChunkAck]] = {}
+        self._held_acks: dict[str, collections.deque[ChunkAck]] = {}
+        self._held_counts: dict[str, int] = {}  # sequences in _held_acks, per sensor
         self._dirty: dict[str, tuple[dict[str, dict[str, object]], dict[str, Any]]] = {}
         self._persist_wakeup = asyncio.Event()
         self._persister: asyncio.Task[None] | None = None
@@ -345,8 +360,8 @@ class ControlManager:
         acks = session.on_committed(list(items), watermark, now)
         for ack in acks:
             if not self.send_body(sensor_id, ack):
-                log.info("ack_held sensor_id=%s window_id=%s reason=not_connected",
-                         sensor_id, ack.window_id)
+                log.debug("ack_held sensor_id=%s window_id=%s reason=not_connected",
+                          sensor_id, ack.window_id)
                 self._hold_ack(sensor_id, ack)
         self.dispatch(self.scheduler.pump(now, touched=[sensor_id]))
         self._note_changes([sensor_id])
@@ -386,14 +401,20 @@ class ControlManager:
     def _hold_ack(self, sensor_id: str, ack: ChunkAck) -> None:
         """An ack made while the sensor is offline waits for its next connection: the chunk
         is committed, and without the ack the sensor would keep it (and re-send it)."""
-        held = self._held_acks.setdefault(sensor_id, [])
+        held = self._held_acks.setdefault(sensor_id, collections.deque())
         held.append(ack)
-        while sum(len(a.committed_sequences) for a in held) > MAX_HELD_ACK_SEQUENCES:
-            dropped = held.pop(0)  # the sensor still recovers: its first window re-sends from 0
+        # A running count: summing the held acks on every commit made ingest slower the
+        # longer a sensor stayed away.
+        count = self._held_counts.get(sensor_id, 0) + len(ack.committed_sequences)
+        while count > MAX_HELD_ACK_SEQUENCES:
+            dropped = held.popleft()  # the sensor still recovers: its first window re-sends
+            count -= len(dropped.committed_sequences)
             self.metrics.on_ack_unsent(sensor_id, len(dropped.committed_sequences))
+        self._held_counts[sensor_id] = count
 
     def _release_held_acks(self, sensor_id: str) -> None:
-        for ack in self._held_acks.pop(sensor_id, []):
+        self._held_counts.pop(sensor_id, None)
+        for ack in self._held_acks.pop(sensor_id, ()):
             self.send_body(sensor_id, ack)
 
     # -- timers -------------------------------------------------------------------------
@@ -424,8 +445,7 @@ class ControlManager:
 
     def acks_pending(self) -> int:
         """Committed sequences whose acks wait for their sensor's next connection."""
-        return sum(len(ack.committed_sequences) for held in self._held_acks.values()
-                   for ack in held)
+        return sum(self._held_counts.values())
 
     # -- persistence --------------------------------------------------------------------
 
@@ -583,9 +603,14 @@ async def control_handler(request: web.Request) -> web.StreamResponse:
 
 async def _read_frames(manager: ControlManager, conn: ControlConnection) -> None:
     async for msg in conn.ws:
-        if msg.type is WSMsgType.TEXT:
+        binary = msg.type is WSMsgType.BINARY
+        if binary and CAP_PROTO not in SERVER_CAPABILITIES:
+            await conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames were not negotiated")
+            return
+        if msg.type is WSMsgType.TEXT or binary:
             try:
-                env = decode_envelope(msg.data)
+                # Capability proto: a binary frame is one Protobuf envelope.
+                env = decode_envelope_proto(msg.data) if binary else decode_envelope(msg.data)
             except UnsupportedSchemaVersion as exc:
                 log.warning("control_refused sensor_id=%s reason=%s", conn.sensor_id, exc.message)
                 await conn.close(CLOSE_PROTOCOL, exc.message)
@@ -601,9 +626,6 @@ async def _read_frames(manager: ControlManager, conn: ControlConnection) -> None
                 await conn.close(CLOSE_POLICY, "envelope sensor_id does not match X-Sensor-ID")
                 return
             manager.on_envelope(conn, env)
-        elif msg.type is WSMsgType.BINARY:
-            await conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames were not negotiated")
-            return
         elif msg.type is WSMsgType.ERROR:
             log.info("control_socket_error sensor_id=%s error=%s", conn.sensor_id,
                      type(conn.ws.exception()).__name__)

@@ -8,9 +8,11 @@ throughput grows with concurrency without weakening durability, and the event lo
 never blocks on SQLite.
 
 Post-commit work (acks, snapshot cache, stream, metrics) runs in ``on_commit`` from the
-writer task, once per batch, after ``store.ingest`` returned: it therefore happens exactly
-once per commit even when the HTTP client that posted the chunk has gone away. The hook
-must not block (it only queues messages).
+writer task, once per batch, in commit order, after ``store.ingest`` returned: it therefore
+happens exactly once per commit even when the HTTP client that posted the chunk has gone
+away. It runs while the NEXT batch's transaction is in the store thread (or at once when
+nothing else is queued), so its CPU work overlaps that transaction's fsync. The hook must
+not block (it only queues messages).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class IngestStore(Protocol):
+    """``ingest`` is required; a store may also offer ``begin_ingest(chunks, blocking=)``
+    / ``commit_ingest(prepared)`` / ``abort_ingest(prepared)`` to split a transaction."""
+
     def ingest(self, chunks: Sequence[Chunk]) -> list[Any]: ...
 
 
@@ -95,8 +100,14 @@ class GroupCommitter:
     # -- the writer ---------------------------------------------------------------------
 
     async def _writer(self) -> None:
+        # The post-commit hook of batch k runs while batch k+1's transaction is in the
+        # store thread (its fsync leaves the loop free), or at once when nothing is queued.
+        hook: list[CommitRecord] | None = None
         stop = False
         while not stop:
+            if hook is not None and self._queue.empty():
+                self._run_hook(hook)
+                hook = None
             first = await self._queue.get()
             if first is None:
                 break
@@ -112,7 +123,7 @@ class GroupCommitter:
                 batch.append(item)
                 size += len(item.chunks)
                 nbytes += _payload_bytes(item)
-            await self._commit(batch)
+            hook = await self._commit(batch, hook)
         # Anything queued behind the stop marker (there should be none) still commits.
         rest = []
         while not self._queue.empty():
@@ -120,25 +131,40 @@ class GroupCommitter:
             if item is not None:
                 rest.append(item)
         if rest:
-            await self._commit(rest)
+            hook = await self._commit(rest, hook)
+        if hook is not None:
+            self._run_hook(hook)
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], previous: list[CommitRecord] | None
+                      ) -> list[CommitRecord] | None:
+        """Commit ``batch``; run ``previous``'s hook meanwhile. Returns this batch's records
+        for its hook (None when the batch failed: nothing was committed)."""
         chunks = [c for p in batch for c in p.chunks]
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._store.ingest, chunks)
+            running = self._start(loop, chunks)
+        except PipelineError as exc:
+            log.warning("group_commit_failed chunks=%d error=%s", len(chunks), exc.code)
+            self._fail(batch, exc)
+            if previous is not None:
+                self._run_hook(previous)
+            return None
+        if previous is not None:
+            self._run_hook(previous)
+        try:
+            outcomes = await running
             if len(outcomes) != len(chunks):
                 raise StoreError(f"store answered {len(outcomes)} outcomes for "
                                  f"{len(chunks)} chunks")
         except PipelineError as exc:
             log.warning("group_commit_failed chunks=%d error=%s", len(chunks), exc.code)
             self._fail(batch, exc)
-            return
+            return None
         except Exception as exc:  # a store bug must not kill the writer for good
             log.exception("group_commit_crashed chunks=%d", len(chunks))
             self._fail(batch, StoreError("store failure"))
             del exc
-            return
+            return None
         self.batches += 1
         records: list[CommitRecord] = []
         offset = 0
@@ -149,11 +175,31 @@ class GroupCommitter:
             offset += len(pending.chunks)
             if not pending.future.done():
                 pending.future.set_result(list(mine))
-        if self._on_commit is not None:
-            try:
-                self._on_commit(records)
-            except Exception:  # noqa: BLE001 - post-commit bugs must not undo the commit
-                log.exception("post_commit_hook_failed chunks=%d", len(records))
+        return records
+
+    def _start(self, loop: asyncio.AbstractEventLoop, chunks: list[Chunk]
+               ) -> asyncio.Future[list[Any]]:
+        """Start the transaction: with a splittable store, the statements run here on the
+        loop and only the COMMIT (fsync) in the store thread (see
+        ``SQLiteChunkStore.begin_ingest``); a store busy with another call, or one that
+        cannot split, ingests entirely in the store thread."""
+        begin = getattr(self._store, "begin_ingest", None)
+        prepared = begin(chunks, blocking=False) if begin is not None else None
+        if prepared is None:
+            return loop.run_in_executor(self._executor, self._store.ingest, chunks)
+        try:
+            return loop.run_in_executor(self._executor, self._store.commit_ingest, prepared)
+        except BaseException:
+            self._store.abort_ingest(prepared)
+            raise
+
+    def _run_hook(self, records: list[CommitRecord]) -> None:
+        if self._on_commit is None:
+            return
+        try:
+            self._on_commit(records)
+        except Exception:  # noqa: BLE001 - post-commit bugs must not undo the commit
+            log.exception("post_commit_hook_failed chunks=%d", len(records))
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: PipelineError) -> None:

@@ -44,18 +44,16 @@ from pipeline.common.errors import (
     PipelineError,
     StoreError,
     Unauthenticated,
-    UnsupportedMediaType,
 )
 from pipeline.common.messages import (
     SENSOR_ID_RE,
     IngestResult,
-    decode_chunk,
-    ingest_result_to_json,
 )
 from pipeline.common.tracing import Tracing, traceparent_of, with_traceparent
 from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer
 from pipeline.server.control import ControlManager
 from pipeline.server.gate import GATE_KEY, read_body
+from pipeline.server import ingest_wire
 from pipeline.server.group_commit import GroupCommitter
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
@@ -114,7 +112,7 @@ async def error_middleware(request: web.Request,
 
 
 def _count_rejection(request: web.Request, code: str) -> None:
-    if request.path != INGEST_PATH:
+    if request.path not in (INGEST_PATH, ingest_wire.BATCH_PATH):
         return
     metrics = request.app.get(METRICS_KEY)
     if metrics is not None:
@@ -162,45 +160,65 @@ def chunk_span_attributes(chunk: Any) -> dict[str, str | int]:
 # Ingest
 
 
-async def ingest_chunk(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+@dataclass(frozen=True)
+class Admission:
+    """What the ingest checks before reading a body established (single or batch POST)."""
+
+    token: str | None
+    owner: str | None  # the token's sensor; None for the fleet token or certificate-only
+    gate: Any
+    received: float
+
+
+def admit_ingest(request: web.Request, ctx: IngestContext) -> Admission:
+    """Before the body is read: strangers are refused (401/403)."""
     received = time.time()
     token = bearer_token(request.headers.get("Authorization"))
     gate = request.app.get(GATE_KEY)
     owner: str | None = None
     if gate is not None:
-        # Strangers and over-rate sensors are refused before their body is read.
         owner = gate.precheck_ingest(request, token)
-        if owner is not None:
-            gate.throttle_chunks(owner)
     else:
         try:
             ctx.authenticator.check(token, received)
         except AuthError:
             ctx.metrics.on_auth_failure()
             raise
-    if request.headers.get("Content-Type") is not None and \
-            request.content_type != "application/json":
-        raise UnsupportedMediaType("Content-Type must be application/json",
-                                   field="Content-Type")
+    return Admission(token, owner, gate, received)
+
+
+def authorize_chunk_sensor(request: web.Request, ctx: IngestContext, admission: Admission,
+                           sensor_id: str) -> None:
+    """The chunk's sensor_id must be the authenticated identity (token owner, and the
+    client certificate on an mTLS listener): 401/403 otherwise."""
+    if admission.gate is not None:
+        admission.gate.authenticate_sensor(request, "ingest", sensor_id, admission.token)
+        return
+    try:
+        ctx.authenticator.authenticate(sensor_id, admission.token, admission.received)
+    except AuthError:
+        ctx.metrics.on_auth_failure()
+        raise
+
+
+async def ingest_chunk(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    admission = admit_ingest(request, ctx)
+    gate, owner, received = admission.gate, admission.owner, admission.received
+    if gate is not None and owner is not None:
+        # Over-rate sensors are refused before their body is read.
+        gate.throttle_chunks(owner)
+    proto_allowed = ingest_wire.proto_enabled()
+    request_proto = ingest_wire.request_is_proto(request, proto_allowed)
     body = await read_body(request, ctx.max_body_bytes,
                            gate.body_timeout_s if gate is not None else None)
-    chunk = decode_chunk(body)
+    chunk = ingest_wire.decode_one(body, request_proto)
     with ctx.tracing.span("server.ingest", parent=traceparent_of(chunk.attributes),
                           attributes=chunk_span_attributes(chunk)):
         with ctx.tracing.span("server.verify"):
-            if gate is not None:
-                # The chunk's sensor_id must be the authenticated identity (token owner,
-                # and the client certificate on an mTLS listener): 401/403 otherwise.
-                gate.authenticate_sensor(request, "ingest", chunk.sensor_id, token)
-                if owner is None:
-                    gate.throttle_chunks(chunk.sensor_id)
-            else:
-                try:
-                    ctx.authenticator.authenticate(chunk.sensor_id, token, received)
-                except AuthError:
-                    ctx.metrics.on_auth_failure()
-                    raise
+            authorize_chunk_sensor(request, ctx, admission, chunk.sensor_id)
+            if gate is not None and owner is None:
+                gate.throttle_chunks(chunk.sensor_id)
         with ctx.tracing.span("server.commit") as commit_span:
             # The post-commit hook (ack, snapshot) continues the trace under this span.
             chunk = with_traceparent(chunk, commit_span.traceparent)
@@ -214,7 +232,8 @@ async def ingest_chunk(request: web.Request) -> web.Response:
                           sequence=outcome.sequence, event_id=outcome.event_id,
                           sensor_id=outcome.sensor_id, event_complete=outcome.event_complete,
                           last_committed_sequence=outcome.last_committed_sequence)
-    return web.json_response(ingest_result_to_json(result))
+    return ingest_wire.result_response(
+        result, ingest_wire.answer_in_proto(request, request_proto, proto_allowed))
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,6 +414,9 @@ def ingest_server(ctx: IngestContext, *, middlewares: tuple[Any, ...] = (error_m
     app[METRICS_KEY] = ctx.metrics
     r = app.router
     r.add_post(INGEST_PATH, ingest_chunk)
+    from pipeline.server.ingest_batch import ingest_batch  # it builds on this module
+
+    r.add_post(ingest_wire.BATCH_PATH, ingest_batch)
     r.add_get("/v1/snapshots", list_snapshots)
     r.add_get("/v1/snapshots/{sensor_id}", get_snapshot)
     r.add_get("/v1/sensors", list_sensors)

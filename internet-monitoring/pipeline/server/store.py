@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
 SCHEMA_VERSION = 1
 CACHE_KIB = 64 * 1024
+BUSY_TIMEOUT_MS = 30_000
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -286,6 +287,14 @@ class _Pending:
 
 
 @dataclass
+class PreparedIngest:
+    """A batch between ``begin_ingest`` and ``commit_ingest`` (store-private state)."""
+
+    items: list[_Pending]
+    work: dict[OffsetKey, OffsetTracker]
+
+
+@dataclass
 class _Partial:
     epoch: str
     chunk_count: int
@@ -338,7 +347,8 @@ class SQLiteChunkStore:
         self.path = Path(path)
         self._max_event_bytes = max_event_bytes
         self._clock = clock
-        self._lock = threading.RLock()
+        # A plain Lock, not an RLock: a prepared ingest releases it from another thread.
+        self._lock = threading.Lock()
         self._book = OffsetBook()
         self._closed = False
         try:
@@ -364,7 +374,7 @@ class SQLiteChunkStore:
         if str(journal).lower() != "wal":
             raise StoreError(f"store {self.path} cannot use WAL (journal_mode={journal})")
         conn.execute(f"PRAGMA synchronous={mode}")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # The ingest probes hit random keys (event ids) in every UNIQUE index: a page cache
         # that holds those indexes keeps the cost per chunk flat as the tables grow.
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -404,21 +414,40 @@ class SQLiteChunkStore:
         """
         if not chunks:
             return []
-        with self._lock:
+        prepared = self.begin_ingest(chunks)
+        assert prepared is not None
+        return self.commit_ingest(prepared)
+
+    def begin_ingest(self, chunks: Sequence[Chunk], *, blocking: bool = True
+                     ) -> PreparedIngest | None:
+        """The first half of ``ingest``: checks, BEGIN and every statement, no COMMIT.
+
+        Why split: the statements are many short SQLite calls, each giving up and taking
+        back the GIL; run in a worker thread while the event loop is busy, every take-back
+        waits for the loop's switch interval. The server runs this half on the loop (it
+        is CPU work the process must do anyway) and only ``commit_ingest`` (the fsync) in
+        its store thread. The store's lock is held from here until ``commit_ingest`` or
+        ``abort_ingest``, which may run in another thread. ``blocking=False`` returns None
+        instead of waiting when another store call holds the lock.
+        """
+        if not self._lock.acquire(blocking=blocking):
+            return None
+        try:
             self._check_open()
+            conn = self._conn
+            if not self._begin(blocking):
+                self._lock.release()
+                return None
             pending = [_Pending(chunk) for chunk in chunks]
-            for item in pending:
-                self._precheck(item)
             work: dict[OffsetKey, OffsetTracker] = {}
             now = self._clock()
-            conn = self._conn
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                for item in pending:
+                    self._precheck(item)
                 for item in pending:
                     if item.error is None:
                         self._ingest_one(item, work, now)
                 self._save_offsets(work, now)
-                conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 error = _translate(exc, "ingest failed")
@@ -427,10 +456,63 @@ class SQLiteChunkStore:
             except BaseException:
                 self._rollback()
                 raise
+        except BaseException:
+            self._lock.release()
+            raise
+        return PreparedIngest(pending, work)
+
+    def _begin(self, blocking: bool) -> bool:
+        """BEGIN IMMEDIATE; without ``blocking``, False at once if another connection
+        holds the write lock (instead of waiting up to busy_timeout on the event loop)."""
+        conn = self._conn
+        if blocking:
+            self._execute_begin()
+            return True
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            self._execute_begin()
+        except StoreError:
+            if conn.in_transaction:
+                raise
+            return False
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return True
+
+    def _execute_begin(self) -> None:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc, "ingest failed") from exc
+
+    def commit_ingest(self, prepared: PreparedIngest) -> list[ChunkOutcome]:
+        """The second half of ``ingest``: COMMIT (durable on return), then the offsets."""
+        try:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                error = _translate(exc, "ingest failed")
+                log.error("store_ingest_failed chunks=%d error=%s", len(prepared.items),
+                          error.code)
+                raise error from exc
+            except BaseException:
+                self._rollback()
+                raise
             # Durable now: publish the new offsets.
-            for (sensor_id, epoch), tracker in work.items():
+            for (sensor_id, epoch), tracker in prepared.work.items():
                 self._book.put(sensor_id, epoch, tracker)
-            return [self._outcome(item) for item in pending]
+            return [self._outcome(item) for item in prepared.items]
+        finally:
+            self._lock.release()
+
+    def abort_ingest(self, prepared: PreparedIngest) -> None:
+        """Roll back a prepared batch (nothing of it becomes visible)."""
+        del prepared
+        try:
+            self._rollback()
+        finally:
+            self._lock.release()
 
     def _precheck(self, item: _Pending) -> None:
         """Checks needing no database: hash, decompression (bomb cap), field sanity.
