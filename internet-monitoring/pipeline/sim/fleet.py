@@ -77,6 +77,7 @@ class FleetOptions:
     server_module: str = "pipeline.server"  # what ``python -m`` runs (tests swap it)
     server_env: Mapping[str, str] = field(default_factory=dict)
     id_prefix: str = "sim"
+    capabilities: tuple[str, ...] | None = None  # sensor capabilities; None = SIM_SENSOR_CONFIG
 
     def __post_init__(self) -> None:
         if self.sensors < 1:
@@ -290,12 +291,18 @@ class Fleet:
                 sensor_dir, sid, self.tokens[sid],
                 control_url=control.url("ws", self._control_target.path),
                 ingest_url=ingest.url("http", self._ingest_target.path),
-                extra_config=SIM_SENSOR_CONFIG)
+                extra_config=self._sensor_config())
             self.sensors[sid] = (InProcessSensor(process) if self.options.in_process
                                  else ProcessSensor(process))
         await asyncio.gather(*(s.start() for s in self.sensors.values()))
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
         self._session = aiohttp.ClientSession(timeout=timeout)
+
+    def _sensor_config(self) -> dict[str, Any]:
+        config = dict(SIM_SENSOR_CONFIG)
+        if self.options.capabilities is not None:
+            config["capabilities"] = list(self.options.capabilities)
+        return config
 
     def unique_proxies(self) -> list[FaultProxy]:
         seen: dict[int, FaultProxy] = {}

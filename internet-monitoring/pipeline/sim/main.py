@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.logs import setup_logging
 from pipeline.sim.faults import DirectionFaults
-from pipeline.sim.fleet import FleetOptions
+from pipeline.sim.fleet import SIM_SENSOR_CONFIG, FleetOptions
 from pipeline.sim.processes import ProcessError
 from pipeline.sim.profiles import (
     PROFILES,
@@ -90,10 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the queues to drain after the last submit (300)")
     add("--settle", type=float, default=5.0,
         help="with every queue empty, seconds without a new event before judging (5)")
+    add("--faults-for", type=float, default=0.0, metavar="S",
+        help="links turn clean after S seconds (0 = faults for the whole run): checks that "
+             "the fleet recovers and drains once the link heals")
     add("--in-process", action="store_true",
         help="run the sensor agents inside this process (no sensor kills)")
     add("--shared-proxies", action="store_true",
         help="one proxy pair for the whole fleet instead of one per sensor")
+    add("--capabilities", default=None, metavar="LIST",
+        help="capabilities the sensors announce, comma-separated (default: "
+             f"{','.join(SIM_SENSOR_CONFIG['capabilities'])})")
     add("--server-url", default=None,
         help="use an existing server (its HTTP ingest base, e.g. http://10.0.0.5:8081) "
              "instead of starting one; server kills are then disabled")
@@ -215,18 +221,30 @@ def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
                          in_process=args.in_process, shared_proxies=args.shared_proxies,
                          server_url=args.server_url, control_url=args.control_url,
                          token=args.token, read_token=args.read_token,
-                         server_module=args.server_module)
+                         server_module=args.server_module,
+                         capabilities=_capabilities(args.capabilities))
     parameters = {
         "profile": dataclasses.asdict(profile), "set": list(args.set),
         "event_size": args.event_size, "interval_s": workload.interval_s,
         "kill_sensors_every_s": kill_sensors, "kill_server_every_s": kill_server,
-        "kill_fraction": args.kill_fraction, "restart_delay_s": args.restart_delay,
-        "shared_proxies": args.shared_proxies, "server_module": args.server_module}
+        "faults_for_s": args.faults_for, "kill_fraction": args.kill_fraction, "restart_delay_s": args.restart_delay,
+        "shared_proxies": args.shared_proxies, "server_module": args.server_module,
+        "capabilities": list(fleet.capabilities or SIM_SENSOR_CONFIG["capabilities"])}
     return SimSettings(profile=profile, workload=workload, fleet=fleet,
                        kill_sensors_every_s=kill_sensors, kill_server_every_s=kill_server,
                        kill_fraction=args.kill_fraction, restart_delay_s=args.restart_delay,
                        drain_timeout_s=args.drain_timeout, settle_s=args.settle,
+                       faults_for_s=args.faults_for,
                        parameters=parameters)
+
+
+def _capabilities(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    caps = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not caps:
+        raise ConfigError("--capabilities: give at least one capability", field="capabilities")
+    return caps
 
 
 def _workdir(args: argparse.Namespace) -> tuple[Path, bool]:

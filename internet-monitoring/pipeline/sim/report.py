@@ -14,7 +14,8 @@ counters scraped from ``/metrics``, timings). ``build_report`` checks every gene
   yet), *quarantined* (taken out of service by the sensor) and *lost* (nowhere);
 * **unexpected**: a stored event under a simulated sensor that was never generated.
 
-The run passes when nothing is missing, duplicated, corrupted or unexpected.
+The run passes when nothing is missing, duplicated, corrupted or unexpected and no chunk
+is left in a queue (a drain that never finishes is a failure too).
 Goodput is delivered (uncompressed) bytes over the time from the first enqueue to the
 last commit; latency is enqueue (sensor queue commit, simulator clock) to the server's
 ``completed_at`` (both wall clocks of this machine; against a remote server they differ
@@ -85,6 +86,7 @@ class RunFacts:
     counters: Mapping[str, float] = field(default_factory=dict)  # scraped or agent stats
     workload_errors: Sequence[str] = ()
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    cpu_s: Mapping[str, float] = field(default_factory=dict)  # simulator / processes
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,11 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.duplicated or self.corrupted or self.unexpected)
+        """Nothing missing, duplicated, corrupted or unexpected, and every queue drained
+        (chunks left behind mean a drain that never finished, even if their events made
+        it: the sensor would hold and re-send them)."""
+        return not (self.missing or self.duplicated or self.corrupted or self.unexpected
+                    or self.left_in_queues_chunks)
 
     @property
     def delivered_pct(self) -> float:
@@ -157,7 +163,8 @@ class Report:
                         "faults": dict(self.facts.faults),
                         "counters": dict(self.facts.counters),
                         "workload_errors": list(self.facts.workload_errors),
-                        "parameters": dict(self.facts.parameters)}
+                        "parameters": dict(self.facts.parameters),
+                        "cpu_s": dict(self.facts.cpu_s)}
         doc["samples"] = {k: list(v) for k, v in self.samples.items()}
         doc["per_sensor"] = {k: dict(v) for k, v in self.per_sensor.items()}
         doc["ok"] = self.ok
@@ -312,6 +319,7 @@ def format_report(report: Report) -> str:
          f"{report.delivery_window_s:.1f} s)"),
         ("latency enqueue->commit", f"p50 {_ms(lat.p50_ms)}, p95 {_ms(lat.p95_ms)}, "
                                     f"p99 {_ms(lat.p99_ms)}, max {_ms(lat.max_ms)}"),
+        ("cpu (whole run)", _cpu(f.cpu_s, report.delivered_bytes)),
         ("drain", f"{f.drain} after {f.elapsed_s:.1f} s (submitting took {f.submit_s:.1f} s)"),
     ]
     if f.workload_errors:
@@ -324,6 +332,16 @@ def format_report(report: Report) -> str:
     head = (f"pipeline-sim: profile {f.profile}, seed {f.seed}, {f.sensors} sensors x "
             f"{f.events_per_sensor} events ({f.mode}, server {f.server})")
     return "\n".join([head] + [f"  {label:<{width}}  {value}" for label, value in rows]) + "\n"
+
+
+def _cpu(cpu_s: Mapping[str, float], delivered_bytes: int) -> str:
+    if not cpu_s:
+        return "-"
+    total = sum(cpu_s.values())
+    per_mb = f", {total / (delivered_bytes / MB):.1f} s per delivered MB" \
+        if delivered_bytes else ""
+    return (f"{total:.1f} s  (simulator {cpu_s.get('simulator', 0.0):.1f} s, server and "
+            f"sensor processes {cpu_s.get('processes', 0.0):.1f} s{per_mb})")
 
 
 def goodput_ratio(run: Report, baseline: Report) -> float | None:

@@ -17,9 +17,11 @@ Phases::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -55,11 +57,12 @@ class SimSettings:
     drain_timeout_s: float = 300.0
     settle_s: float = 5.0
     progress_interval_s: float = 1.0
+    faults_for_s: float = 0.0  # > 0: links turn clean after this many seconds
     parameters: dict[str, Any] = field(default_factory=dict)  # recorded in the report
 
     def __post_init__(self) -> None:
         for name in ("kill_sensors_every_s", "kill_server_every_s", "restart_delay_s",
-                     "drain_timeout_s", "settle_s"):
+                     "drain_timeout_s", "settle_s", "faults_for_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0", field=name)
@@ -134,6 +137,13 @@ class Simulation:
             log.info("sim_server_killed kills=%d", fleet.kills()["server"])
             await asyncio.sleep(s.restart_delay_s)
             await fleet.start_server()
+
+    async def _clear_faults_later(self, fleet: Fleet) -> None:
+        """Recovery check: after ``faults_for_s`` every link turns clean (crash loops go
+        on unless they have their own end); a healthy pipeline then drains completely."""
+        if not await _stopped(self._stop_crashes, self.settings.faults_for_s):
+            fleet.clear_faults()
+            log.info("sim_faults_cleared after_s=%.1f", self.settings.faults_for_s)
 
     # -- monitoring -----------------------------------------------------------------------
 
@@ -231,6 +241,18 @@ class Simulation:
     async def run(self) -> Report:
         s = self.settings
         fleet = Fleet(s.fleet)
+        cpu_before = _cpu_seconds()
+        try:
+            report = await self._run(fleet)
+        finally:
+            self._stop_crashes.set()
+            await fleet.close()
+        cpu_after = _cpu_seconds()
+        cpu = {k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_after}
+        return dataclasses.replace(report, facts=dataclasses.replace(report.facts, cpu_s=cpu))
+
+    async def _run(self, fleet: Fleet) -> Report:
+        s = self.settings
         crashers: list[asyncio.Task[None]] = []
         workload: Workload | None = None
         try:
@@ -250,6 +272,9 @@ class Simulation:
             if s.kill_server_every_s:
                 crashers.append(asyncio.create_task(self._crash_server(fleet),
                                                     name="sim-kill-server"))
+            if s.faults_for_s:
+                crashers.append(asyncio.create_task(self._clear_faults_later(fleet),
+                                                    name="sim-clear-faults"))
             submit_watch = asyncio.create_task(asyncio.to_thread(workload.join))
             drain = await self._monitor(fleet, workload, started)
             await submit_watch
@@ -275,8 +300,9 @@ class Simulation:
             report = build_report(workload.records(), stored, leftovers, facts)
             if not report.ok:
                 log.warning("sim_failed profile=%s missing=%d duplicated=%d corrupted=%d "
-                            "workdir=%s", s.profile.name, report.missing, report.duplicated,
-                            report.corrupted, s.fleet.workdir)
+                            "left_in_queues=%d workdir=%s", s.profile.name, report.missing,
+                            report.duplicated, report.corrupted, report.left_in_queues_chunks,
+                            s.fleet.workdir)
             return report
         finally:
             self._stop_crashes.set()
@@ -285,4 +311,11 @@ class Simulation:
             for task in crashers:
                 task.cancel()
             await asyncio.gather(*crashers, return_exceptions=True)
-            await fleet.close()
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU used by this process and by its reaped children (server and sensor processes)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"simulator": me.ru_utime + me.ru_stime,
+            "processes": children.ru_utime + children.ru_stime}

@@ -3,6 +3,7 @@ seeded workload, the profiles table in the README, and the test-only deferred co
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 import sqlite3
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from pipeline.common.errors import ConfigError
 from pipeline.sim.broken_server import DeferredCommitConnection
 from pipeline.sim.counters import RestartingCounters, parse_samples
+from pipeline.sim.fleet import Endpoint, parse_endpoint, server_event_from_json
 from pipeline.sim.main import profiles_table
 from pipeline.sim.report import (
     GeneratedEvent,
@@ -91,6 +93,15 @@ def test_duplicates_corruption_and_strangers_fail_the_run() -> None:
     assert doc["ok"] is False and doc["duplicated"] == 1
 
 
+def test_chunks_left_in_a_queue_fail_the_run_even_when_every_event_arrived() -> None:
+    """A drain that never finishes (acks that never come) is a failure, not a pass."""
+    event = gen("s1", 1, b"q" * 10)
+    left = QueueLeftovers("s1", queued_event_ids=frozenset({event.event_id}), queued_chunks=1)
+    report = build_report([event], [stored(event)], [left], FACTS)
+    assert report.missing == 0 and report.delivered_exactly_once == 1
+    assert not report.ok and report.left_in_queues_events == 1
+
+
 def test_events_of_sensors_not_simulated_are_ignored() -> None:
     """On a shared server other sensors' events are not ours to judge."""
     mine = gen("s1", 1, b"m")
@@ -115,6 +126,33 @@ def test_percentile_edges() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
     with pytest.raises(ValueError):
         percentile([1.0], 0)
+
+
+def test_read_api_event_is_hashed_by_the_simulator() -> None:
+    data = b'{"test":"ping"}'
+    doc = {"sensor_id": "s1", "event_id": "a" * 32, "completed_at": "2026-11-27T05:00:00.250+00:00",
+           "payload_base64": base64.b64encode(data).decode(),
+           "event_sha256": base64.b64encode(hashlib.sha256(b"other").digest()).decode()}
+    event = server_event_from_json(doc)
+    assert event.sha256 == hashlib.sha256(data).hexdigest()
+    assert event.declared_sha256 == hashlib.sha256(b"other").hexdigest()
+    assert event.completed_at % 1 == pytest.approx(0.25) and event.size == len(data)
+
+
+@pytest.mark.parametrize("url,schemes,expected", [
+    ("http://10.0.0.5:8081", ("http",), Endpoint("10.0.0.5", 8081, "")),
+    ("ws://h/control", ("ws",), Endpoint("h", 80, "/control")),
+    ("ws://h:8765", ("ws",), Endpoint("h", 8765, "/control")),
+])
+def test_parse_endpoint(url: str, schemes: tuple[str, ...], expected: Endpoint) -> None:
+    default_path = "/control" if schemes == ("ws",) else ""
+    assert parse_endpoint(url, schemes, 80, default_path, "x") == expected
+
+
+@pytest.mark.parametrize("url", ["https://h:443", "wss://h/control", "http://:80", "ftp://h"])
+def test_parse_endpoint_refuses(url: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_endpoint(url, ("http", "ws"), 80, "", "server_url")
 
 
 # ---------------------------------------------------------------------------------------
