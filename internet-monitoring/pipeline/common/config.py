@@ -505,7 +505,10 @@ class SensorMetricsConfig:
         _check_listen(at, "listen", self.listen)
 
 
-DEFAULT_CAPABILITIES = ("chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats")
+# proto, batch, http_ack: used only with a server that announces them too (1.0 servers
+# get JSON single-chunk POSTs and ChunkAck deletes, as before).
+DEFAULT_CAPABILITIES = ("chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats",
+                        "proto", "batch", "http_ack")
 
 
 @dataclass(frozen=True)

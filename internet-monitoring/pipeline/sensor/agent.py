@@ -31,13 +31,16 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 from prometheus_client import CollectorRegistry
 
 from pipeline.common.backoff import Backoff, is_permanent_rejection
+from pipeline.common.batch import ChunkRejection
 from pipeline.common.errors import AuthError, PipelineError, ProtocolError, QueueError
 from pipeline.common.messages import (
+    CAP_BATCH,
     CAP_CHUNKS,
     CAP_EPOCH,
     CAP_HEARTBEAT_STATS,
     CAP_HEARTBEATS,
     CAP_HTTP_ACK,
+    CAP_PROTO,
     CAP_ROTATION,
     CAP_SERVER_TIME,
     Chunk,
@@ -51,6 +54,7 @@ from pipeline.common.messages import (
 from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
+from pipeline.sensor.batching import RecentlyDeleted, split_batches
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
 from pipeline.sensor.time_sync import ClockSkewEstimator
@@ -73,7 +77,8 @@ log = logging.getLogger(__name__)
 
 #: Capabilities this agent implements; others found in the config are dropped with a warning.
 SUPPORTED_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS, CAP_ROTATION)
+                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS, CAP_ROTATION, CAP_PROTO,
+                          CAP_BATCH)
 TICK_S = 1.0
 EXTRA_HEARTBEAT_MIN_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 300.0
@@ -161,6 +166,8 @@ class SensorAgent:
         self._submit_server: SubmitServer | None = None
         self.shutdown_grace_s = SHUTDOWN_GRACE_S
         self.server_capabilities: tuple[str, ...] = ()
+        self._deleting: set[int] = set()
+        self._http_deleted = RecentlyDeleted()
         self.last_committed_sequence = 0
         self.connected = False
         self.posted = 0
@@ -303,6 +310,7 @@ class SensorAgent:
         self._channel = channel
         self.connected = True
         self.server_capabilities = ()
+        self._set_frame_encoding(channel)
         self._nudge.clear()  # the heartbeat below reports whatever the nudges were about
         log.info("control_connected sensor_id=%s connects=%d", self.config.sensor_id,
                  self.connects)
@@ -348,6 +356,7 @@ class SensorAgent:
             self.server_capabilities = tuple(envelope.capabilities)
             log.info("server_capabilities capabilities=%s",
                      ",".join(self.server_capabilities) or "-")
+            self._set_frame_encoding(channel)
         if envelope.server_time is not None and CAP_SERVER_TIME in self.capabilities:
             self.skew.observe(envelope.server_time, received_at)
         body = envelope.body
@@ -355,7 +364,9 @@ class SensorAgent:
             self.requests += 1
             self._spawn(self._handle_request(body), name=f"request-{body.window_id}")
         elif isinstance(body, ChunkAck):
-            await self._handle_ack(body)
+            # Its own task: deleting waits for a queue transaction, and the next frame may
+            # be a chunk request that must not wait behind it.
+            self._spawn(self._handle_ack(body), name=f"ack-{body.window_id}")
         elif isinstance(body, Command):
             await self._answer_command(channel, body)
         elif isinstance(body, CommandResponse):
@@ -451,10 +462,19 @@ class SensorAgent:
             except QueueError as exc:
                 log.error("chunk_request_failed window_id=%s error=%s", request.window_id, exc)
                 return
+            if self._deleting:
+                # Confirmed and being deleted right now: not worth sending again.
+                candidates = [c for c in candidates if c.sequence not in self._deleting]
             plan = self.dispatcher.on_request(request, candidates, self._clock())
         log.debug("chunk_request window_id=%s since_sequence=%d max_chunks=%d planned=%d",
                   request.window_id, request.since_sequence, request.max_chunks,
                   len(plan.sequences))
+        if self._batching() and plan.sequences:
+            sizes = {c.sequence: c.nbytes for c in candidates}
+            for group in split_batches(plan.sequences, sizes):
+                self._spawn(self._send_batch_with_backoff(group, plan.window_id),
+                            name=f"send-batch-{group[0]}", track=True)
+            return
         for sequence in plan.sequences:
             self._spawn(self._send_chunk_with_backoff(sequence, plan.window_id),
                         name=f"send-{sequence}", track=True)
@@ -463,15 +483,26 @@ class SensorAgent:
         sequences = self.dispatcher.on_ack(ack, self._clock())
         log.debug("chunk_ack window_id=%s committed=%d reset_window=%s", ack.window_id,
                   len(sequences), ack.reset_window)
+        # Already deleted on their HTTP answer (http_ack): no second transaction for them.
+        sequences = tuple(s for s in sequences if s not in self._http_deleted)
         if sequences:
-            await self._delete_confirmed(sequences)
+            try:
+                await self._delete_confirmed(sequences)
+            except QueueError as exc:
+                log.error("queue_operation_failed error=%s", exc)
         if ack.reset_window:
             self._request_heartbeat()
 
-    async def _delete_confirmed(self, sequences: Iterable[int]) -> None:
-        """Delete chunks the server holds durably."""
+    async def _delete_confirmed(self, sequences: Iterable[int], *, http: bool = False) -> None:
+        """Delete chunks the server holds durably (``http``: confirmed by the HTTP answer)."""
         seqs = sorted(set(sequences))
-        deleted = await asyncio.to_thread(self.queue.delete, seqs)
+        self._deleting.update(seqs)
+        try:
+            deleted = await asyncio.to_thread(self.queue.delete, seqs)
+        finally:
+            self._deleting.difference_update(seqs)
+        if http:
+            self._http_deleted.add(seqs)
         self.acked += len(seqs)
         self.deleted += deleted
         self.last_committed_sequence = max(self.last_committed_sequence, seqs[-1])
@@ -510,8 +541,11 @@ class SensorAgent:
                         with self.tracing.span("sensor.post_chunk",
                                                parent=traceparent_of(chunk.attributes),
                                                attributes=_span_attributes(chunk)) as span:
-                            answer = await self._ingest.post_chunk(
-                                with_traceparent(chunk, span.traceparent))
+                            traced = with_traceparent(chunk, span.traceparent)
+                            if self._both(CAP_PROTO):
+                                answer = await self._ingest.post_chunk(traced, proto=True)
+                            else:
+                                answer = await self._ingest.post_chunk(traced)
                             span.set_attribute("http.status", answer.status)
                 except (ConnectionError, TimeoutError, OSError) as exc:
                     delay = backoff.next()
@@ -537,6 +571,128 @@ class SensorAgent:
             self._abandon(sequence)
             raise
 
+    async def _send_batch_with_backoff(self, sequences: tuple[int, ...], window_id: str) -> None:
+        """POST planned chunks of one window as batches (capability ``batch``) until every
+        one is confirmed, rejected for good, acked meanwhile, or the agent stops.
+
+        The answer is read chunk by chunk: stored/duplicate are delivered (deleted at once
+        with ``http_ack``), a permanent rejection is quarantined, anything else is retried
+        in the next batch with backoff. A batch refused as a whole for good (400/413/415:
+        e.g. a body over the server's limit) falls back to one POST per chunk, which sorts
+        out each chunk on its own. Chunks keep their own traceparent (from submit).
+        """
+        try:
+            rows = await asyncio.to_thread(self.queue.get, list(sequences))
+        except QueueError as exc:
+            log.error("chunk_load_failed sequences=%d error=%s", len(sequences), exc)
+            for sequence in sequences:
+                self._abandon(sequence)
+            return
+        found = {row.sequence for row in rows}
+        gone = [s for s in sequences if s not in found]
+        if gone:
+            self.dispatcher.on_deleted_elsewhere(gone)
+        pending = {row.sequence: self._build_chunk(row, window_id) for row in rows}
+        backoff = Backoff(self.config.backoff.initial_s, self.config.backoff.max_s,
+                          self.config.backoff.jitter)
+        try:
+            while True:
+                pending = {s: c for s, c in pending.items() if s in self.dispatcher.in_flight}
+                if not pending:
+                    return
+                if self._stop.is_set():
+                    break
+                chunks = list(pending.values())
+                try:
+                    async with self._semaphore:
+                        with self.tracing.span("sensor.post_batch",
+                                               parent=traceparent_of(chunks[0].attributes),
+                                               attributes={"sensor_id": self.config.sensor_id,
+                                                           "window_id": window_id,
+                                                           "chunks": len(chunks)}) as span:
+                            answer = await self._ingest.post_batch(  # type: ignore[attr-defined]
+                                chunks, proto=self._both(CAP_PROTO))
+                            span.set_attribute("http.status", answer.status)
+                except (ConnectionError, TimeoutError, OSError) as exc:
+                    delay = backoff.next()
+                    log.info("batch_post_failed chunks=%d window_id=%s attempt=%d error=%s "
+                             "retry_in_s=%.2f", len(chunks), window_id, backoff.attempts, exc,
+                             delay)
+                else:
+                    if answer.status == 200 and answer.outcomes is not None:
+                        retry = await self._on_batch_answer(chunks, answer.outcomes, window_id)
+                        pending = {s: pending[s] for s in retry}
+                        if not pending:
+                            return
+                        delay = backoff.next()
+                    elif is_permanent_rejection(answer.status):
+                        log.warning("batch_refused chunks=%d window_id=%s status=%d error=%s "
+                                    "action=one_post_per_chunk", len(chunks), window_id,
+                                    answer.status, answer.error_code or "-")
+                        for sequence in pending:
+                            self._spawn(self._send_chunk_with_backoff(sequence, window_id),
+                                        name=f"send-{sequence}", track=True)
+                        return
+                    else:
+                        delay = backoff.next()
+                        if answer.retry_after is not None:
+                            delay = max(delay, min(answer.retry_after, RETRY_AFTER_CAP_S))
+                        level = logging.WARNING if answer.status in (401, 403) else logging.INFO
+                        log.log(level, "batch_post_retry chunks=%d window_id=%s attempt=%d "
+                                "status=%d error=%s retry_in_s=%.2f", len(chunks), window_id,
+                                backoff.attempts, answer.status, answer.error_code or "-",
+                                delay)
+                self.retries += len(pending)
+                if not await self._sleep_or_stop(delay):
+                    break
+        except asyncio.CancelledError:
+            for sequence in pending:
+                self._abandon(sequence)
+            raise
+        for sequence in pending:
+            self._abandon(sequence)
+
+    async def _on_batch_answer(self, chunks: list[Chunk], outcomes: Iterable[Any],
+                               window_id: str) -> list[int]:
+        """Apply a batch's per-chunk answer; returns the sequences to retry."""
+        now = self._clock()
+        http_ack = self._both(CAP_HTTP_ACK)
+        to_delete: list[int] = []
+        retry: list[int] = []
+        for chunk, outcome in zip(chunks, outcomes):
+            if isinstance(outcome, ChunkRejection):
+                if is_permanent_rejection(outcome.http_status):
+                    await self._quarantine(chunk.sequence, window_id, outcome.http_status,
+                                           outcome.code, outcome.message)
+                else:
+                    retry.append(chunk.sequence)
+                continue
+            self.posted += 1
+            confirmed = outcome.stored or outcome.duplicate
+            to_delete.extend(self.dispatcher.on_post_delivered(
+                chunk.sequence, now, http_ack=confirmed and http_ack))
+        if to_delete:
+            try:
+                await self._delete_confirmed(to_delete, http=True)
+            except QueueError as exc:
+                log.error("queue_delete_failed sequences=%d error=%s", len(to_delete), exc)
+        self._after_post(window_id)
+        return retry
+
+    async def _quarantine(self, sequence: int, window_id: str, status: int, code: str,
+                          message: str) -> None:
+        reason = f"http_{status}" + (f" {code}" if code else "")
+        try:
+            moved = await asyncio.to_thread(self.queue.quarantine, sequence, reason)
+        except QueueError as exc:
+            log.error("quarantine_failed sequence=%d error=%s", sequence, exc)
+            moved = False
+        self.dispatcher.on_post_rejected(sequence)
+        if moved:
+            self.quarantined += 1
+        log.warning("chunk_quarantined sequence=%d window_id=%s status=%d error=%s message=%r",
+                    sequence, window_id, status, code or "-", message[:200])
+
     def _build_chunk(self, row: QueuedChunk, window_id: str) -> Chunk:
         attributes = dict(row.attributes)
         attributes["window_id"] = window_id
@@ -556,7 +712,7 @@ class SensorAgent:
         to_delete = self.dispatcher.on_post_delivered(sequence, self._clock(), http_ack=http_ack)
         if to_delete:
             try:
-                await self._delete_confirmed(to_delete)
+                await self._delete_confirmed(to_delete, http=True)
             except QueueError as exc:
                 log.error("queue_delete_failed sequences=%s error=%s", list(to_delete), exc)
         self._after_post(window_id)
@@ -632,6 +788,17 @@ class SensorAgent:
         self._seen_last_sequence = last
 
     # ------------------------------------------------------------------ helpers
+
+    def _batching(self) -> bool:
+        """Batch POSTs: both sides announced ``batch`` and the transport can send them."""
+        return self._both(CAP_BATCH) and hasattr(self._ingest, "post_batch")
+
+    def _set_frame_encoding(self, channel: ControlChannel) -> None:
+        """Binary (Protobuf) control frames: accepted once this agent announced ``proto``,
+        sent once the server announced it too. Channels without ``use_proto`` stay JSON."""
+        use_proto = getattr(channel, "use_proto", None)
+        if use_proto is not None:
+            use_proto(send=self._both(CAP_PROTO), receive=CAP_PROTO in self.capabilities)
 
     def _both(self, capability: str) -> bool:
         """Whether a capability is in use: announced by this agent and by the server."""

@@ -39,7 +39,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from pipeline.common.chunking import DEFAULT_SLICE, MAX_SLICE, MIN_SLICE, sha256, split_event
+from pipeline.common.chunking import (
+    DEFAULT_SLICE,
+    MAX_SLICE,
+    MIN_SLICE,
+    SplitEvent,
+    sha256,
+    split_event,
+)
 from pipeline.common.errors import (
     ConfigError,
     ConflictError,
@@ -131,6 +138,18 @@ CREATE TRIGGER IF NOT EXISTS chunks_totals_delete AFTER DELETE ON chunks BEGIN
     UPDATE totals SET chunks = chunks - 1, bytes = bytes - OLD.nbytes WHERE id = 1;
 END;
 """
+
+
+@dataclass(frozen=True)
+class EventInput:
+    """One event for ``enqueue_many`` (the keyword arguments of ``enqueue``)."""
+
+    data: bytes
+    event_id: str | None = None
+    created_at: str | None = None
+    logical_timestamp_ms: int | None = None
+    attributes: Mapping[str, str] | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -365,41 +384,67 @@ class DurableQueue:
 
         ``traceparent`` (the submit span's W3C trace context) is stored under the reserved
         attribute of that name; callers cannot set it through ``attributes``."""
-        attrs_json = _encode_attributes(attributes, traceparent=traceparent)
-        split = split_event(data, slice_size=self._slice_size, event_id=event_id)
-        nbytes = sum(len(piece.payload) for piece in split.pieces)
-        if self._max_bytes is not None and nbytes > self._max_bytes:
-            raise EventTooLarge(f"event of {nbytes} compressed bytes exceeds the queue cap "
-                                f"of {self._max_bytes} bytes", field="data")
+        (queued,) = self.enqueue_many([EventInput(
+            data, event_id=event_id, created_at=created_at,
+            logical_timestamp_ms=logical_timestamp_ms, attributes=attributes,
+            traceparent=traceparent)])
+        return queued
+
+    def enqueue_many(self, events: Sequence[EventInput]) -> list[EnqueuedEvent]:
+        """Queue several events in ONE transaction, so one fsync covers them all.
+
+        Each event is still whole or absent; the call commits all of them or, on any
+        error (a refused event, a full disk), none. For producers that have several events
+        at hand (grouped submits, backfills)."""
+        if not events:
+            return []
         now = self._clock()
-        created = _check_created_at(created_at) if created_at is not None else _iso_utc(now)
-        logical_ms = (_check_logical_ms(logical_timestamp_ms)
-                      if logical_timestamp_ms is not None else int(now * 1000))
+        prepared = [self._prepare(event, now) for event in events]
         drops = _DropTally()
+        out: list[EnqueuedEvent] = []
         with self._lock:
             conn = self._require_conn()
             with self._translate("enqueue"), self._write(conn):
-                if conn.execute("SELECT 1 FROM chunks WHERE event_id = ? LIMIT 1",
-                                (split.event_id,)).fetchone() is not None:
-                    raise ConflictError(f"event {split.event_id} is already queued",
-                                        field="event_id")
-                if self._max_bytes is not None:
-                    self._make_room(conn, nbytes, drops)
-                sequences = []
-                for piece in split.pieces:
-                    cursor = conn.execute(
-                        f"INSERT INTO chunks ({_CHUNK_COLUMNS}) "
-                        "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (split.event_id, piece.index, piece.count, piece.payload,
-                         piece.chunk_sha256, split.event_sha256, created, logical_ms,
-                         attrs_json, now, len(piece.payload)))
-                    sequences.append(int(cursor.lastrowid or 0))
+                for split, attrs_json, created, logical_ms, nbytes in prepared:
+                    if conn.execute("SELECT 1 FROM chunks WHERE event_id = ? LIMIT 1",
+                                    (split.event_id,)).fetchone() is not None:
+                        raise ConflictError(f"event {split.event_id} is already queued",
+                                            field="event_id")
+                    if self._max_bytes is not None:
+                        self._make_room(conn, nbytes, drops)
+                    sequences = []
+                    for piece in split.pieces:
+                        cursor = conn.execute(
+                            f"INSERT INTO chunks ({_CHUNK_COLUMNS}) "
+                            "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (split.event_id, piece.index, piece.count, piece.payload,
+                             piece.chunk_sha256, split.event_sha256, created, logical_ms,
+                             attrs_json, now, len(piece.payload)))
+                        sequences.append(int(cursor.lastrowid or 0))
+                    out.append(EnqueuedEvent(event_id=split.event_id,
+                                             sequences=tuple(sequences),
+                                             event_sha256=split.event_sha256,
+                                             size=split.size))
         if drops.events:
             log.warning("queue_dropped reason=%s events=%d chunks=%d bytes=%d max_bytes=%d",
                         REASON_BYTE_CAP, drops.events, drops.chunks, drops.bytes,
                         self._max_bytes or 0)
-        return EnqueuedEvent(event_id=split.event_id, sequences=tuple(sequences),
-                             event_sha256=split.event_sha256, size=split.size)
+        return out
+
+    def _prepare(self, event: EventInput, now: float
+                 ) -> tuple[SplitEvent, str, str, int, int]:
+        """Validate and compress one event outside the lock (the slow, pure part)."""
+        attrs_json = _encode_attributes(event.attributes, traceparent=event.traceparent)
+        split = split_event(event.data, slice_size=self._slice_size, event_id=event.event_id)
+        nbytes = sum(len(piece.payload) for piece in split.pieces)
+        if self._max_bytes is not None and nbytes > self._max_bytes:
+            raise EventTooLarge(f"event of {nbytes} compressed bytes exceeds the queue cap "
+                                f"of {self._max_bytes} bytes", field="data")
+        created = (_check_created_at(event.created_at) if event.created_at is not None
+                   else _iso_utc(now))
+        logical_ms = (_check_logical_ms(event.logical_timestamp_ms)
+                      if event.logical_timestamp_ms is not None else int(now * 1000))
+        return split, attrs_json, created, logical_ms, nbytes
 
     def _make_room(self, conn: sqlite3.Connection, nbytes: int, drops: _DropTally) -> None:
         """Drop the oldest whole events until ``nbytes`` more fit under the byte cap."""

@@ -23,7 +23,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -35,6 +35,7 @@ from pipeline.common.errors import (
     ProtocolError,
     Unauthenticated,
 )
+from pipeline.common.batch import BatchOutcome, decode_batch_result, encode_batch
 from pipeline.common.messages import (
     Chunk,
     Envelope,
@@ -43,6 +44,15 @@ from pipeline.common.messages import (
     encode_chunk,
     encode_envelope,
     ingest_result_from_json,
+)
+from pipeline.common.proto_codec import (
+    PROTO_CONTENT_TYPE,
+    decode_batch_result_proto,
+    decode_envelope_proto,
+    decode_ingest_result_proto,
+    encode_batch_proto,
+    encode_chunk_proto,
+    encode_envelope_proto,
 )
 
 log = logging.getLogger(__name__)
@@ -110,10 +120,37 @@ class PostResult:
         return ""
 
 
-class IngestTransport(Protocol):
-    """Posts chunks to the data channel."""
+@dataclass(frozen=True)
+class BatchPostResult:
+    """The server's answer to one batch POST (capability ``batch``).
 
-    async def post_chunk(self, chunk: Chunk) -> PostResult:
+    ``outcomes`` (200 only) answers the batch's chunks in order: an ``IngestResult`` or a
+    ``ChunkRejection``; None when the answer could not be read (then nothing is known
+    about any chunk). A non-200 answer concerns the whole batch: ``error`` and
+    ``retry_after`` as in ``PostResult``.
+    """
+
+    status: int
+    outcomes: tuple[BatchOutcome, ...] | None = None
+    error: Mapping[str, Any] | None = None
+    retry_after: float | None = None
+
+    @property
+    def error_code(self) -> str:
+        if self.error and isinstance(self.error.get("error"), str):
+            return str(self.error["error"])[:64]
+        return ""
+
+
+class IngestTransport(Protocol):
+    """Posts chunks to the data channel.
+
+    ``post_chunk(chunk, proto=True)`` and ``post_batch(chunks, proto=...)`` are used only
+    when both sides announced ``proto`` / ``batch``; a transport without ``post_batch``
+    makes the agent post chunk by chunk.
+    """
+
+    async def post_chunk(self, chunk: Chunk, *, proto: bool = False) -> PostResult:
         """One POST; network failures raise ``ConnectionError`` / ``TimeoutError``."""
 
     async def close(self) -> None: ...
@@ -179,6 +216,14 @@ def ingest_endpoint(url: str) -> str:
     return url
 
 
+def batch_endpoint(chunk_url: str) -> str:
+    """The batch endpoint next to the chunk endpoint: ``.../chunk`` -> ``.../batch``."""
+    parts = urlsplit(chunk_url)
+    base, _, last = parts.path.rpartition("/")
+    path = f"{base}/batch" if last == "chunk" else f"{parts.path.rstrip('/')}/batch"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
 def control_endpoint(url: str) -> str:
     """The control URL: a bare base URL (``ws://host:8765``) gets ``/control``."""
     parts = urlsplit(url)
@@ -226,6 +271,10 @@ class ControlConnection:
         self._send_lock = asyncio.Lock()
         self._close_code: int | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        # Capability proto: binary frames are Protobuf envelopes. Received once this side
+        # announced proto; sent once the server announced it too (``use_proto``).
+        self.send_proto = False
+        self.receive_proto = False
         if ping_interval and ping_interval > 0:
             self._keepalive = asyncio.create_task(self._ping_loop(), name="control-ping")
 
@@ -237,13 +286,22 @@ class ControlConnection:
     def close_code(self) -> int | None:
         return self._close_code if self._close_code is not None else self._ws.close_code
 
+    def use_proto(self, *, send: bool, receive: bool) -> None:
+        """Switch the frame encoding (the agent calls this as capabilities are learnt)."""
+        self.send_proto = send
+        self.receive_proto = receive
+
     async def send(self, envelope: Envelope) -> None:
-        text = encode_envelope(envelope)
+        frame: str | bytes = (encode_envelope_proto(envelope) if self.send_proto
+                              else encode_envelope(envelope))
         async with self._send_lock:
             if self._ws.closed:
                 raise ConnectionError("control channel is closed")
             try:
-                await self._ws.send_str(text)
+                if isinstance(frame, bytes):
+                    await self._ws.send_bytes(frame)
+                else:
+                    await self._ws.send_str(frame)
             except (aiohttp.ClientError, OSError, RuntimeError) as exc:
                 raise ConnectionError(f"control send failed: {exc}") from exc
 
@@ -264,6 +322,8 @@ class ControlConnection:
                 self._pong.set()
                 continue
             if kind is aiohttp.WSMsgType.BINARY:
+                if self.receive_proto:
+                    return decode_envelope_proto(msg.data)
                 raise FieldTypeError("binary control frame received but proto was not "
                                      "negotiated", field="frame")
             if kind is aiohttp.WSMsgType.CLOSE:
@@ -396,11 +456,13 @@ class IngestClient:
     headers: Mapping[str, str] = field(default_factory=dict)
     tls: Any = None
     max_parallel: int = 4
+    batch_url: str = field(default="", init=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _ssl: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = ingest_endpoint(self.url)
+        self.batch_url = batch_endpoint(self.url)
         self._ssl = build_ssl_context(self.tls, self.url, "ingest")
 
     @classmethod
@@ -422,17 +484,58 @@ class IngestClient:
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self._session
 
-    async def post_chunk(self, chunk: Chunk) -> PostResult:
+    async def post_chunk(self, chunk: Chunk, *, proto: bool = False) -> PostResult:
+        """POST one chunk: JSON 1.0, or Protobuf (capability ``proto``)."""
+        body = encode_chunk_proto(chunk) if proto else encode_chunk(chunk).encode("utf-8")
+        status, raw, content_type, retry_after = await self._post(self.url, body, proto)
+        if proto and status == 200 and content_type == PROTO_CONTENT_TYPE:
+            try:
+                return PostResult(status=status, result=decode_ingest_result_proto(raw))
+            except ProtocolError as exc:
+                log.warning("ingest_answer_unreadable status=%d error=%s", status, exc.message)
+                return PostResult(status=status)
+        return _post_result(status, raw, retry_after)
+
+    async def post_batch(self, chunks: Sequence[Chunk], *, proto: bool = True
+                         ) -> BatchPostResult:
+        """POST several chunks to ``/v1/ingest/batch`` (capability ``batch``); the answer
+        holds one outcome per chunk, in order."""
+        body = (encode_batch_proto(chunks) if proto
+                else encode_batch(chunks).encode("utf-8"))
+        status, raw, content_type, retry_after = await self._post(self.batch_url, body, proto)
+        if status != 200:
+            error = _post_result(status, raw, retry_after)
+            return BatchPostResult(status=status, error=error.error,
+                                   retry_after=error.retry_after)
+        try:
+            if content_type == PROTO_CONTENT_TYPE:
+                outcomes = decode_batch_result_proto(raw)
+            else:
+                outcomes = decode_batch_result(raw)
+        except ProtocolError as exc:
+            log.warning("ingest_batch_answer_unreadable error=%s", exc.message)
+            return BatchPostResult(status=status)
+        if len(outcomes) != len(chunks):
+            log.warning("ingest_batch_answer_mismatch chunks=%d results=%d", len(chunks),
+                        len(outcomes))
+            return BatchPostResult(status=status)
+        return BatchPostResult(status=status, outcomes=tuple(outcomes))
+
+    async def _post(self, url: str, body: bytes, proto: bool
+                    ) -> tuple[int, bytes, str, str | None]:
         session = self._session_or_new()
         headers = dict(self.headers)
-        headers["Content-Type"] = "application/json"
+        kind = PROTO_CONTENT_TYPE if proto else "application/json"
+        headers["Content-Type"] = kind
+        if proto:
+            headers["Accept"] = PROTO_CONTENT_TYPE
         headers["Authorization"] = f"Bearer {self._current_token()}"
-        body = encode_chunk(chunk).encode("utf-8")
         try:
-            async with session.post(self.url, data=body, headers=headers) as response:
+            async with session.post(url, data=body, headers=headers) as response:
                 raw = await response.content.read(_MAX_ERROR_BODY if response.status != 200
                                                   else -1)
-                return _post_result(response.status, raw, response.headers.get("Retry-After"))
+                return (response.status, raw, response.content_type,
+                        response.headers.get("Retry-After"))
         except asyncio.TimeoutError as exc:
             raise TimeoutError(f"ingest POST timed out after {self.timeout}s") from exc
         except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:

@@ -341,6 +341,7 @@ class ControlManager:
         epoch = (env.queue_epoch or "") if CAP_EPOCH in connection.capabilities else ""
         session = self.scheduler.session(sensor_id)
         session.on_heartbeat(hb, now, epoch=epoch)
+        session.batched = CAP_BATCH in connection.capabilities and CAP_BATCH in SERVER_CAPABILITIES
         self.info.setdefault(sensor_id, SensorInfo()).software_version = hb.software_version
         self.metrics.on_heartbeat(sensor_id, hb)
         log.debug("heartbeat sensor_id=%s queue_depth=%d last_committed=%d", sensor_id,
@@ -517,6 +518,14 @@ class ControlManager:
     def _write(self, dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
                ) -> None:
         assert self.store is not None
+        save_all = getattr(self.store, "save_control_state", None)
+        if save_all is not None:
+            # One transaction for every sensor changed since the last round.
+            save_all([(sensor_id, sorted(self._persisted.get(sensor_id, set()) - set(windows)),
+                       windows, state) for sensor_id, (windows, state) in dirty.items()])
+            for sensor_id, (windows, _) in dirty.items():
+                self._persisted[sensor_id] = set(windows)
+            return
         for sensor_id, (windows, state) in dirty.items():
             before = self._persisted.get(sensor_id, set())
             gone = sorted(before - set(windows))

@@ -78,6 +78,10 @@ class WindowPolicy:
     max_chunks: int = 64
     max_bytes: int = 4 * 1024 * 1024
     max_in_flight: int = 128
+    # Sensors that POST batches (capability ``batch``) get windows this many times larger
+    # in chunks and in flight (bytes stay capped by max_bytes): a window's round trip is
+    # then amortised over a few batch POSTs instead of dozens of single ones.
+    batch_window_factor: int = 8
     windows_per_sensor: int = 2
     window_timeout_s: float = 10.0
     quiet_s: float = 1.0
@@ -102,6 +106,7 @@ class SensorSession:
     watermark: int = 0
     connected: bool = False
     backlog: int = 0
+    batched: bool = False  # the sensor's connection negotiated ``batch``
     windows: dict[str, Window] = field(default_factory=dict)
     last_heartbeat: Heartbeat | None = None
     last_heartbeat_at: float | None = None
@@ -208,7 +213,8 @@ class SensorSession:
         self._counter += 1
         window_id = f"{self.sensor_id}-{int(now * 1000)}-{self._counter}"
         window = Window(window_id=window_id, since_sequence=since,
-                        max_chunks=self.policy.max_chunks, max_bytes=self.policy.max_bytes,
+                        max_chunks=self.policy.max_chunks * self._factor(),
+                        max_bytes=self.policy.max_bytes,
                         issued_at=now, last_activity=now)
         self.windows[window_id] = window
         self._changed = True
@@ -238,7 +244,10 @@ class SensorSession:
     def _request_for(self, window: Window) -> ChunkRequest:
         return ChunkRequest(since_sequence=window.since_sequence, max_chunks=window.max_chunks,
                             max_bytes=window.max_bytes, window_id=window.window_id,
-                            max_in_flight=self.policy.max_in_flight)
+                            max_in_flight=self.policy.max_in_flight * self._factor())
+
+    def _factor(self) -> int:
+        return max(1, self.policy.batch_window_factor) if self.batched else 1
 
     def _rerequest_unsettled(self, now: float) -> list[ChunkRequest]:
         out: list[ChunkRequest] = []

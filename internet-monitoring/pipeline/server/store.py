@@ -286,6 +286,10 @@ class _Pending:
     raw: bytes | None = None  # the decompressed slice of a one-chunk event
 
 
+# (sensor_id, window ids to delete, window states to save, sensor state)
+ControlChange = tuple[str, Sequence[str], Mapping[str, Mapping[str, Any]], Mapping[str, Any]]
+
+
 @dataclass
 class PreparedIngest:
     """A batch between ``begin_ingest`` and ``commit_ingest`` (store-private state)."""
@@ -924,6 +928,29 @@ class SQLiteChunkStore:
             " updated_at = excluded.updated_at",
             (sensor_id, json.dumps(state, sort_keys=True), self._clock()))],
             "save_sensor_state failed")
+
+    def save_control_state(self, changes: Iterable[ControlChange]) -> None:
+        """Window deletions, window states and sensor states of many sensors in ONE
+        durable transaction: persisting a fleet's window changes costs one fsync per round
+        instead of two or more per sensor."""
+        now = self._clock()
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for sensor_id, gone, windows, state in changes:
+            statements.extend(("DELETE FROM windows WHERE sensor_id = ? AND window_id = ?",
+                               (sensor_id, wid)) for wid in gone)
+            statements.extend((
+                "INSERT INTO windows (sensor_id, window_id, state, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (sensor_id, window_id) DO UPDATE SET"
+                " state = excluded.state, updated_at = excluded.updated_at",
+                (sensor_id, wid, json.dumps(doc, sort_keys=True), now))
+                for wid, doc in windows.items())
+            statements.append((
+                "INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
+                " updated_at = excluded.updated_at",
+                (sensor_id, json.dumps(state, sort_keys=True), now)))
+        if statements:
+            self._write(statements, "save_control_state failed")
 
     def load_sensor_states(self) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT sensor_id, state FROM sensor_state ORDER BY sensor_id")

@@ -106,7 +106,7 @@ def test_sensor_defaults_and_queue_path_from_sensor_id() -> None:
     assert config.queue.path == "./var/sensor-lab.7.db"
     assert config.software_version == SOFTWARE_VERSION
     assert config.capabilities == ("chunks", "heartbeats", "epoch", "server_time",
-                                   "heartbeat_stats")
+                                   "heartbeat_stats", "proto", "batch", "http_ack")
     assert config.queue.max_bytes == 512 * 1024 * 1024
     explicit = sensor_config_from_dict(sensor_doc(queue={"path": "/data/q.db"}))
     assert explicit.queue.path == "/data/q.db"
