@@ -1,0 +1,36 @@
+"""``make bench`` keeps working: the harness runs end to end in its tiny configuration.
+
+Real processes (server, bare handler, load generator, agent, connection client), seconds
+of load. Only the shape of the output is checked; benchmark numbers are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_bench_runs_every_section_and_writes_one_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    sections = {row["section"] for row in doc["rows"]}
+    assert sections == {"ingest", "disk", "flat", "queue", "drain", "conns"}
+    for row in doc["rows"]:
+        assert row["runs"] and all(value > 0 for value in row["runs"]), row["name"]
+        assert row["min"] <= row["median"] <= row["max"]
+        if row["baseline_runs"]:
+            assert row["ratio"] is not None and row["baseline_name"]
+    ingest = [row for row in doc["rows"] if row["section"] == "ingest"]
+    assert {row["name"].split(",")[0] for row in ingest} == {"JSON 1.0 single-chunk POSTs",
+                                                             "Protobuf batches"}
+    assert all(row["baseline_name"] == "bare aiohttp handler" for row in ingest)
+    # One table on stdout, the same one as in the JSON.
+    assert doc["table"] in proc.stdout
+    assert proc.stdout.count("| Measure ") == 1

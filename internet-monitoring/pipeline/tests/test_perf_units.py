@@ -1,0 +1,198 @@
+"""Unit tests of the performance work: batch planning, Accept negotiation, window sizes
+for batch sensors, the split store transaction, one-transaction writes, and index use.
+Real SQLite files throughout; no sockets."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.common.chunking import split_event
+from pipeline.common.errors import ConflictError
+from pipeline.common.messages import Chunk, Heartbeat
+from pipeline.sensor.batching import RecentlyDeleted, split_batches
+from pipeline.sensor.queue import DurableQueue, EventInput
+from pipeline.server import store as store_mod
+from pipeline.server.ingest_wire import answer_in_proto
+from pipeline.server.session import SensorSession, WindowPolicy
+from pipeline.server.store import SQLiteChunkStore
+
+
+def one_chunk_events(n: int, first: int = 1, sensor: str = "pi-01") -> list[Chunk]:
+    out = []
+    for i in range(n):
+        split = split_event(json.dumps({"i": first + i}).encode())
+        piece = split.pieces[0]
+        out.append(Chunk(sensor_id=sensor, event_id=split.event_id, sequence=first + i,
+                         chunk_index=0, chunk_count=1, payload=piece.payload,
+                         chunk_sha256=piece.chunk_sha256, event_sha256=split.event_sha256,
+                         created_at="2026-11-27T05:00:00Z", logical_timestamp_ms=first + i,
+                         attributes={"window_id": "w"}))
+    return out
+
+
+# -- batch planning ---------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 5000), max_size=300), st.integers(1, 40),
+       st.integers(1, 20_000))
+def test_split_batches_keeps_order_and_limits(sizes: list[int], max_chunks: int,
+                                              max_bytes: int) -> None:
+    sequences = list(range(1, len(sizes) + 1))
+    by_seq = dict(zip(sequences, sizes))
+    batches = split_batches(sequences, by_seq, max_chunks=max_chunks, max_bytes=max_bytes)
+    assert [s for batch in batches for s in batch] == sequences
+    for batch in batches:
+        assert 1 <= len(batch) <= max_chunks
+        total = sum(by_seq[s] for s in batch)
+        assert total <= max_bytes or len(batch) == 1  # an oversized chunk travels alone
+    # Greedy: no batch could have taken the next chunk.
+    for left, right in zip(batches, batches[1:]):
+        assert len(left) == max_chunks or \
+            sum(by_seq[s] for s in left) + by_seq[right[0]] > max_bytes
+
+
+def test_recently_deleted_is_bounded() -> None:
+    seen = RecentlyDeleted(capacity=3)
+    seen.add([1, 2, 3, 2])
+    seen.add([4])
+    assert 1 not in seen and all(s in seen for s in (2, 3, 4)) and len(seen) == 3
+
+
+# -- Accept negotiation -----------------------------------------------------------------
+
+
+class FakeRequest:
+    def __init__(self, accept: str | None) -> None:
+        self.headers = {} if accept is None else {"Accept": accept}
+
+
+@pytest.mark.parametrize("accept, request_proto, expected", [
+    (None, False, False), (None, True, True), ("*/*", True, True),
+    ("application/json", True, False), ("application/x-protobuf", False, True),
+    ("application/x-protobuf;q=0", True, False), ("application/json;q=0", False, True),
+    ("application/json;q=0.5, application/x-protobuf", False, True),
+    ("application/json, application/x-protobuf;q=0.2", True, False),
+    ("application/json, application/x-protobuf", True, True),
+])
+def test_answer_encoding_follows_accept(accept: str | None, request_proto: bool,
+                                        expected: bool) -> None:
+    assert answer_in_proto(FakeRequest(accept), request_proto, True) is expected  # type: ignore[arg-type]
+    assert answer_in_proto(FakeRequest(accept), request_proto, False) is False  # type: ignore[arg-type]
+
+
+# -- windows for batch sensors ----------------------------------------------------------
+
+
+def test_batch_sensors_get_larger_windows() -> None:
+    policy = WindowPolicy(max_chunks=64, max_in_flight=128, batch_window_factor=8)
+    for batched, chunks, in_flight in ((False, 64, 128), (True, 512, 1024)):
+        session = SensorSession("pi-01", policy=policy, batched=batched)
+        session.on_connect(0.0)
+        session.on_heartbeat(Heartbeat("t", 0, 5000, 0.0), 0.0)
+        request = session.issue_window(0.0)
+        assert request is not None
+        assert (request.max_chunks, request.max_in_flight, request.max_bytes) == \
+            (chunks, in_flight, policy.max_bytes)
+
+
+# -- store: split transaction, one-transaction writes, index use ------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with SQLiteChunkStore(tmp_path / "server.db") as s:
+        yield s
+
+
+def test_prepared_ingest_is_invisible_until_committed_and_abort_leaves_nothing(
+        store: SQLiteChunkStore, tmp_path: Path) -> None:
+    chunks = one_chunk_events(3)
+    prepared = store.begin_ingest(chunks)
+    assert prepared is not None
+    assert store.begin_ingest(chunks, blocking=False) is None  # the lock is held
+    with sqlite3.connect(tmp_path / "server.db") as other:
+        assert other.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
+    store.abort_ingest(prepared)
+    assert store.chunk_count() == 0 and store.committed_offset("pi-01", "") == 0
+    prepared = store.begin_ingest(chunks)
+    assert prepared is not None
+    outcomes = store.commit_ingest(prepared)
+    assert [o.stored for o in outcomes] == [True] * 3
+    assert store.committed_offset("pi-01", "") == 3 and store.event_count() == 3
+
+
+def test_begin_without_blocking_gives_way_to_another_writer(store: SQLiteChunkStore,
+                                                            tmp_path: Path) -> None:
+    blocker = sqlite3.connect(tmp_path / "server.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        assert store.begin_ingest(one_chunk_events(1), blocking=False) is None
+        blocker.execute("ROLLBACK")
+        prepared = store.begin_ingest(one_chunk_events(1), blocking=False)
+        assert prepared is not None
+        store.commit_ingest(prepared)
+    finally:
+        blocker.close()
+    assert store.chunk_count() == 1
+
+
+def test_one_chunk_events_keep_no_payload_and_a_bad_event_hash_is_rejected(
+        store: SQLiteChunkStore, tmp_path: Path) -> None:
+    good, bad = one_chunk_events(2)
+    bad = replace(bad, event_sha256=bytes(32))
+    outcomes = store.ingest([good, bad])
+    assert outcomes[0].completed_event is not None
+    assert outcomes[0].completed_event.data == json.dumps({"i": 1}).encode()
+    assert outcomes[1].stored and not outcomes[1].event_complete
+    assert [r.code for r in store.rejected_events()] == ["event_hash_mismatch"]
+    with sqlite3.connect(tmp_path / "server.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM chunks WHERE payload IS NOT NULL"
+                            ).fetchone()[0] == 0
+    # A one-chunk event larger than the event limit is rejected, its chunk kept (acked).
+    with SQLiteChunkStore(tmp_path / "small.db", max_event_bytes=4) as small:
+        (out,) = small.ingest(one_chunk_events(1, first=7))
+        assert out.stored and not out.event_complete
+        assert [r.code for r in small.rejected_events()] == ["decompressed_too_large"]
+
+
+def test_ingest_statements_search_indexes_never_scan(store: SQLiteChunkStore) -> None:
+    store.ingest(one_chunk_events(50))
+    conn = store._conn  # the plan of the exact statements the ingest runs
+    plans = [conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+             for sql, params in ((store_mod._CHUNK_KEYS_SQL, ("pi-01", "", 1, "pi-01", "e", 0)),
+                                 (store_mod._EVENT_STATE_SQL, ("pi-01", "e") * 3))]
+    details = [row[3] for plan in plans for row in plan]
+    assert not any(d.startswith("SCAN") for d in details), details
+    assert sum(d.startswith("SEARCH") for d in details) == 5
+
+
+def test_control_state_of_many_sensors_is_one_transaction(store: SQLiteChunkStore,
+                                                          tmp_path: Path) -> None:
+    store.save_window("s-0", "old", {"x": 1})
+    commits: list[str] = []
+    store._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    store.save_control_state([(f"s-{i}", ["old"] if i == 0 else [], {f"w-{i}": {"n": i}},
+                               {"epoch": "", "watermark": i}) for i in range(50)])
+    store._conn.set_trace_callback(None)
+    assert commits == ["COMMIT"]
+    assert store.load_windows("s-0") == {"w-0": {"n": 0}}
+    assert store.load_sensor_states()["s-49"] == {"epoch": "", "watermark": 49}
+
+
+def test_enqueue_many_is_one_transaction_and_all_or_nothing(tmp_path: Path) -> None:
+    with DurableQueue(tmp_path / "q.db", max_bytes=None) as queue:
+        queued = queue.enqueue_many([EventInput(b"a" * 10), EventInput(b"b" * 200_000,
+                                                                       event_id="f" * 32)])
+        assert [len(e.sequences) for e in queued] == [1, 2]
+        assert queue.queue_depth() == 3
+        with pytest.raises(ConflictError):
+            queue.enqueue_many([EventInput(b"c"), EventInput(b"d", event_id="f" * 32)])
+        assert queue.queue_depth() == 3  # the first event of the failed call is not kept
