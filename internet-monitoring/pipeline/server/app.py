@@ -60,6 +60,7 @@ from pipeline.server.stream import StreamHub, stream_server
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+METRICS_REFRESH_S = 5.0
 PRUNE_INTERVAL_S = 300.0
 PRUNE_BATCH = 1000
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -385,14 +386,20 @@ class PipelineServer:
 
     async def _timer(self) -> None:
         assert self.manager is not None
+        refreshed = float("-inf")
         while True:
             await asyncio.sleep(TICK_S)
             try:
                 self.manager.tick()
-                self.metrics.refresh(time.time(), heartbeats=self.manager.heartbeat_times(),
-                                     snapshots=self.snapshots.updated_at(),
-                                     windows_open=self.manager.windows_open(),
-                                     acks_pending=self.manager.acks_pending())
+                # The time-derived gauges cost one label lookup per sensor: every tick is
+                # too often for a fleet (a scrape refreshes them too, see metrics_handler).
+                if time.monotonic() - refreshed >= METRICS_REFRESH_S:
+                    refreshed = time.monotonic()
+                    self.metrics.refresh(time.time(),
+                                         heartbeats=self.manager.heartbeat_times(),
+                                         snapshots=self.snapshots.updated_at(),
+                                         windows_open=self.manager.windows_open(),
+                                         acks_pending=self.manager.acks_pending())
             except Exception:  # noqa: BLE001 - the timer must survive one bad tick
                 log.exception("timer_failed")
 

@@ -250,6 +250,7 @@ class ControlManager:
         self._after_persist: list[Outgoing] = []
         self._held_acks: dict[str, collections.deque[ChunkAck]] = {}
         self._held_counts: dict[str, int] = {}  # sequences in _held_acks, per sensor
+        self._deadlines_checked = float("-inf")
         self._dirty: dict[str, tuple[dict[str, dict[str, object]], dict[str, Any]]] = {}
         self._persist_wakeup = asyncio.Event()
         self._persister: asyncio.Task[None] | None = None
@@ -425,6 +426,12 @@ class ControlManager:
         now = self.clock()
         self.dispatch(self.scheduler.tick(now))
         deadline = self.heartbeat_interval_s * self.missed_before_disconnect
+        if now - self._deadlines_checked < min(1.0, deadline / 4):
+            self._note_changes(self.scheduler.sessions)
+            return
+        # Heartbeat deadlines are seconds long: one scan of every socket per second is
+        # enough, and a tick of a large fleet stays short.
+        self._deadlines_checked = now
         for sensor_id, conn in list(self.connections.items()):
             session = self.scheduler.session(sensor_id)
             last = max(session.last_heartbeat_at or 0.0, conn.connected_at)
@@ -506,7 +513,7 @@ class ControlManager:
         loop = asyncio.get_running_loop()
         try:
             if dirty:
-                await loop.run_in_executor(self.executor, self._write, dirty)
+                await self._persist(loop, dirty)
         except PipelineError as exc:
             log.warning("window_persist_failed sensors=%d error=%s", len(dirty), exc.code)
             for sensor_id, item in dirty.items():  # retried on the next change
@@ -515,14 +522,36 @@ class ControlManager:
             return
         self._send_requests(ready)
 
+    async def _persist(self, loop: asyncio.AbstractEventLoop,
+                       dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
+                       ) -> None:
+        """Write ``dirty``: statements on the loop and only the COMMIT in a thread when the
+        store can split its transaction and is free (a thread doing hundreds of short
+        statements next to a busy loop waits for the GIL on each); else all in a thread."""
+        begin = getattr(self.store, "begin_control_state", None)
+        prepared = None
+        if begin is not None:
+            prepared = begin(self._changes(dirty), blocking=False)
+        if prepared is None:
+            await loop.run_in_executor(self.executor, self._write, dirty)
+            return
+        assert self.store is not None
+        await loop.run_in_executor(self.executor, self.store.commit_write, prepared)
+        for sensor_id, (windows, _) in dirty.items():
+            self._persisted[sensor_id] = set(windows)
+
+    def _changes(self, dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
+                 ) -> list[tuple[str, list[str], dict[str, dict[str, object]], dict[str, Any]]]:
+        return [(sensor_id, sorted(self._persisted.get(sensor_id, set()) - set(windows)),
+                 windows, state) for sensor_id, (windows, state) in dirty.items()]
+
     def _write(self, dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
                ) -> None:
         assert self.store is not None
         save_all = getattr(self.store, "save_control_state", None)
         if save_all is not None:
             # One transaction for every sensor changed since the last round.
-            save_all([(sensor_id, sorted(self._persisted.get(sensor_id, set()) - set(windows)),
-                       windows, state) for sensor_id, (windows, state) in dirty.items()])
+            save_all(self._changes(dirty))
             for sensor_id, (windows, _) in dirty.items():
                 self._persisted[sensor_id] = set(windows)
             return

@@ -130,6 +130,9 @@ async def serve(config: ServerConfig, demo_token: str | None, out: TextIO,
     server = PipelineServer(config, config_loader=reload_config, config_path=config_path)
 
     def announce() -> None:
+        from pipeline.server.tuning import tune_gc
+
+        tune_gc()  # this process only: embedders and tests keep the defaults
         if demo_token is not None:
             out.write(f"demo token: {demo_token}\n")
         out.write(f"dashboard: http://{config.ingest.bind}:{server.ingest_port}/\n")

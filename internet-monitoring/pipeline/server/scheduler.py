@@ -70,14 +70,19 @@ class RequestScheduler:
     def tick(self, now: float) -> list[Outgoing]:
         """Run every session's timers, then hand out freed budget."""
         out: list[Outgoing] = []
+        total = 0
         for sensor_id, session in self.sessions.items():
-            out.extend(Outgoing(sensor_id, r) for r in session.on_tick(now))
-        self._active_total = 0
-        for sensor_id, session in self.sessions.items():
-            self._active[sensor_id] = session.active_windows()
-            self._active_total += self._active[sensor_id]
-            if session.wants_window():
+            # Only windows have timers: a fleet of idle sessions costs one test each.
+            if session.windows:
+                out.extend(Outgoing(sensor_id, r) for r in session.on_tick(now))
+                active = session.active_windows()
+            else:
+                active = 0
+            self._active[sensor_id] = active
+            total += active
+            if session.backlog > 0 and session.connected and session.wants_window():
                 self._waiting.setdefault(sensor_id, None)
+        self._active_total = total
         out.extend(self.pump(now))
         return out
 

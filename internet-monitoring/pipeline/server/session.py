@@ -34,7 +34,7 @@ transaction is durable (invariant 2).
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Sequence
 
 from pipeline.common.messages import ChunkAck, ChunkRequest, Heartbeat
@@ -62,7 +62,8 @@ class Window:
     next_rerequest_at: float = 0.0
 
     def to_state(self) -> dict[str, object]:
-        doc = asdict(self)
+        # Field by field: ``dataclasses.asdict`` deep-copies and showed up in fleet profiles.
+        doc: dict[str, object] = {name: getattr(self, name) for name in _WINDOW_FIELDS}
         doc["status"] = self.status.value
         return doc
 
@@ -71,6 +72,9 @@ class Window:
         data = dict(doc)
         data["status"] = WindowStatus(str(data.get("status", "quiet")))
         return cls(**data)  # type: ignore[arg-type]
+
+
+_WINDOW_FIELDS = tuple(f.name for f in fields(Window))
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@ DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
 SCHEMA_VERSION = 1
 CACHE_KIB = 64 * 1024
 BUSY_TIMEOUT_MS = 30_000
+CHECKPOINT_INTERVAL_S = 0.2
+WAL_RESTART_FRAMES = 16_384  # ~64 MiB of WAL
+CHECKPOINT_WARN_FRAMES = 250_000  # ~1 GiB of WAL: the checkpointer is not keeping up
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -290,6 +293,13 @@ class _Pending:
 ControlChange = tuple[str, Sequence[str], Mapping[str, Mapping[str, Any]], Mapping[str, Any]]
 
 
+@dataclass(frozen=True)
+class PreparedWrite:
+    """A control-state write between ``begin_control_state`` and ``commit_write``."""
+
+    what: str
+
+
 @dataclass
 class PreparedIngest:
     """A batch between ``begin_ingest`` and ``commit_ingest`` (store-private state)."""
@@ -368,6 +378,12 @@ class SQLiteChunkStore:
             raise _translate(exc, f"cannot open store {self.path}") from exc
         if mode != "FULL" and mode != "EXTRA":
             log.warning("store_durability_reduced path=%s synchronous=%s", self.path, mode)
+        self.checkpoints = 0  # background WAL checkpoints that copied frames
+        self._wal_frames = 0  # WAL length last seen by the checkpointer
+        self._checkpoint_stop = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                              name="store-checkpoint", daemon=True)
+        self._checkpointer.start()
         log.info("store_opened path=%s keys=%d", self.path, len(self._book))
 
     # -- setup -----------------------------------------------------------------------
@@ -393,6 +409,54 @@ class SQLiteChunkStore:
             raise
         if max_pages is not None:
             conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
+        # Checkpoints run in a background thread (``_checkpoint_loop``), not inside the
+        # COMMIT of whichever ingest or window write crosses the WAL threshold: that COMMIT
+        # would copy a thousand pages and fsync the database file while every request in
+        # its batch waits. Durability is the WAL's, unchanged.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_RESTART_FRAMES * 4096}")
+
+    def _checkpoint_loop(self) -> None:
+        """PASSIVE checkpoints (they never block writers) on a connection of their own."""
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None,
+                                   check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            log.error("store_checkpointer_failed path=%s error=%s", self.path, exc)
+            return
+        try:
+            while not self._checkpoint_stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    _busy, log_frames, copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    log.warning("store_checkpoint_failed path=%s error=%s", self.path, exc)
+                    continue
+                if copied > 0:
+                    self.checkpoints += 1
+                # Steady writes keep appending while this copies, so the WAL would never
+                # empty: past the limit the next writer finishes the job (_maybe_reset_wal).
+                self._wal_frames = log_frames
+                if log_frames > CHECKPOINT_WARN_FRAMES:
+                    log.warning("store_wal_large path=%s frames=%d checkpointed=%d",
+                                self.path, log_frames, copied)
+        finally:
+            conn.close()
+
+    def _maybe_reset_wal(self) -> None:
+        """After a COMMIT, with the store lock held: when the WAL has grown past its limit,
+        copy the few frames the background checkpointer has not (no other writer can
+        append now), so the next transaction starts the WAL from the beginning."""
+        if self._wal_frames < WAL_RESTART_FRAMES:
+            return
+        try:
+            busy, log_frames, copied = self._conn.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("store_checkpoint_failed path=%s error=%s", self.path, exc)
+            return
+        if not busy and copied == log_frames:
+            self._wal_frames = 0
 
     def _load_offsets(self) -> None:
         """Rebuild trackers: persisted watermark and ranges, plus chunk rows above them."""
@@ -506,6 +570,7 @@ class SQLiteChunkStore:
             # Durable now: publish the new offsets.
             for (sensor_id, epoch), tracker in prepared.work.items():
                 self._book.put(sensor_id, epoch, tracker)
+            self._maybe_reset_wal()
             return [self._outcome(item) for item in prepared.items]
         finally:
             self._lock.release()
@@ -897,6 +962,7 @@ class SQLiteChunkStore:
                 for sql, params in statements:
                     self._conn.execute(sql, params)
                 self._conn.execute("COMMIT")
+                self._maybe_reset_wal()
             except sqlite3.Error as exc:
                 self._rollback()
                 raise _translate(exc, what) from exc
@@ -933,6 +999,54 @@ class SQLiteChunkStore:
         """Window deletions, window states and sensor states of many sensors in ONE
         durable transaction: persisting a fleet's window changes costs one fsync per round
         instead of two or more per sensor."""
+        statements = self._control_statements(changes)
+        if statements:
+            self._write(statements, "save_control_state failed")
+
+    def begin_control_state(self, changes: Iterable[ControlChange], *, blocking: bool = True
+                            ) -> PreparedWrite | None:
+        """``save_control_state`` split like ``begin_ingest``: BEGIN and the statements
+        here (the event loop: no GIL hand-off per statement), ``commit_write`` (the fsync)
+        in a worker thread. None when ``blocking`` is false and the store is busy."""
+        statements = self._control_statements(changes)
+        if not self._lock.acquire(blocking=blocking):
+            return None
+        try:
+            self._check_open()
+            if not self._begin(blocking):
+                self._lock.release()
+                return None
+            try:
+                for sql, params in statements:
+                    self._conn.execute(sql, params)
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise _translate(exc, "save_control_state failed") from exc
+            except BaseException:
+                self._rollback()
+                raise
+        except BaseException:
+            self._lock.release()
+            raise
+        return PreparedWrite("save_control_state failed")
+
+    def commit_write(self, prepared: PreparedWrite) -> None:
+        """COMMIT a ``begin_control_state`` (durable on return) and release the store."""
+        try:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise _translate(exc, prepared.what) from exc
+            except BaseException:
+                self._rollback()
+                raise
+            self._maybe_reset_wal()
+        finally:
+            self._lock.release()
+
+    def _control_statements(self, changes: Iterable[ControlChange]
+                            ) -> list[tuple[str, Sequence[Any]]]:
         now = self._clock()
         statements: list[tuple[str, Sequence[Any]]] = []
         for sensor_id, gone, windows, state in changes:
@@ -949,8 +1063,7 @@ class SQLiteChunkStore:
                 " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
                 " updated_at = excluded.updated_at",
                 (sensor_id, json.dumps(state, sort_keys=True), now)))
-        if statements:
-            self._write(statements, "save_control_state failed")
+        return statements
 
     def load_sensor_states(self) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT sensor_id, state FROM sensor_state ORDER BY sensor_id")
@@ -1047,6 +1160,9 @@ class SQLiteChunkStore:
             (repr(self._clock()),))], "store is not writable")
 
     def close(self) -> None:
+        self._checkpoint_stop.set()
+        if self._checkpointer.is_alive() and self._checkpointer is not threading.current_thread():
+            self._checkpointer.join(timeout=30)
         with self._lock:
             if self._closed:
                 return

@@ -196,3 +196,24 @@ def test_enqueue_many_is_one_transaction_and_all_or_nothing(tmp_path: Path) -> N
         with pytest.raises(ConflictError):
             queue.enqueue_many([EventInput(b"c"), EventInput(b"d", event_id="f" * 32)])
         assert queue.queue_depth() == 3  # the first event of the failed call is not kept
+
+
+def test_wal_is_checkpointed_in_the_background_and_kept_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    monkeypatch.setattr(store_mod, "WAL_RESTART_FRAMES", 64)
+    wal = tmp_path / "server.db-wal"
+    with SQLiteChunkStore(tmp_path / "server.db") as store:
+        sizes = []
+        for round_no in range(12):
+            store.ingest(one_chunk_events(40, first=1 + round_no * 40))
+            deadline = time.monotonic() + 5
+            while store.checkpoints <= round_no // 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            sizes.append(os.path.getsize(wal))
+        assert store.checkpoints > 0  # frames were copied by the background thread
+        assert store.event_count() == 480
+    # Without resets the WAL would only grow; with them it restarts from the beginning.
+    assert min(sizes[4:]) < max(sizes)
