@@ -45,11 +45,11 @@ from pipeline.sim.workload import derive_seed
 log = logging.getLogger(__name__)
 
 #: Sensor settings for simulated links: short timeouts so black-holed or partitioned
-#: connections are noticed in seconds, quick retries, and ``heartbeat_stats`` so the
+#: connections are noticed in seconds, and quick retries. Capabilities stay the sensor's
+#: defaults (``--capabilities`` changes them); with ``heartbeat_stats`` among them the
 #: server's ``/metrics`` mirrors each sensor's retry counter.
 SIM_SENSOR_CONFIG: dict[str, Any] = {
     "heartbeat_interval": 2.0,
-    "capabilities": ["chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats"],
     "control": {"ping_interval": 3.0, "ping_timeout": 3.0},
     "ingest": {"timeout": 10.0},
     "backoff": {"initial_s": 0.2, "max_s": 2.0},
@@ -77,7 +77,7 @@ class FleetOptions:
     server_module: str = "pipeline.server"  # what ``python -m`` runs (tests swap it)
     server_env: Mapping[str, str] = field(default_factory=dict)
     id_prefix: str = "sim"
-    capabilities: tuple[str, ...] | None = None  # sensor capabilities; None = SIM_SENSOR_CONFIG
+    capabilities: tuple[str, ...] | None = None  # sensor capabilities; None = their defaults
 
     def __post_init__(self) -> None:
         if self.sensors < 1:

@@ -27,15 +27,17 @@ import dataclasses
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.common.config import DEFAULT_CAPABILITIES
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.logs import setup_logging
 from pipeline.sim.faults import DirectionFaults
-from pipeline.sim.fleet import SIM_SENSOR_CONFIG, FleetOptions
+from pipeline.sim.fleet import FleetOptions
 from pipeline.sim.processes import ProcessError
 from pipeline.sim.profiles import (
     PROFILES,
@@ -98,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shared-proxies", action="store_true",
         help="one proxy pair for the whole fleet instead of one per sensor")
     add("--capabilities", default=None, metavar="LIST",
-        help="capabilities the sensors announce, comma-separated (default: "
-             f"{','.join(SIM_SENSOR_CONFIG['capabilities'])})")
+        help="capabilities the sensors announce, comma-separated (default: the sensor's "
+             f"own default, {','.join(DEFAULT_CAPABILITIES)})")
     add("--server-url", default=None,
         help="use an existing server (its HTTP ingest base, e.g. http://10.0.0.5:8081) "
              "instead of starting one; server kills are then disabled")
@@ -229,7 +231,7 @@ def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
         "kill_sensors_every_s": kill_sensors, "kill_server_every_s": kill_server,
         "faults_for_s": args.faults_for, "kill_fraction": args.kill_fraction, "restart_delay_s": args.restart_delay,
         "shared_proxies": args.shared_proxies, "server_module": args.server_module,
-        "capabilities": list(fleet.capabilities or SIM_SENSOR_CONFIG["capabilities"])}
+        "capabilities": list(fleet.capabilities or DEFAULT_CAPABILITIES)}
     return SimSettings(profile=profile, workload=workload, fleet=fleet,
                        kill_sensors_every_s=kill_sensors, kill_server_every_s=kill_server,
                        kill_fraction=args.kill_fraction, restart_delay_s=args.restart_delay,
@@ -271,10 +273,21 @@ def _progress(quiet: bool) -> Any:
 
 
 async def _run_all(runs: list[SimSettings], quiet: bool) -> list[Report]:
-    reports = []
-    for settings in runs:
-        reports.append(await Simulation(settings, _progress(quiet)).run())
-    return reports
+    """The runs in order; SIGTERM cancels them like Ctrl-C (every process is stopped)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    handled = False
+    if task is not None:
+        try:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            handled = True
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    try:
+        return [await Simulation(settings, _progress(quiet)).run() for settings in runs]
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGTERM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ProcessError, PipelineError, OSError) as exc:
         sys.stderr.write(f"pipeline-sim: harness failure: {exc}\nworkdir kept: {workdir}\n")
         return EXIT_HARNESS
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         sys.stderr.write(f"pipeline-sim: interrupted; workdir kept: {workdir}\n")
         return 130
     return _finish(args, reports, workdir, created)
