@@ -39,7 +39,7 @@ import collections
 import dataclasses
 import logging
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -254,6 +254,10 @@ class ControlManager:
         self._dirty: dict[str, tuple[dict[str, dict[str, object]], dict[str, Any]]] = {}
         self._persist_wakeup = asyncio.Event()
         self._persister: asyncio.Task[None] | None = None
+        # Runs only the COMMIT of a transaction begun on the loop. That COMMIT releases the
+        # store's lock, so it must not queue in a pool that threads waiting for that lock
+        # can fill (``executor`` may be shared with read-API calls): a deadlock.
+        self._commit_thread: ThreadPoolExecutor | None = None
         self._closed = False
         self._closers: set[asyncio.Task[None]] = set()
         # Commands awaiting their CommandResponse, by (sensor_id, command_id): only the
@@ -536,7 +540,13 @@ class ControlManager:
             await loop.run_in_executor(self.executor, self._write, dirty)
             return
         assert self.store is not None
-        await loop.run_in_executor(self.executor, self.store.commit_write, prepared)
+        if self._commit_thread is None:
+            self._commit_thread = ThreadPoolExecutor(max_workers=1,
+                                                     thread_name_prefix="control-commit")
+        # Shielded: a cancelled caller must not cancel the job before it runs, or the lock
+        # it releases would stay held.
+        await asyncio.shield(loop.run_in_executor(self._commit_thread, self.store.commit_write,
+                                                  prepared))
         for sensor_id, (windows, _) in dirty.items():
             self._persisted[sensor_id] = set(windows)
 
@@ -578,6 +588,9 @@ class ControlManager:
             await self._persister
             self._persister = None
         await self.persist_now()
+        if self._commit_thread is not None:
+            self._commit_thread.shutdown(wait=True)
+            self._commit_thread = None
 
 
 # ---------------------------------------------------------------------------------------
