@@ -36,6 +36,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
@@ -64,6 +65,7 @@ CACHE_KIB = 64 * 1024
 BUSY_TIMEOUT_MS = 30_000
 CHECKPOINT_INTERVAL_S = 0.2
 WAL_RESTART_FRAMES = 16_384  # ~64 MiB of WAL
+SLICE_CACHE_BYTES = 32 * 1024 * 1024
 CHECKPOINT_WARN_FRAMES = 250_000  # ~1 GiB of WAL: the checkpointer is not keeping up
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -286,11 +288,43 @@ class _Pending:
     event_complete: bool = False
     completed_event: StoredEvent | None = None
     error: PipelineError | None = None
-    raw: bytes | None = None  # the decompressed slice of a one-chunk event
+    raw: bytes | None = None  # the decompressed slice (validated by _precheck)
 
 
 # (sensor_id, window ids to delete, window states to save, sensor state)
 ControlChange = tuple[str, Sequence[str], Mapping[str, Mapping[str, Any]], Mapping[str, Any]]
+
+
+class SliceCache:
+    """Decompressed slices of stored chunks whose event is still incomplete, by
+    ``chunk_sha256`` (content-addressed, so a rolled-back or replaced row can never be
+    served a wrong slice), least recently stored dropped first beyond ``max_bytes``.
+
+    Completing an event then needs no second decompression of the slices that arrived
+    recently; a miss just decompresses from the stored payload as before."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        if len(data) > self._max_bytes or digest in self._items:
+            return
+        self._items[digest] = data
+        self._bytes += len(data)
+        while self._bytes > self._max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= len(dropped)
+
+    def pop(self, digest: bytes) -> bytes | None:
+        data = self._items.pop(digest, None)
+        if data is not None:
+            self._bytes -= len(data)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass(frozen=True)
@@ -364,6 +398,7 @@ class SQLiteChunkStore:
         # A plain Lock, not an RLock: a prepared ingest releases it from another thread.
         self._lock = threading.Lock()
         self._book = OffsetBook()
+        self._slices = SliceCache(SLICE_CACHE_BYTES)
         self._closed = False
         try:
             self._conn = sqlite3.connect(str(self.path), isolation_level=None,
@@ -570,6 +605,10 @@ class SQLiteChunkStore:
             # Durable now: publish the new offsets.
             for (sensor_id, epoch), tracker in prepared.work.items():
                 self._book.put(sensor_id, epoch, tracker)
+            for item in prepared.items:
+                if item.stored and item.raw is not None and item.chunk.chunk_count > 1 \
+                        and not item.event_complete:
+                    self._slices.put(item.chunk.chunk_sha256, item.raw)
             self._maybe_reset_wal()
             return [self._outcome(item) for item in prepared.items]
         finally:
@@ -605,8 +644,7 @@ class SQLiteChunkStore:
                     f"{self._max_event_bytes}-byte event limit", field="chunk_count")
             chunking.verify_chunk(chunk.payload, chunk.chunk_sha256)
             raw = chunking.decompress_slice(chunk.payload, max_bytes=chunking.MAX_SLICE)
-            if chunk.chunk_count == 1:
-                item.raw = raw
+            item.raw = raw
         except PipelineError as exc:
             item.error = exc
             log.info("chunk_rejected sensor_id=%s epoch=%s sequence=%d event_id=%s error=%s",
@@ -780,14 +818,17 @@ class SQLiteChunkStore:
         chunk = item.chunk
         sid, event_id = chunk.sensor_id, chunk.event_id
         payloads: list[bytes] = []
+        slices: list[bytes | None] = []  # decompressed already (this request or the cache)
         if chunk.chunk_count > 1:
-            for index, payload in conn.execute(
-                    "SELECT chunk_index, payload FROM chunks WHERE sensor_id = ? AND"
-                    " event_id = ? ORDER BY chunk_index", (sid, event_id)):
+            for index, payload, digest in conn.execute(
+                    "SELECT chunk_index, payload, chunk_sha256 FROM chunks WHERE sensor_id = ?"
+                    " AND event_id = ? ORDER BY chunk_index", (sid, event_id)):
                 if index == chunk.chunk_index:
                     payloads.append(chunk.payload)
+                    slices.append(item.raw)
                 elif payload is not None:
                     payloads.append(bytes(payload))
+                    slices.append(self._slices.pop(bytes(digest)))
             conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = ? AND event_id = ?"
                          " AND payload IS NOT NULL", (sid, event_id))
         if had_row:
@@ -803,13 +844,11 @@ class SQLiteChunkStore:
                 chunking.verify_event(data, partial.event_sha256)
             else:
                 if chunk.chunk_count == 1:
-                    payloads = [chunk.payload]
+                    payloads, slices = [chunk.payload], [None]
                 if len(payloads) != partial.chunk_count:
                     raise IntegrityError(f"event {event_id} has {len(payloads)} stored "
                                          f"payloads, expected {partial.chunk_count}")
-                data = chunking.reassemble(payloads, partial.event_sha256,
-                                           max_event_bytes=self._max_event_bytes,
-                                           max_slice=chunking.MAX_SLICE)
+                data = self._reassemble(payloads, slices, partial.event_sha256)
         except PipelineError as exc:
             # The chunk itself was valid and stays stored (and acked); only the event fails.
             conn.execute(
@@ -835,8 +874,43 @@ class SQLiteChunkStore:
             event_sha256=partial.event_sha256, data=data,
             logical_timestamp_ms=partial.logical_timestamp_ms, created_at=partial.created_at,
             completed_at=now, first_sequence=partial.first_sequence,
-            last_sequence=partial.last_sequence, attributes=json.loads(partial.attributes))
+            last_sequence=partial.last_sequence,
+            attributes=(dict(chunk.attributes) if chunk.chunk_index == 0
+                        else json.loads(partial.attributes)))
         log.debug("event_committed sensor_id=%s event_id=%s bytes=%d", sid, event_id, len(data))
+
+    def _reassemble(self, payloads: list[bytes], slices: list[bytes | None],
+                    event_sha256: bytes) -> bytes:
+        """``chunking.reassemble`` that skips decompressing slices already decompressed
+        (each was checked against the slice cap by ``_precheck``); same limits, same
+        errors."""
+        if all(piece is None for piece in slices):
+            return chunking.reassemble(payloads, event_sha256,
+                                       max_event_bytes=self._max_event_bytes,
+                                       max_slice=chunking.MAX_SLICE)
+        parts: list[bytes] = []
+        total = 0
+        for payload, piece in zip(payloads, slices):
+            budget = self._max_event_bytes - total
+            if piece is None:
+                try:
+                    piece = chunking.decompress_slice(
+                        payload, max_bytes=min(chunking.MAX_SLICE, max(budget, 0)))
+                except DecompressionLimitExceeded as exc:
+                    if budget >= chunking.MAX_SLICE:
+                        raise
+                    raise DecompressionLimitExceeded(
+                        f"event decompresses to more than {self._max_event_bytes} bytes",
+                        field="payload") from exc
+            if len(piece) > budget:
+                raise DecompressionLimitExceeded(
+                    f"event decompresses to more than {self._max_event_bytes} bytes",
+                    field="payload")
+            total += len(piece)
+            parts.append(piece)
+        data = b"".join(parts)
+        chunking.verify_event(data, event_sha256)
+        return data
 
     def _save_offsets(self, work: Mapping[OffsetKey, OffsetTracker], now: float) -> None:
         for (sensor_id, epoch), tracker in work.items():

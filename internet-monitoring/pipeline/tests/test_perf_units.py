@@ -5,6 +5,7 @@ Real SQLite files throughout; no sockets."""
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -217,3 +218,48 @@ def test_wal_is_checkpointed_in_the_background_and_kept_bounded(
         assert store.event_count() == 480
     # Without resets the WAL would only grow; with them it restarts from the beginning.
     assert min(sizes[4:]) < max(sizes)
+
+
+EVENT_300K = random.Random(7).randbytes(300 * 1024)  # three distinct slices
+
+
+def multi_chunk_event(first: int = 1) -> list[Chunk]:
+    split = split_event(EVENT_300K)
+    return [Chunk(sensor_id="pi-01", event_id=split.event_id, sequence=first + p.index,
+                  chunk_index=p.index, chunk_count=p.count, payload=p.payload,
+                  chunk_sha256=p.chunk_sha256, event_sha256=split.event_sha256,
+                  created_at="2026-11-27T05:00:00Z", logical_timestamp_ms=1,
+                  attributes={"window_id": "w"}) for p in split.pieces]
+
+
+def test_completing_an_event_reuses_the_slices_decompressed_on_arrival(
+        store: SQLiteChunkStore, tmp_path: Path) -> None:
+    chunks = multi_chunk_event()
+    assert len(chunks) == 3
+    store.ingest([chunks[0]])
+    store.ingest([chunks[1]])
+    assert len(store._slices) == 2
+    # Spoil the stored payloads behind the store's back: reassembly must not need them.
+    with sqlite3.connect(tmp_path / "server.db") as conn:
+        conn.execute("UPDATE chunks SET payload = ? WHERE payload IS NOT NULL", (b"junk",))
+    (out,) = store.ingest([chunks[2]])
+    assert out.completed_event is not None
+    assert out.completed_event.data == EVENT_300K
+    assert len(store._slices) == 0
+
+
+def test_without_cached_slices_events_still_complete_from_the_stored_payloads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "SLICE_CACHE_BYTES", 1)  # nothing fits
+    with SQLiteChunkStore(tmp_path / "server.db") as store:
+        chunks = multi_chunk_event()
+        store.ingest(chunks[:2])
+        (out,) = store.ingest(chunks[2:])
+        assert out.completed_event is not None
+        assert out.completed_event.data == EVENT_300K
+    with SQLiteChunkStore(tmp_path / "small.db", max_event_bytes=200_000) as small:
+        chunks = multi_chunk_event()
+        small.ingest(chunks[:2])
+        (out,) = small.ingest(chunks[2:])
+        assert out.stored and not out.event_complete
+        assert [r.code for r in small.rejected_events()] == ["decompressed_too_large"]

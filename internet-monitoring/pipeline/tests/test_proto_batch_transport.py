@@ -337,8 +337,26 @@ async def test_a_corrupted_chunk_is_quarantined_and_its_batch_neighbours_deliver
             quarantined = queue.quarantined()
             queue.close()
         stored = {e.event_id for e in server.store.events("pi-01", limit=100)}
-    assert [chunk.sequence for chunk, _ in quarantined] == [victim]
+    assert [chunk.sequence for chunk, _ in quarantined] == [victim], \
+        (quarantined, agent.stats(), ingest.calls)
     assert "chunk_hash_mismatch" in quarantined[0][1]
     assert stored == {e.event_id for e in events} - {events[5].event_id}
-    assert agent.quarantined == 1
-    assert any(kind == "batch" and n > 1 for kind, _, n in ingest.calls)
+    assert agent.quarantined == 1, agent.stats()
+    assert any(kind == "batch" and n > 1 for kind, _, n in ingest.calls), ingest.calls
+
+
+async def test_snapshot_gauges_skip_results_too_big_to_parse_on_the_ingest_path(tmp_path, http):
+    async with running_server(server_config(tmp_path)) as server:
+        small = json.dumps({"download_mbps": 10.5}).encode()
+        big = json.dumps({"download_mbps": 99.0, "pad": "x" * 70_000}).encode()
+        docs = []
+        for seq, data in ((1, small), (2, big)):
+            _, (doc,) = chunk_docs("pi-01", data, seq, logical_timestamp_ms=seq)
+            docs.append(doc)
+        status, _, raw = await post(http, server, "/v1/ingest/batch",
+                                    json.dumps({"chunks": docs}).encode(), "application/json")
+        assert status == 200 and all(r.stored for r in decode_batch_result(raw))
+        value = server.registry.get_sample_value(
+            "pipeline_snapshot_value", {"sensor_id": "pi-01", "field": "download_mbps"})
+        assert value == 10.5  # the 70 KiB result is stored and streamed, not parsed for gauges
+        assert server.snapshots.get("pi-01").logical_timestamp_ms == 2
