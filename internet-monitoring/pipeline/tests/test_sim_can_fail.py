@@ -34,7 +34,9 @@ def test_the_same_run_against_the_real_server_passes(tmp_path: Path) -> None:
     run = run_sim(ARGS, tmp_path)
     assert run.report is not None, run.explain()
     assert run.code == 0 and run.report["ok"] is True, run.explain()
-    assert run.report["facts"]["kills"]["server"] >= 2
+    # At least one SIGKILL mid-run (a fast drain on an idle machine may finish before the
+    # second one is due).
+    assert run.report["facts"]["kills"]["server"] >= 1
     assert run.report["delivered_exactly_once"] == 120
 
 
