@@ -719,22 +719,11 @@ class SensorAgent:
         return "delivered"
 
     async def _on_rejected(self, sequence: int, window_id: str, answer: PostResult) -> str:
-        reason = f"http_{answer.status}"
-        if answer.error_code:
-            reason += f" {answer.error_code}"
-        try:
-            moved = await asyncio.to_thread(self.queue.quarantine, sequence, reason)
-        except QueueError as exc:
-            log.error("quarantine_failed sequence=%d error=%s", sequence, exc)
-            moved = False
-        self.dispatcher.on_post_rejected(sequence)
-        if moved:
-            self.quarantined += 1
         message = ""
         if answer.error and isinstance(answer.error.get("message"), str):
-            message = str(answer.error["message"])[:200]
-        log.warning("chunk_quarantined sequence=%d window_id=%s status=%d error=%s message=%r",
-                    sequence, window_id, answer.status, answer.error_code or "-", message)
+            message = str(answer.error["message"])
+        await self._quarantine(sequence, window_id, answer.status, answer.error_code or "",
+                               message)
         self._after_post(window_id)
         return "quarantined"
 
