@@ -13,7 +13,9 @@ the server's store, which must equal what was queued.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -59,11 +61,11 @@ def run_once(workdir: Path, count: int, size: int, capabilities: list[str],
     server = ServerProcess(workdir / "server")
     server.start()
     agent: subprocess.Popen[str] | None = None
+    log = open(workdir / "agent.log", "a")
     try:
         spec = {"control": f"ws://127.0.0.1:{server.control_port}/control",
                 "ingest": f"http://127.0.0.1:{server.ingest_port}/v1/ingest/chunk",
                 "queue": str(queue_path), "capabilities": capabilities}
-        log = open(workdir / "agent.log", "w")
         agent = subprocess.Popen(pinned(python("-m", "bench.drain", json.dumps(spec)), LOAD_CPU),
                                  stdout=subprocess.PIPE, stderr=log, text=True)
         assert agent.stdout is not None
@@ -82,8 +84,20 @@ def run_once(workdir: Path, count: int, size: int, capabilities: list[str],
     finally:
         if agent is not None and agent.poll() is None:
             agent.terminate()
-            agent.wait(20)
+            try:
+                agent.wait(20)
+            except subprocess.TimeoutExpired:
+                # The figure is already taken (the queue is empty); a slow exit is noted
+                # in the agent log and must not stop the benchmark.
+                log.write("bench: agent did not exit within 20 s of SIGTERM; killed\n")
+                agent.kill()
+                agent.wait(10)
+                log.flush()
+                keep = Path("var") / f"bench-agent-slow-exit-{int(time.time())}.log"
+                keep.parent.mkdir(exist_ok=True)
+                shutil.copy(workdir / "agent.log", keep)
         server.stop()
+        log.close()
     events = count_rows(server.db_path, "events")
     if events != count:
         raise BenchError(f"server holds {events} events, {count} were queued")
@@ -108,7 +122,12 @@ async def _agent(spec: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     import signal
 
-    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    def on_term() -> None:
+        agent.stop()
+        # Should the agent not be gone in 10 s, its threads' stacks go to the log.
+        faulthandler.dump_traceback_later(10, exit=False)
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
     sys.stdout.write(json.dumps({"started": time.monotonic()}) + "\n")
     sys.stdout.flush()
     try:

@@ -428,22 +428,34 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
     root.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
-    disk: dict[str, list[float]] = {}
+    errors: list[str] = []
+    disk: dict[str, list[float]] = {"single": [], "batched": []}
+
+    def attempt(name: str, run: Callable[[], list[Row]]) -> None:
+        """A failed section is reported and the others still run."""
+        try:
+            rows.extend(run())
+        except (BenchError, subprocess.SubprocessError, OSError) as exc:
+            errors.append(f"{name}: {type(exc).__name__}: {exc}"[:500])
+
+    def disk_section() -> list[Row]:
+        disk_rows, found = section_disk(root, scale)
+        disk.update(found)
+        return disk_rows if "disk" in only else []
+
     try:
         if "ingest" in only:
-            rows += section_ingest(root, scale)
+            attempt("ingest", lambda: section_ingest(root, scale))
         if "disk" in only or "queue" in only:
-            disk_rows, disk = section_disk(root, scale)
-            if "disk" in only:
-                rows += disk_rows
+            attempt("disk", disk_section)
         if "flat" in only:
-            rows += section_flat(root, scale)
+            attempt("flat", lambda: section_flat(root, scale))
         if "queue" in only:
-            rows += section_queue(root, scale, disk["single"])
+            attempt("queue", lambda: section_queue(root, scale, disk["single"]))
         if "drain" in only:
-            rows += section_drain(root, scale)
+            attempt("drain", lambda: section_drain(root, scale))
         if "conns" in only:
-            rows += section_conns(root, scale)
+            attempt("conns", lambda: section_conns(root, scale))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -455,14 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.platform(), "python": sys.version.split()[0],
         "server_cpu": SERVER_CPU if pinning_available() else None,
         "load_cpu": LOAD_CPU if pinning_available() else None,
-        "rows": [row.to_json() for row in rows], "table": table,
+        "rows": [row.to_json() for row in rows], "table": table, "errors": errors,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     pin = (f"server CPU {SERVER_CPU}, load CPU {LOAD_CPU}" if pinning_available()
            else "not pinned (taskset or a second CPU missing)")
+    failed = "".join(f"FAILED {error}\n" for error in errors)
     sys.stdout.write(f"{table}\n\nmedians of {scale.runs} run(s); {pin}; "
-                     f"{elapsed:.0f} s; results in {out}\n")
-    return 0
+                     f"{elapsed:.0f} s; results in {out}\n{failed}")
+    return 1 if errors else 0
 
