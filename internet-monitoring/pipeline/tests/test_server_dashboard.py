@@ -16,7 +16,7 @@ async def dump_dom(browser: str, url: str, profile: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url,
+        f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
