@@ -52,6 +52,18 @@ def test_in_process_agents(tmp_path: Path) -> None:
     assert run.report["retries"] is not None
 
 
+def test_compare_reports_both_runs_and_enforces_the_ratio(tmp_path: Path) -> None:
+    run = run_sim(["--profile", "lossy", "--compare", "clean", "--sensors", "2", "--events", "15",
+                   "--duration", "0", "--quiet", "--min-goodput-ratio", "1000"], tmp_path)
+    assert run.report is not None, run.explain()
+    doc = run.report
+    assert doc["baseline"]["facts"]["profile"] == "clean" and doc["run"]["facts"]["profile"] == "lossy"
+    assert doc["baseline"]["ok"] and doc["run"]["ok"], run.explain()  # both delivered all
+    assert doc["goodput_ratio"] == doc["run"]["goodput_mb_s"] / doc["baseline"]["goodput_mb_s"]
+    assert doc["goodput_ratio_met"] is False and doc["ok"] is False
+    assert run.code == 1 and "% of clean" in run.stdout
+
+
 def test_list_profiles_prints_the_table() -> None:
     proc = subprocess.run([sys.executable, "-m", "pipeline.sim", "--list-profiles"],
                           capture_output=True, text=True, timeout=30)
