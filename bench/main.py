@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in SECTIONS:
             raise SystemExit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
     raise_nofile(scale.connections + 4096)
+    load_before = os.getloadavg()
     started = time.monotonic()
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -464,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "quick": args.quick, "runs": scale.runs, "elapsed_s": elapsed,
         "pinned": pinning_available(), "cpus": os.cpu_count(),
+        # Other processes on the machine skew every figure: the 1-minute load average
+        # before and after the run says how busy it was (2 CPUs: 2.0 = both busy).
+        "loadavg_before": load_before[0], "loadavg_after": os.getloadavg()[0],
         "machine": platform.platform(), "python": sys.version.split()[0],
         "server_cpu": SERVER_CPU if pinning_available() else None,
         "load_cpu": LOAD_CPU if pinning_available() else None,
@@ -476,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
            else "not pinned (taskset or a second CPU missing)")
     failed = "".join(f"FAILED {error}\n" for error in errors)
     sys.stdout.write(f"{table}\n\nmedians of {scale.runs} run(s); {pin}; "
-                     f"{elapsed:.0f} s; results in {out}\n{failed}")
+                     f"{elapsed:.0f} s; load average {load_before[0]:.1f} before, "
+                     f"{os.getloadavg()[0]:.1f} after; results in {out}\n{failed}")
     return 1 if errors else 0
 
