@@ -694,15 +694,9 @@ class SensorAgent:
                     sequence, window_id, status, code or "-", message[:200])
 
     def _build_chunk(self, row: QueuedChunk, window_id: str) -> Chunk:
-        attributes = dict(row.attributes)
-        attributes["window_id"] = window_id
-        return Chunk(
-            sensor_id=self.config.sensor_id, event_id=row.event_id, sequence=row.sequence,
-            chunk_index=row.chunk_index, chunk_count=row.chunk_count, payload=row.payload,
-            chunk_sha256=row.chunk_sha256, event_sha256=row.event_sha256,
-            created_at=row.created_at, logical_timestamp_ms=row.logical_timestamp_ms,
-            clock_skew_ms=round(self.skew.skew_ms, 3), attributes=attributes,
-            queue_epoch=self.queue.epoch if self._both(CAP_EPOCH) else "")
+        return row.to_wire(self.config.sensor_id, window_id,
+                           queue_epoch=self.queue.epoch if self._both(CAP_EPOCH) else "",
+                           clock_skew_ms=round(self.skew.skew_ms, 3))
 
     async def _on_delivered(self, sequence: int, window_id: str, answer: PostResult) -> str:
         self.posted += 1

@@ -61,6 +61,7 @@ from pipeline.common.messages import (
     MAX_ATTRIBUTES,
     MAX_SEQUENCE,
     MAX_STRING,
+    Chunk,
 )
 from pipeline.common.tracing import TRACEPARENT, is_valid_traceparent
 
@@ -181,6 +182,17 @@ class QueuedChunk:
     @property
     def nbytes(self) -> int:
         return len(self.payload)
+
+    def to_wire(self, sensor_id: str, window_id: str, *, queue_epoch: str = "",
+                clock_skew_ms: float = 0.0) -> Chunk:
+        """The wire chunk sent under ``window_id`` (added to the stored attributes)."""
+        return Chunk(
+            sensor_id=sensor_id, event_id=self.event_id, sequence=self.sequence,
+            chunk_index=self.chunk_index, chunk_count=self.chunk_count, payload=self.payload,
+            chunk_sha256=self.chunk_sha256, event_sha256=self.event_sha256,
+            created_at=self.created_at, logical_timestamp_ms=self.logical_timestamp_ms,
+            clock_skew_ms=clock_skew_ms, attributes={**self.attributes, "window_id": window_id},
+            queue_epoch=queue_epoch)
 
 
 @dataclass(frozen=True)

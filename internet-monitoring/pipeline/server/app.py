@@ -48,7 +48,7 @@ from pipeline.server.dashboard import DashboardConfig, add_dashboard_routes
 from pipeline.server.gate import GATE_KEY, security_middleware
 from pipeline.server.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
-from pipeline.server.listeners import GuardedSite
+from pipeline.server.listeners import GuardedSite, reload_ssl_context
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.security import SecurityManager, add_security_routes
@@ -77,16 +77,8 @@ def ssl_context_for(tls: TlsConfig, at: str) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(tls.cert, tls.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{at}.tls: cannot load cert/key: {exc}", field=f"{at}.tls.cert") from exc
+    reload_ssl_context(ctx, tls, at)
     if tls.client_ca:
-        try:
-            ctx.load_verify_locations(cafile=tls.client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{at}.tls: cannot load client_ca: {exc}",
-                              field=f"{at}.tls.client_ca") from exc
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

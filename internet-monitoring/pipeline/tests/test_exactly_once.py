@@ -34,11 +34,7 @@ POLICY = WindowPolicy(max_chunks=3, max_bytes=64 * 1024, max_in_flight=6, window
 
 
 def to_wire(qc: QueuedChunk, window_id: str, epoch: str) -> Chunk:
-    return Chunk(sensor_id=SENSOR, event_id=qc.event_id, sequence=qc.sequence,
-                 chunk_index=qc.chunk_index, chunk_count=qc.chunk_count, payload=qc.payload,
-                 chunk_sha256=qc.chunk_sha256, event_sha256=qc.event_sha256,
-                 created_at=qc.created_at, logical_timestamp_ms=qc.logical_timestamp_ms,
-                 attributes={**qc.attributes, "window_id": window_id}, queue_epoch=epoch)
+    return qc.to_wire(SENSOR, window_id, queue_epoch=epoch)
 
 
 @dataclass
