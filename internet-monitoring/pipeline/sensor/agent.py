@@ -54,7 +54,12 @@ from pipeline.common.messages import (
 from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
-from pipeline.sensor.batching import RecentlyDeleted, split_batches
+from pipeline.sensor.batching import (
+    BATCH_SPLIT_MIN,
+    RecentlyDeleted,
+    split_batches,
+    split_in_half,
+)
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
 from pipeline.sensor.time_sync import ClockSkewEstimator
@@ -618,6 +623,13 @@ class SensorAgent:
                     log.info("batch_post_failed chunks=%d window_id=%s attempt=%d error=%s "
                              "retry_in_s=%.2f", len(chunks), window_id, backoff.attempts, exc,
                              delay)
+                    if len(pending) >= 2 * BATCH_SPLIT_MIN:
+                        # On a link that cuts long POSTs, a big batch may never get through
+                        # whole: go on with half, the other half in its own task.
+                        keep, rest = split_in_half(tuple(pending))
+                        pending = {s: pending[s] for s in keep}
+                        self._spawn(self._send_batch_with_backoff(rest, window_id),
+                                    name=f"send-batch-{rest[0]}", track=True)
                 else:
                     if answer.status == 200 and answer.outcomes is not None:
                         retry = await self._on_batch_answer(chunks, answer.outcomes, window_id)

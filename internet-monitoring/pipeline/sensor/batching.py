@@ -5,6 +5,10 @@ A window's planned chunks go out in a few POSTs of at most ``max_chunks`` chunks
 oldest first. The agent sends the batches of a window in parallel, bounded by its POST
 semaphore (``ingest.max_parallel``).
 
+A batch whose POST fails on the network (reset, timeout) is halved before it is retried,
+down to ``BATCH_SPLIT_MIN`` chunks: on a link that cuts long transfers a big batch might
+otherwise never get through whole.
+
 ``RecentlyDeleted`` remembers sequences the agent already deleted on an HTTP answer
 (capability ``http_ack``), so the ``ChunkAck`` the server still sends for them costs no
 second queue transaction.
@@ -17,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 BATCH_MAX_CHUNKS = 256
 BATCH_MAX_BYTES = 1024 * 1024  # payload bytes per POST; well under the 4 MiB body default
+BATCH_SPLIT_MIN = 8  # a batch whose POST failed on the network is halved down to this
 
 
 def split_batches(sequences: Sequence[int], sizes: Mapping[int, int], *,
@@ -38,6 +43,12 @@ def split_batches(sequences: Sequence[int], sizes: Mapping[int, int], *,
     if current:
         batches.append(tuple(current))
     return batches
+
+
+def split_in_half(sequences: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Oldest half first (it is retried in place; the newer half goes on its own)."""
+    middle = (len(sequences) + 1) // 2
+    return sequences[:middle], sequences[middle:]
 
 
 class RecentlyDeleted:

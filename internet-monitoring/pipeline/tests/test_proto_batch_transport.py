@@ -360,3 +360,43 @@ async def test_snapshot_gauges_skip_results_too_big_to_parse_on_the_ingest_path(
             "pipeline_snapshot_value", {"sensor_id": "pi-01", "field": "download_mbps"})
         assert value == 10.5  # the 70 KiB result is stored and streamed, not parsed for gauges
         assert server.snapshots.get("pi-01").logical_timestamp_ms == 2
+
+
+class CuttingIngest(RecordingIngest):
+    """A link that resets every POST carrying more than ``limit`` chunks."""
+
+    limit = 10
+
+    async def post_batch(self, chunks: Sequence[Any], *, proto: bool = True):  # type: ignore[override]
+        if len(chunks) > self.limit:
+            self.calls.append(("cut", proto, len(chunks)))
+            raise ConnectionError("connection reset by peer")
+        return await super().post_batch(chunks, proto=proto)
+
+
+async def test_a_batch_that_keeps_failing_on_the_network_is_split_until_it_passes(tmp_path):
+    from pipeline.common import backoff
+
+    backoff.set_testing(True)
+    try:
+        async with running_server(server_config(tmp_path)) as server:
+            agent, queue, _ = agent_for(server, tmp_path, "pi-01", NEW_CAPS)
+            ingest = CuttingIngest.from_config(agent.config)
+            ingest.calls = []
+            agent = SensorAgent(agent.config, queue, ingest=ingest)
+            expected = {queue.enqueue(json.dumps({"i": i}).encode()).event_id
+                        for i in range(40)}
+            task = asyncio.ensure_future(agent.run())
+            try:
+                await wait_for(lambda: queue.queue_depth() == 0, timeout=30)
+            finally:
+                agent.stop()
+                await asyncio.wait_for(task, 15)
+                queue.close()
+            stored = {e.event_id for e in server.store.events("pi-01", limit=100)}
+    finally:
+        backoff.set_testing(False)
+    assert stored == expected
+    sizes = [n for kind, _, n in ingest.calls if kind == "batch"]
+    assert any(kind == "cut" for kind, _, _ in ingest.calls)
+    assert sizes and max(sizes) <= CuttingIngest.limit and sum(sizes) >= 40
