@@ -8,10 +8,11 @@ Phases::
                workload, SIGKILL sensors / the server on their periods and restart them;
                a progress line every second
     drain      after the last submit, until every queue is empty and the server holds every
-               event (complete), or queues are empty and nothing new arrives for
-               ``settle_s`` (settled: something was lost), or ``drain_timeout_s`` (timeout)
-    verify     stop the crash loops, stop the sensors, read what is left in their queue
-               files, read every event back from the server, build the report
+               event (complete), or queues are empty and the server, readable, shows
+               nothing new for ``settle_s`` (settled: something was lost), or
+               ``drain_timeout_s`` (timeout); crashes stop once every queue is empty
+    verify     stop the sensors, read what is left in their queue files, read every
+               event back from the server, build the report
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class Simulation:
             return
         self.counters.observe_text(text, SCRAPED)
 
-    async def _monitor(self, fleet: Fleet, workload: Workload, started: float) -> str:
+    async def _monitor(self, fleet: Fleet, workload: Workload,
+                       started: float) -> tuple[str, _Tail]:
         s = self.settings
         loop = asyncio.get_running_loop()
         tail = _Tail(fleet)
@@ -171,11 +173,12 @@ class Simulation:
                 depths = await fleet.queue_depths()
             except PipelineError as exc:  # a queue file busy during a crash: next tick
                 log.info("sim_queue_probe_failed error=%s", exc)
-            await tail.poll()
+            read_ok = await tail.poll()
             if tick % 2 == 0:
                 await self._scrape(fleet)
             delivered = len(tail.seen)
-            if delivered != delivered_before:
+            if delivered != delivered_before or not read_ok:
+                # A server that could not be read (killed, restarting) is not a quiet one.
                 delivered_before, changed_at = delivered, now
             in_queues = sum(depths.values())
             self._report_progress(fleet, workload, now - started, delivered, in_queues)
@@ -184,13 +187,18 @@ class Simulation:
             if submit_done_at is None:
                 submit_done_at = now
             submitted = workload.submitted()
+            if depths and in_queues == 0 and not self._stop_crashes.is_set():
+                # Everything left the queues: crashes have nothing more to prove, and the
+                # verdict is read from a server that stays up.
+                self._stop_crashes.set()
+                changed_at = now
             if depths and in_queues == 0 and delivered >= submitted:
-                return "complete"
+                return "complete", tail
             if depths and in_queues == 0 and now - changed_at >= s.settle_s \
                     and now - submit_done_at >= s.settle_s:
-                return "settled"
+                return "settled", tail
             if now - submit_done_at >= s.drain_timeout_s:
-                return "timeout"
+                return "timeout", tail
 
     def _report_progress(self, fleet: Fleet, workload: Workload, elapsed: float,
                          delivered: int, in_queues: int) -> None:
@@ -276,7 +284,7 @@ class Simulation:
                 crashers.append(asyncio.create_task(self._clear_faults_later(fleet),
                                                     name="sim-clear-faults"))
             submit_watch = asyncio.create_task(asyncio.to_thread(workload.join))
-            drain = await self._monitor(fleet, workload, started)
+            drain, tail = await self._monitor(fleet, workload, started)
             await submit_watch
             submit_s = max(r.enqueued_at for r in workload.records()) - wall_started \
                 if workload.records() else 0.0
@@ -289,6 +297,8 @@ class Simulation:
             await fleet.stop_sensors()
             leftovers = await fleet.leftovers()
             stored = await self._read_back(fleet)
+            log.info("sim_read_back events=%d seen_while_running=%d drain=%s", len(stored),
+                     len(tail.seen), drain)
             await self._scrape(fleet)
             facts = RunFacts(
                 profile=s.profile.name, seed=s.fleet.seed, sensors=len(fleet.sensor_ids),

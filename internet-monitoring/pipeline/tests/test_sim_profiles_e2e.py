@@ -20,7 +20,9 @@ SHORT = {
     "clean": ["--sensors", "3", "--events", "40", "--duration", "3"],
     "lossy": ["--sensors", "3", "--events", "40", "--duration", "4"],
     "satellite": ["--sensors", "3", "--events", "20", "--duration", "4"],
-    "partition": ["--sensors", "3", "--events", "40", "--duration", "10",
+    # Events of 1 KiB to 300 KiB: most span two or three chunks, reassembled across cuts.
+    "partition": ["--sensors", "3", "--events", "30", "--duration", "10",
+                  "--event-size", "1k-300k",
                   "--set", "partition_first_s=2", "--set", "partition_every_s=7",
                   "--set", "partition_duration_s=3"],
     "chaos": ["--sensors", "4", "--events", "50", "--duration", "12",
@@ -41,6 +43,7 @@ def _faults_happened(profile: str, report: dict) -> None:
         assert latency["p50_ms"] >= 600  # at least one 300 ms hop each way
     elif profile == "partition":
         assert faults["resets_partition"] > 0
+        assert report["generated_bytes"] > report["generated"] * 128 * 1024 / 2  # multi-chunk
     elif profile == "chaos":
         assert kills["sensors"] >= 2 and kills["server"] >= 1
         assert faults["resets_partition"] > 0 and faults["resets_mid_stream"] > 0
