@@ -51,6 +51,7 @@ from pipeline.common.messages import (
     Envelope,
     Heartbeat,
 )
+from pipeline.common.aio import wait_event
 from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
@@ -443,11 +444,7 @@ class SensorAgent:
                 self._last_heartbeat = time.monotonic()
 
     async def _wait_nudge(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._nudge.wait(), timeout=timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_event(self._nudge, timeout)
 
     async def _has_unsent(self) -> bool:
         depth = await asyncio.to_thread(self.queue.queue_depth)
@@ -806,13 +803,7 @@ class SensorAgent:
 
     async def _sleep_or_stop(self, delay: float) -> bool:
         """Sleep ``delay`` seconds; False if ``stop()`` was called meanwhile."""
-        if self._stop.is_set():
-            return False
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=max(0.0, delay))
-        except asyncio.TimeoutError:
-            return True
-        return False
+        return not await wait_event(self._stop, delay)
 
     def _spawn(self, coro: Awaitable[Any], *, name: str, track: bool = False) -> None:
         task = asyncio.ensure_future(coro)

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from pipeline.common.aio import wait_event
 from pipeline.common.errors import (
     ConfigError,
     FieldTypeError,
@@ -361,9 +362,7 @@ class ControlConnection:
             except (aiohttp.ClientError, OSError, RuntimeError) as exc:
                 log.info("control_ping_failed error=%s", exc)
                 return
-            try:
-                await asyncio.wait_for(self._pong.wait(), timeout=self._ping_timeout)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._pong, self._ping_timeout):
                 log.warning("control_ping_timeout ping_timeout_s=%.1f action=close",
                             self._ping_timeout)
                 self._close_code = 1011

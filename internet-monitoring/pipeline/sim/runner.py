@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from pipeline.common.aio import wait_event
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.sim.counters import RestartingCounters
 from pipeline.sim.fleet import Fleet, FleetOptions
@@ -104,11 +105,7 @@ class _Tail:
 
 async def _stopped(stop: asyncio.Event, timeout: float) -> bool:
     """Wait up to ``timeout``; True when ``stop`` was set."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout)
-    except asyncio.TimeoutError:
-        return False
-    return True
+    return await wait_event(stop, timeout)
 
 
 class Simulation:
