@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
@@ -73,17 +73,30 @@ class Span(Protocol):
 
 class _NoopSpan:
     """Records nothing; hands the incoming traceparent on so propagation survives a hop
-    whose tracing is off."""
+    whose tracing is off. It is its own context manager, and the parent is checked only
+    when asked for: a disabled tracer costs one small object per ``span()`` call."""
+
+    __slots__ = ("_parent",)
 
     def __init__(self, parent: str | None) -> None:
-        self._parent = parent if is_valid_traceparent(parent) else None
+        self._parent = parent
+
+    def __enter__(self) -> _NoopSpan:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None  # an exception in the body propagates unchanged
 
     @property
     def traceparent(self) -> str | None:
-        return self._parent
+        parent = self._parent
+        return parent if is_valid_traceparent(parent) else None
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         return None
+
+
+_NO_PARENT = _NoopSpan(None)
 
 
 class _OtelSpan:
@@ -130,15 +143,21 @@ class Tracing:
     def enabled(self) -> bool:
         return self._tracer is not None
 
-    @contextmanager
     def span(self, name: str, *, parent: str | None = None,
-             attributes: Mapping[str, AttributeValue] | None = None) -> Iterator[Span]:
+             attributes: Mapping[str, AttributeValue] | None = None
+             ) -> AbstractContextManager[Span]:
         """A span around the ``with`` body. ``parent`` is a traceparent to continue (from
         a queue row or a chunk); None continues the current span of this task, if any. An
-        exception leaving the body is recorded on the span and re-raised."""
+        exception leaving the body is recorded on the span and re-raised. Disabled, this is
+        a no-op object (no generator, no validation until ``traceparent`` is read): the
+        ingest path opens several spans per chunk."""
         if self._tracer is None:
-            yield _NoopSpan(parent)
-            return
+            return _NO_PARENT if parent is None else _NoopSpan(parent)
+        return self._otel_span(name, parent, attributes)
+
+    @contextmanager
+    def _otel_span(self, name: str, parent: str | None,
+                   attributes: Mapping[str, AttributeValue] | None) -> Iterator[Span]:
         context = None
         if is_valid_traceparent(parent):
             context = self._propagator.extract({TRACEPARENT: parent})

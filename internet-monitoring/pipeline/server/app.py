@@ -53,7 +53,7 @@ from pipeline.server.metrics import ServerMetrics
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.security import SecurityManager, add_security_routes
 from pipeline.server.session import Committed, WindowPolicy
-from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload
+from pipeline.server.snapshot_cache import SnapshotCache
 from pipeline.server.store import SQLiteChunkStore
 from pipeline.server.stream import StreamHub, stream_server
 
@@ -88,6 +88,35 @@ def window_policy(config: ServerConfig) -> WindowPolicy:
     return WindowPolicy(max_chunks=s.max_chunks, max_bytes=s.max_bytes,
                         max_in_flight=s.max_in_flight, windows_per_sensor=s.windows_per_sensor,
                         window_timeout_s=s.window_timeout_s, quiet_s=s.quiet_s)
+
+
+class _SensorBatch:
+    """One sensor's committed chunks in one batch: its ack items and metric totals."""
+
+    __slots__ = ("items", "marks", "stored", "stored_bytes", "duplicates", "latencies_ms",
+                 "events")
+
+    def __init__(self) -> None:
+        self.items: list[Committed] = []
+        self.marks: dict[str, int] = {}
+        self.stored = 0
+        self.stored_bytes = 0
+        self.duplicates = 0
+        self.latencies_ms: list[float] = []
+        self.events = 0
+
+    def add(self, outcome: Any, window_id: str, nbytes: int, latency_ms: float) -> None:
+        epoch = outcome.epoch
+        self.items.append(Committed(outcome.sequence, window_id, nbytes, epoch=epoch))
+        self.marks[epoch] = max(self.marks.get(epoch, 0), outcome.last_committed_sequence)
+        if outcome.duplicate:
+            self.duplicates += 1
+        else:
+            self.stored += 1
+            self.stored_bytes += nbytes
+        self.latencies_ms.append(latency_ms)
+        if outcome.completed_event is not None:
+            self.events += 1
 
 
 class PipelineServer:
@@ -154,7 +183,7 @@ class PipelineServer:
             self.snapshots.warm((e, e.completed_at) for e in latest)
             if self.metrics.snapshot_fields:
                 for snap in self.snapshots.all():
-                    self.metrics.on_snapshot(snap.sensor_id, decode_json_payload(snap.payload))
+                    self.metrics.on_snapshot_payload(snap.sensor_id, snap.payload)
             self.committer = GroupCommitter(store, executor=self._store_thread,
                                             on_commit=self._after_commit)
             self.committer.start()
@@ -336,36 +365,54 @@ class PipelineServer:
     # -- post-commit --------------------------------------------------------------------
 
     def _after_commit(self, records: list[CommitRecord]) -> None:
-        """Runs once per durable batch: metrics, snapshots (stream), acks; never before."""
+        """Runs once per durable batch: metrics, snapshots (stream), acks; never before.
+
+        Per chunk only what must be per chunk (the ack item, the latency observation, the
+        snapshot of a completed event); counters, label lookups and the INFO log line are
+        per sensor or per batch."""
         assert self.manager is not None
         now = time.time()
-        grouped: dict[str, tuple[list[Committed], dict[str, int]]] = {}
+        tracing = self.tracing.enabled
+        grouped: dict[str, _SensorBatch] = {}
         trace_parents: dict[str, str] = {}
+        events = 0
+        event_bytes = 0
         for rec in records:
             outcome = rec.outcome
             if outcome.error is not None:
                 continue
+            sensor_id = outcome.sensor_id
             nbytes = len(rec.chunk.payload)
-            self.metrics.on_stored(outcome.sensor_id, nbytes, outcome.duplicate,
-                                   (now - rec.received_at) * 1000.0)
-            items, marks = grouped.setdefault(outcome.sensor_id, ([], {}))
-            items.append(Committed(outcome.sequence, rec.chunk.window_id, nbytes,
-                                   epoch=outcome.epoch))
-            marks[outcome.epoch] = max(marks.get(outcome.epoch, 0),
-                                       outcome.last_committed_sequence)
-            parent = traceparent_of(rec.chunk.attributes)
+            share = grouped.get(sensor_id)
+            if share is None:
+                share = grouped[sensor_id] = _SensorBatch()
+            share.add(outcome, rec.chunk.window_id, nbytes, (now - rec.received_at) * 1000.0)
+            parent = traceparent_of(rec.chunk.attributes) if tracing else None
             if parent is not None:
-                trace_parents.setdefault(outcome.sensor_id, parent)
+                trace_parents.setdefault(sensor_id, parent)
             event = outcome.completed_event
             if event is not None:
+                events += 1
+                event_bytes += len(event.data)
                 with self.tracing.span("server.snapshot", parent=parent, attributes={
                         "sensor_id": event.sensor_id, "event_id": event.event_id}):
                     self._on_event_completed(event)
-        for sensor_id, (items, marks) in grouped.items():
+        for sensor_id, share in grouped.items():
+            self.metrics.on_stored_batch(sensor_id, stored=share.stored,
+                                         stored_bytes=share.stored_bytes,
+                                         duplicates=share.duplicates,
+                                         latencies_ms=share.latencies_ms)
             # One ack span per sensor and batch, in the trace of its first traced chunk.
             with self.tracing.span("server.ack", parent=trace_parents.get(sensor_id),
-                                   attributes={"sensor_id": sensor_id, "chunks": len(items)}):
-                self.manager.on_committed(sensor_id, items, marks)
+                                   attributes={"sensor_id": sensor_id,
+                                               "chunks": len(share.items)}):
+                self.manager.on_committed(sensor_id, share.items, share.marks)
+        if events:
+            # Event ids are on the DEBUG lines (``event_completed``); one INFO line per
+            # batch keeps the log volume and its CPU flat under load.
+            log.info("events_completed count=%d sensors=%d bytes=%d", events,
+                     sum(1 for share in grouped.values() if share.events),
+                     event_bytes)
 
     def _on_event_completed(self, event: Any) -> None:
         self.snapshots.update(event, event.completed_at)
@@ -374,9 +421,9 @@ class PipelineServer:
         if self.metrics.snapshot_fields and latest is not None \
                 and latest.event_id == event.event_id \
                 and len(event.data) <= SNAPSHOT_GAUGE_MAX_BYTES:
-            self.metrics.on_snapshot(event.sensor_id, decode_json_payload(event.data))
-        log.info("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
-                 event.event_id, len(event.data))
+            self.metrics.on_snapshot_payload(event.sensor_id, event.data)
+        log.debug("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
+                  event.event_id, len(event.data))
 
     # -- background ---------------------------------------------------------------------
 

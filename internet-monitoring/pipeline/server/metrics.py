@@ -54,12 +54,15 @@ sensor restart is. Sensors that did not negotiate ``heartbeat_stats`` have no su
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pipeline.common.messages import Heartbeat
+from pipeline.server.snapshot_cache import decode_json_payload
 
 LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
@@ -127,6 +130,7 @@ class ServerMetrics:
                                     "Allow-listed numeric fields of the latest snapshot",
                                     ["sensor_id", "field"], registry=r)
         self.snapshot_fields: tuple[str, ...] = tuple(snapshot_fields)
+        self._snapshot_paths = SnapshotPaths(self.snapshot_fields)
 
     # -- updates ------------------------------------------------------------------------
 
@@ -146,11 +150,25 @@ class ServerMetrics:
 
     def on_stored(self, sensor_id: str, nbytes: int, duplicate: bool, latency_ms: float) -> None:
         if duplicate:
-            self.duplicates.labels(sensor_id).inc()
+            self.on_stored_batch(sensor_id, stored=0, stored_bytes=0, duplicates=1,
+                                 latencies_ms=(latency_ms,))
         else:
-            self.chunks_ingested.inc()
-            self.bytes_ingested.inc(nbytes)
-        self.ingest_latency.labels(sensor_id).observe(latency_ms)
+            self.on_stored_batch(sensor_id, stored=1, stored_bytes=nbytes, duplicates=0,
+                                 latencies_ms=(latency_ms,))
+
+    def on_stored_batch(self, sensor_id: str, *, stored: int, stored_bytes: int,
+                        duplicates: int, latencies_ms: Iterable[float]) -> None:
+        """One sensor's share of a committed batch: the same values as ``on_stored`` per
+        chunk, with each labelled child looked up once (the latency histogram still gets
+        one observation per chunk)."""
+        if duplicates:
+            self.duplicates.labels(sensor_id).inc(duplicates)
+        if stored:
+            self.chunks_ingested.inc(stored)
+            self.bytes_ingested.inc(stored_bytes)
+        observe = self.ingest_latency.labels(sensor_id).observe
+        for latency_ms in latencies_ms:
+            observe(latency_ms)
 
     def on_event_completed(self) -> None:
         self.events_completed.inc()
@@ -180,10 +198,17 @@ class ServerMetrics:
         A field missing from this snapshot keeps the value it had (the latest result that
         carried it), so a speed test stays on the chart after a DNS test. Returns what was
         set."""
-        values = snapshot_numbers(document, self.snapshot_fields)
+        values = self._snapshot_paths.numbers(document)
         for name, value in values.items():
             self.snapshot_value.labels(sensor_id, name).set(value)
         return values
+
+    def on_snapshot_payload(self, sensor_id: str, data: bytes) -> dict[str, float]:
+        """``on_snapshot`` for a raw result: the JSON is parsed only when it can hold one
+        of the allow-listed fields (see ``SnapshotPaths.may_match``)."""
+        if not self._snapshot_paths.may_match(data):
+            return {}
+        return self.on_snapshot(sensor_id, decode_json_payload(data))
 
     def refresh(self, now: float, *, heartbeats: Mapping[str, float],
                 snapshots: Mapping[str, float], windows_open: int,
@@ -208,20 +233,72 @@ def snapshot_numbers(document: Any, paths: Iterable[str]) -> dict[str, float]:
     """``{path: value}`` for each dotted ``path`` that names a finite number in
     ``document`` (a decoded JSON snapshot). Booleans, strings and containers are skipped:
     a gauge needs a number, and guessing units from text would mislead a chart."""
-    found: dict[str, float] = {}
-    for path in paths:
-        node: Any = document
-        for part in path.split("."):
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                node = None
-                break
-        if isinstance(node, bool) or not isinstance(node, (int, float)):
-            continue
-        value = float(node)
-        if math.isfinite(value):
-            found[path] = value
-    return found
+    return SnapshotPaths(paths).numbers(document)
+
+
+# A key is written as "name" in UTF-8 JSON unless one of its characters is a \u escape
+# (field names are letters, digits, _ and -, which need no other escape).
+_JSON_KEY_END = rb'"[ \t\n\r]*:'
+
+
+class SnapshotPaths:
+    """The allow-listed dotted paths, split once: the gauges are updated per completed
+    event, on the ingest loop."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.paths: tuple[str, ...] = tuple(paths)
+        self._steps: tuple[tuple[str, tuple[tuple[str, int | None], ...]], ...] = tuple(
+            (path, tuple((part, int(part) if part.isascii() and part.isdigit() else None)
+                         for part in path.split(".")))
+            for path in self.paths)
+        # The key names each path needs; a path with no key name (list indexes only) can
+        # match any document.
+        self._needs: tuple[frozenset[bytes], ...] = tuple(
+            frozenset(part.encode() for part, index in steps if index is None)
+            for _, steps in self._steps)
+        # A path that needs one key name matches as soon as that name is seen.
+        self._alone: frozenset[bytes] = frozenset(
+            name for need in self._needs if len(need) == 1 for name in need)
+        names = sorted(set().union(*self._needs), key=len, reverse=True)
+        self._keys = (re.compile(b'"(' + b"|".join(re.escape(n) for n in names) + b")"
+                                 + _JSON_KEY_END) if names else None)
+
+    def may_match(self, data: bytes) -> bool:
+        """False only when ``data`` cannot yield a field: every path needs a key that is
+        written nowhere in it. Sound for UTF-8 JSON without ``\\u`` escapes; anything
+        else (UTF-16/32, escapes) answers True and is parsed."""
+        if not self.paths:
+            return False
+        if self._keys is None:
+            return True
+        present: set[bytes] = set()
+        for match in self._keys.finditer(data):
+            name = match.group(1)
+            if name in self._alone:
+                return True
+            present.add(name)
+        if any(need <= present for need in self._needs):
+            return True
+        return b"\\u" in data or json.detect_encoding(data) not in ("utf-8", "utf-8-sig")
+
+    def numbers(self, document: Any) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for path, steps in self._steps:
+            node: Any = document
+            for part, index in steps:
+                if isinstance(node, dict):  # what json.loads builds: no ABC check
+                    node = node.get(part)
+                elif isinstance(node, list):
+                    node = node[index] if index is not None and index < len(node) else None
+                elif isinstance(node, Mapping):
+                    node = node.get(part)
+                else:
+                    node = None
+                if node is None:
+                    break
+            if isinstance(node, bool) or not isinstance(node, (int, float)):
+                continue
+            value = float(node)
+            if math.isfinite(value):
+                found[path] = value
+        return found
