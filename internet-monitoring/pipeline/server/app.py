@@ -395,7 +395,8 @@ class PipelineServer:
                 events += 1
                 event_bytes += len(event.data)
                 with self.tracing.span("server.snapshot", parent=parent, attributes={
-                        "sensor_id": event.sensor_id, "event_id": event.event_id}):
+                        "sensor_id": event.sensor_id, "event_id": event.event_id}
+                        if tracing else None):
                     self._on_event_completed(event)
         for sensor_id, share in grouped.items():
             self.metrics.on_stored_batch(sensor_id, stored=share.stored,

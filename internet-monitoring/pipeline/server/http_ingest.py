@@ -213,13 +213,14 @@ async def ingest_chunk(request: web.Request) -> web.Response:
     body = await read_body(request, ctx.max_body_bytes,
                            gate.body_timeout_s if gate is not None else None)
     chunk = ingest_wire.decode_one(body, request_proto)
-    with ctx.tracing.span("server.ingest", parent=traceparent_of(chunk.attributes),
-                          attributes=chunk_span_attributes(chunk)):
-        with ctx.tracing.span("server.verify"):
+    tracing = ctx.tracing
+    with tracing.span("server.ingest", parent=traceparent_of(chunk.attributes),
+                      attributes=chunk_span_attributes(chunk) if tracing.enabled else None):
+        with tracing.span("server.verify"):
             authorize_chunk_sensor(request, ctx, admission, chunk.sensor_id)
             if gate is not None and owner is None:
                 gate.throttle_chunks(chunk.sensor_id)
-        with ctx.tracing.span("server.commit") as commit_span:
+        with tracing.span("server.commit") as commit_span:
             # The post-commit hook (ack, snapshot) continues the trace under this span.
             chunk = with_traceparent(chunk, commit_span.traceparent)
             (outcome,) = await ctx.committer.submit([chunk], received_at=received)
