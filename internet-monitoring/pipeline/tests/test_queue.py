@@ -13,7 +13,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +30,7 @@ from pipeline.common.errors import (
     QueueError,
     QueueFull,
 )
-from pipeline.sensor.queue import DurableQueue, EnqueuedEvent, QueuedChunk
+from pipeline.sensor.queue import DurableQueue, EnqueuedEvent, EventInput, QueuedChunk
 
 CHILD = Path(__file__).with_name("queue_child.py")
 HOUR = 3600.0
@@ -126,6 +128,69 @@ def test_duplicate_event_id_writes_nothing(qpath: Path) -> None:
             queue.enqueue(_random(200_000), event_id="cd" * 16)
         assert queue.queue_depth() == 1
         assert queue.last_sequence() == 1
+
+
+def test_a_duplicate_id_inside_one_batch_writes_nothing(qpath: Path) -> None:
+    with DurableQueue(qpath) as queue:
+        with pytest.raises(ConflictError):
+            queue.enqueue_many([EventInput(b"a", event_id="ef" * 16), EventInput(b"b"),
+                                EventInput(b"c", event_id="ef" * 16)])
+        assert queue.queue_depth() == 0
+
+
+def test_a_duplicate_id_from_another_process_is_refused(qpath: Path) -> None:
+    with DurableQueue(qpath) as first, DurableQueue(qpath, verify_on_open=False) as second:
+        first.enqueue(b"first", event_id="12" * 16)
+        with pytest.raises(ConflictError):
+            second.enqueue(b"again", event_id="12" * 16)
+        assert second.queue_depth() == 1
+
+
+def test_generated_event_ids_are_distinct_version_4_uuids(qpath: Path) -> None:
+    with DurableQueue(qpath, synchronous="NORMAL") as queue:
+        ids = [queue.enqueue(b"x").event_id for _ in range(200)]
+        ids += [e.event_id for e in queue.enqueue_many([EventInput(b"y")] * 50)]
+    assert len(set(ids)) == len(ids)
+    for event_id in ids:
+        parsed = uuid.UUID(hex=event_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (event_id, 4, uuid.RFC_4122)
+
+
+@pytest.mark.parametrize("now", [
+    1_800_000_000.0, 1_800_000_000.9994999, 1_800_000_000.9995, 1_800_000_000.9999995,
+    1_800_000_000.0000005, 1_800_000_001.0004, 0.0, 0.0000015, 951_782_399.9999996,
+])
+def test_default_created_at_matches_datetime_formatting(qpath: Path, now: float) -> None:
+    expected = datetime.fromtimestamp(now, tz=timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+    clock = FakeClock(now)
+    with DurableQueue(qpath, clock=clock, synchronous="NORMAL") as queue:
+        (chunk,) = queue.get(queue.enqueue(b"x").sequences)
+    assert chunk.created_at == expected
+
+
+def test_default_created_at_follows_the_clock_across_seconds(qpath: Path) -> None:
+    clock = FakeClock(1_800_000_000.5)
+    seen = []
+    with DurableQueue(qpath, clock=clock, synchronous="NORMAL") as queue:
+        for step in (0.0, 0.4996, 0.7, -3.2, 86_400.0, 0.0):
+            clock.now += step
+            (chunk,) = queue.get(queue.enqueue(b"x").sequences)
+            seen.append(chunk.created_at)
+    assert seen == ["2027-01-15T08:00:00.500Z", "2027-01-15T08:00:00.999Z",
+                    "2027-01-15T08:00:01.699Z", "2027-01-15T07:59:58.499Z",
+                    "2027-01-16T07:59:58.499Z", "2027-01-16T07:59:58.499Z"]
+
+
+def test_attributes_default_to_empty_and_traceparent_alone_is_stored(qpath: Path) -> None:
+    traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    with DurableQueue(qpath, synchronous="NORMAL") as queue:
+        plain = queue.get(queue.enqueue(b"x").sequences)[0]
+        traced = queue.get(queue.enqueue(b"y", traceparent=traceparent).sequences)[0]
+        with pytest.raises(ProtocolError):
+            queue.enqueue(b"z", attributes=[])  # type: ignore[arg-type]
+    assert plain.attributes == {}
+    assert traced.attributes == {"traceparent": traceparent}
 
 
 @pytest.mark.parametrize("attributes", [
