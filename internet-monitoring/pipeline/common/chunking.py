@@ -196,6 +196,25 @@ def reassemble(
     return data
 
 
+def decompress_members(blob: bytes) -> bytes:
+    """Decompress back-to-back gzip members (an event's verified slices stored as one blob).
+
+    Only for bytes this system verified before storing them: there is no size cap here."""
+    parts: list[bytes] = []
+    rest = blob
+    while rest:
+        decoder = zlib.decompressobj(wbits=_GZIP_WBITS)
+        try:
+            parts.append(decoder.decompress(rest))
+        except zlib.error as exc:
+            raise DecompressionError(f"corrupt stored gzip member: {exc}",
+                                     field="payload") from exc
+        if not decoder.eof:
+            raise DecompressionError("truncated stored gzip member", field="payload")
+        rest = decoder.unused_data
+    return b"".join(parts)
+
+
 def verify_event(data: bytes, event_sha256: bytes) -> None:
     """Raise EventHashMismatch unless the whole uncompressed event hashes to ``event_sha256``."""
     if len(event_sha256) != SHA256_LEN or not hmac.compare_digest(sha256(data), event_sha256):

@@ -248,6 +248,34 @@ def test_completing_an_event_reuses_the_slices_decompressed_on_arrival(
     assert len(store._slices) == 0
 
 
+def test_an_event_whose_chunks_share_one_batch_decompresses_each_slice_once(
+        store: SQLiteChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slices an event's earlier chunks decompressed in the same transaction complete
+    it (before, they were cached only after COMMIT and decompressed a second time)."""
+    calls = []
+    real = store_mod.chunking.decompress_slice
+
+    def counting(payload: bytes, **kwargs):
+        calls.append(len(payload))
+        return real(payload, **kwargs)
+
+    monkeypatch.setattr(store_mod.chunking, "decompress_slice", counting)
+    chunks = multi_chunk_event()
+    outcomes = store.ingest(chunks)
+    assert outcomes[-1].completed_event is not None
+    assert outcomes[-1].completed_event.data == EVENT_300K
+    assert len(calls) == 3  # one per slice, at arrival
+    assert len(store._slices) == 0  # nothing of a completed event stays cached
+    # A batch that is rolled back publishes none of its slices.
+    second = multi_chunk_event(first=10)
+    prepared = store.begin_ingest(second[:2])
+    assert prepared is not None
+    store.abort_ingest(prepared)
+    assert len(store._slices) == 0
+    store.ingest(second[:2])
+    assert len(store._slices) == 2  # committed, event incomplete: kept for its completion
+
+
 def test_without_cached_slices_events_still_complete_from_the_stored_payloads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "SLICE_CACHE_BYTES", 1)  # nothing fits

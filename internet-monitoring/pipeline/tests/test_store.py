@@ -649,3 +649,70 @@ def test_any_delivery_order_completes_each_event_exactly_once(
                 q for q in range(1, max(delivered)) if q not in delivered]
         finally:
             s.close()
+
+
+# -- completed events are kept as their gzip slices (schema version 2) ------------------
+
+
+def test_completed_events_are_stored_as_their_compressed_slices(db: Path) -> None:
+    text = b'{"download_mbps": 93.5, "samples": [' + b"1.5, " * 40_000 + b"2.0]}"
+    chunks = make_chunks(text, 1)
+    assert len(chunks) > 1
+    with SQLiteChunkStore(db) as store:
+        outcomes = store.ingest(chunks)
+        assert outcomes[-1].completed_event is not None
+        assert outcomes[-1].completed_event.data == text
+    with sqlite3.connect(db) as conn:
+        (blob, encoding), = conn.execute("SELECT data, encoding FROM events").fetchall()
+    assert encoding == "gzip"
+    assert bytes(blob) == b"".join(c.payload for c in chunks)
+    assert len(blob) < len(text) // 4
+    with SQLiteChunkStore(db) as store:  # read back after a restart, whole and verified
+        (event,) = store.events(SENSOR)
+        assert event.data == text
+        assert store.get_event(SENSOR, event.event_id).data == text
+        assert store.latest_events()[0].data == text
+
+
+def test_a_version_1_store_is_migrated_and_its_plain_events_still_read(db: Path) -> None:
+    old = b'{"dns_ms": 12}'
+    with SQLiteChunkStore(db) as store:
+        store.ingest(make_chunks(old, 1))
+    # Make the file what schema version 1 wrote: no encoding column, plain bytes.
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE events DROP COLUMN encoding")
+        conn.execute("UPDATE events SET data = ?", (old,))
+        conn.execute("PRAGMA user_version=1")
+    new = b'{"dns_ms": 13}'
+    with SQLiteChunkStore(db) as store:
+        store.ingest(make_chunks(new, 2))
+        assert [e.data for e in store.events(SENSOR)] == [old, new]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert [r[0] for r in conn.execute("SELECT encoding FROM events ORDER BY row_id")] \
+            == ["identity", "gzip"]
+
+
+def test_a_damaged_stored_event_is_reported_not_served(db: Path) -> None:
+    with SQLiteChunkStore(db) as store:
+        store.ingest(make_chunks(b'{"ping_ms": 4.2}', 1))
+        other = make_chunks(b'{"ping_ms": 4.3}', 2)
+        store.ingest(other)
+    with sqlite3.connect(db) as conn:
+        good = conn.execute("SELECT data FROM events WHERE event_id = ?",
+                            (other[0].event_id,)).fetchone()[0]
+        conn.execute("UPDATE events SET data = ? WHERE event_id != ?",
+                     (bytes(good), other[0].event_id))  # valid gzip, wrong event
+    with SQLiteChunkStore(db) as store:
+        with pytest.raises(StoreError, match="damaged"):
+            store.events(SENSOR)
+        assert store.get_event(SENSOR, other[0].event_id).data == b'{"ping_ms": 4.3}'
+
+
+def test_a_store_from_a_newer_version_is_refused(db: Path) -> None:
+    with SQLiteChunkStore(db):
+        pass
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version=99")
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteChunkStore(db)
