@@ -66,6 +66,7 @@ BUSY_TIMEOUT_MS = 30_000
 CHECKPOINT_INTERVAL_S = 0.2
 WAL_RESTART_FRAMES = 16_384  # ~64 MiB of WAL
 SLICE_CACHE_BYTES = 32 * 1024 * 1024
+BATCH_SLICES_UNBOUNDED = 1 << 62  # a batch's own slices are held anyway (its items keep them)
 CHECKPOINT_WARN_FRAMES = 250_000  # ~1 GiB of WAL: the checkpointer is not keeping up
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -326,27 +327,47 @@ class SliceCache:
     served a wrong slice), least recently stored dropped first beyond ``max_bytes``.
 
     Completing an event then needs no second decompression of the slices that arrived
-    recently; a miss just decompresses from the stored payload as before."""
+    recently; a miss just decompresses from the stored payload as before. Identical slices
+    of several incomplete events (same content) share one entry, counted, so the first
+    event to complete does not take it from the others."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, list[Any]] = OrderedDict()  # digest -> [data, uses]
         self._bytes = 0
 
     def put(self, digest: bytes, data: bytes) -> None:
-        if len(data) > self._max_bytes or digest in self._items:
+        entry = self._items.get(digest)
+        if entry is not None:
+            entry[1] += 1
+            self._items.move_to_end(digest)
             return
-        self._items[digest] = data
+        if len(data) > self._max_bytes:
+            return
+        self._items[digest] = [data, 1]
         self._bytes += len(data)
         while self._bytes > self._max_bytes:
-            _, dropped = self._items.popitem(last=False)
+            _, (dropped, _uses) = self._items.popitem(last=False)
             self._bytes -= len(dropped)
 
     def pop(self, digest: bytes) -> bytes | None:
-        data = self._items.pop(digest, None)
-        if data is not None:
-            self._bytes -= len(data)
-        return data
+        """The slice for one completing event (the entry stays while others use it)."""
+        entry = self._items.get(digest)
+        if entry is None:
+            return None
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._items[digest]
+            self._bytes -= len(entry[0])
+        return entry[0]
+
+    def move_to(self, other: "SliceCache") -> None:
+        """Hand every entry, with its count, to ``other`` and empty this one."""
+        for digest, (data, uses) in self._items.items():
+            for _ in range(uses):
+                other.put(digest, data)
+        self._items.clear()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -436,7 +457,7 @@ class SQLiteChunkStore:
         self._slices = SliceCache(SLICE_CACHE_BYTES)
         # Slices stored earlier in the batch being prepared (under the lock): an event whose
         # chunks share one transaction completes from them; published to _slices on COMMIT.
-        self._batch_slices: dict[bytes, bytes] = {}
+        self._batch_slices = SliceCache(BATCH_SLICES_UNBOUNDED)
         self._closed = False
         try:
             self._conn = sqlite3.connect(str(self.path), isolation_level=None,
@@ -587,7 +608,7 @@ class SQLiteChunkStore:
             pending = [_Pending(chunk) for chunk in chunks]
             work: dict[OffsetKey, OffsetTracker] = {}
             now = self._clock()
-            self._batch_slices = {}
+            self._batch_slices = SliceCache(BATCH_SLICES_UNBOUNDED)
             try:
                 for item in pending:
                     self._precheck(item)
@@ -650,9 +671,7 @@ class SQLiteChunkStore:
             # Durable now: publish the new offsets.
             for (sensor_id, epoch), tracker in prepared.work.items():
                 self._book.put(sensor_id, epoch, tracker)
-            for digest, raw in self._batch_slices.items():
-                self._slices.put(digest, raw)
-            self._batch_slices = {}
+            self._batch_slices.move_to(self._slices)
             self._maybe_reset_wal()
             return [self._outcome(item) for item in prepared.items]
         finally:
@@ -662,7 +681,7 @@ class SQLiteChunkStore:
         """Remember a stored slice of an incomplete multi-chunk event for its completion."""
         if item.stored and item.raw is not None and item.chunk.chunk_count > 1 \
                 and not item.event_complete:
-            self._batch_slices[item.chunk.chunk_sha256] = item.raw
+            self._batch_slices.put(item.chunk.chunk_sha256, item.raw)
 
     def abort_ingest(self, prepared: PreparedIngest) -> None:
         """Roll back a prepared batch (nothing of it becomes visible)."""
@@ -935,7 +954,7 @@ class SQLiteChunkStore:
     def _stored_slice(self, digest: bytes) -> bytes | None:
         """The decompressed slice of a stored chunk, if still at hand (content-addressed:
         this batch's own slices first, then those of committed batches)."""
-        raw = self._batch_slices.pop(digest, None)
+        raw = self._batch_slices.pop(digest)
         return raw if raw is not None else self._slices.pop(digest)
 
     def _reassemble(self, payloads: list[bytes], slices: list[bytes | None],
@@ -993,7 +1012,7 @@ class SQLiteChunkStore:
             error=item.error)
 
     def _rollback(self) -> None:
-        self._batch_slices = {}
+        self._batch_slices = SliceCache(BATCH_SLICES_UNBOUNDED)
         if self._conn.in_transaction:
             try:
                 self._conn.execute("ROLLBACK")

@@ -276,6 +276,30 @@ def test_an_event_whose_chunks_share_one_batch_decompresses_each_slice_once(
     assert len(store._slices) == 2  # committed, event incomplete: kept for its completion
 
 
+def test_events_with_identical_slices_each_complete_from_the_cache(
+        store: SQLiteChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two incomplete events carrying the same slice content share one cache entry; the
+    first to complete must not take it from the second (in one batch and across batches)."""
+    calls = []
+    real = store_mod.chunking.decompress_slice
+
+    def counting(payload: bytes, **kwargs):
+        calls.append(len(payload))
+        return real(payload, **kwargs)
+
+    monkeypatch.setattr(store_mod.chunking, "decompress_slice", counting)
+    a = multi_chunk_event(first=1)
+    b = [replace(c, event_id="e" * 32, sequence=10 + c.chunk_index) for c in a]
+    c = [replace(x, event_id="f" * 32, sequence=20 + x.chunk_index) for x in a]
+    store.ingest(a[:2] + b[:2])          # same slices, one batch
+    store.ingest(c[:2])                  # and in a later batch
+    calls.clear()
+    outcomes = store.ingest([a[2], b[2], c[2]])
+    assert [o.completed_event.data for o in outcomes] == [EVENT_300K] * 3
+    assert len(calls) == 3  # only the three completing slices, at arrival
+    assert len(store._slices) == 0
+
+
 def test_without_cached_slices_events_still_complete_from_the_stored_payloads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "SLICE_CACHE_BYTES", 1)  # nothing fits
