@@ -248,11 +248,9 @@ def test_completing_an_event_reuses_the_slices_decompressed_on_arrival(
     assert len(store._slices) == 0
 
 
-def test_an_event_whose_chunks_share_one_batch_decompresses_each_slice_once(
-        store: SQLiteChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The slices an event's earlier chunks decompressed in the same transaction complete
-    it (before, they were cached only after COMMIT and decompressed a second time)."""
-    calls = []
+def count_decompressions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every payload the store decompresses (the real function runs)."""
+    calls: list[int] = []
     real = store_mod.chunking.decompress_slice
 
     def counting(payload: bytes, **kwargs):
@@ -260,6 +258,14 @@ def test_an_event_whose_chunks_share_one_batch_decompresses_each_slice_once(
         return real(payload, **kwargs)
 
     monkeypatch.setattr(store_mod.chunking, "decompress_slice", counting)
+    return calls
+
+
+def test_an_event_whose_chunks_share_one_batch_decompresses_each_slice_once(
+        store: SQLiteChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slices an event's earlier chunks decompressed in the same transaction complete
+    it (before, they were cached only after COMMIT and decompressed a second time)."""
+    calls = count_decompressions(monkeypatch)
     chunks = multi_chunk_event()
     outcomes = store.ingest(chunks)
     assert outcomes[-1].completed_event is not None
@@ -280,14 +286,7 @@ def test_events_with_identical_slices_each_complete_from_the_cache(
         store: SQLiteChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two incomplete events carrying the same slice content share one cache entry; the
     first to complete must not take it from the second (in one batch and across batches)."""
-    calls = []
-    real = store_mod.chunking.decompress_slice
-
-    def counting(payload: bytes, **kwargs):
-        calls.append(len(payload))
-        return real(payload, **kwargs)
-
-    monkeypatch.setattr(store_mod.chunking, "decompress_slice", counting)
+    calls = count_decompressions(monkeypatch)
     a = multi_chunk_event(first=1)
     b = [replace(c, event_id="e" * 32, sequence=10 + c.chunk_index) for c in a]
     c = [replace(x, event_id="f" * 32, sequence=20 + x.chunk_index) for x in a]

@@ -295,21 +295,27 @@ async def test_proto_batch_agent_and_1_0_sensor_drain_into_the_same_server(tmp_p
                    for _, _, answer in posts)
 
 
+async def drain_forty_events(server, agent, queue) -> tuple[set[str], set[str]]:
+    """Queue 40 small events, run the agent until its queue is empty, stop it (it must
+    stop within 15 s); returns (event ids queued, event ids the server stored)."""
+    expected = {queue.enqueue(json.dumps({"i": i}).encode()).event_id for i in range(40)}
+    task = asyncio.ensure_future(agent.run())
+    try:
+        await wait_for(lambda: queue.queue_depth() == 0, timeout=30)
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 15)
+        queue.close()
+    return expected, {e.event_id for e in server.store.events("pi-01", limit=100)}
+
+
 async def test_agent_speaks_json_to_a_server_without_proto(tmp_path, monkeypatch):
     kept = tuple(c for c in control.SERVER_CAPABILITIES
                  if c not in ("proto", "batch", "http_ack"))
     monkeypatch.setattr(control, "SERVER_CAPABILITIES", kept)
     async with running_server(server_config(tmp_path)) as server:
         agent, queue, ingest = agent_for(server, tmp_path, "pi-01", NEW_CAPS)
-        expected = {queue.enqueue(json.dumps({"i": i}).encode()).event_id for i in range(40)}
-        task = asyncio.ensure_future(agent.run())
-        try:
-            await wait_for(lambda: queue.queue_depth() == 0, timeout=30)
-        finally:
-            agent.stop()
-            await asyncio.wait_for(task, 15)
-            queue.close()
-        stored = {e.event_id for e in server.store.events("pi-01", limit=100)}
+        expected, stored = await drain_forty_events(server, agent, queue)
     # Had the agent sent a Protobuf body, a batch or a binary frame, this server would
     # have refused it (415 / 404 / close 1003, see above) and the chunk would be stuck,
     # quarantined or the socket reconnected.
@@ -384,16 +390,7 @@ async def test_a_batch_that_keeps_failing_on_the_network_is_split_until_it_passe
             ingest = CuttingIngest.from_config(agent.config)
             ingest.calls = []
             agent = SensorAgent(agent.config, queue, ingest=ingest)
-            expected = {queue.enqueue(json.dumps({"i": i}).encode()).event_id
-                        for i in range(40)}
-            task = asyncio.ensure_future(agent.run())
-            try:
-                await wait_for(lambda: queue.queue_depth() == 0, timeout=30)
-            finally:
-                agent.stop()
-                await asyncio.wait_for(task, 15)
-                queue.close()
-            stored = {e.event_id for e in server.store.events("pi-01", limit=100)}
+            expected, stored = await drain_forty_events(server, agent, queue)
     finally:
         backoff.set_testing(False)
     assert stored == expected
