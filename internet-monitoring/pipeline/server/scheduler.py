@@ -1,6 +1,7 @@
 """RequestScheduler: shares the window budget between sensor sessions, sans-I/O.
 
-Each sensor gets at most ``windows_per_sensor`` active windows and the whole server at
+Each sensor gets at most ``windows_per_sensor`` active windows (times
+``batch_windows_factor`` for sensors that POST batches) and the whole server at
 most ``global_max_windows``, so a thousand sensors reconnecting after an outage cannot
 swamp the store: sensors waiting for budget are served round-robin as windows close.
 The control shell calls ``pump`` after anything that may free or want a window and

@@ -92,16 +92,22 @@ def test_answer_encoding_follows_accept(accept: str | None, request_proto: bool,
 # -- windows for batch sensors ----------------------------------------------------------
 
 
-def test_batch_sensors_get_larger_windows() -> None:
-    policy = WindowPolicy(max_chunks=64, max_in_flight=128, batch_window_factor=8)
-    for batched, chunks, in_flight in ((False, 64, 128), (True, 512, 1024)):
+def test_batch_sensors_get_larger_and_more_windows() -> None:
+    """Batch sensors: 8x the chunks per window and 2x the windows, with the in-flight
+    allowance covering all of them (two windows finishing together left the store idle
+    while the next pair was persisted and sent)."""
+    policy = WindowPolicy(max_chunks=64, max_in_flight=128, batch_window_factor=8,
+                          windows_per_sensor=2, batch_windows_factor=2)
+    for batched, chunks, in_flight, windows in ((False, 64, 128, 2), (True, 512, 2048, 4)):
         session = SensorSession("pi-01", policy=policy, batched=batched)
         session.on_connect(0.0)
-        session.on_heartbeat(Heartbeat("t", 0, 5000, 0.0), 0.0)
-        request = session.issue_window(0.0)
-        assert request is not None
-        assert (request.max_chunks, request.max_in_flight, request.max_bytes) == \
-            (chunks, in_flight, policy.max_bytes)
+        session.on_heartbeat(Heartbeat("t", 0, 50_000, 0.0), 0.0)
+        requests = []
+        while (request := session.issue_window(0.0)) is not None:
+            requests.append(request)
+        assert len(requests) == windows and not session.wants_window()
+        assert {(r.max_chunks, r.max_in_flight, r.max_bytes) for r in requests} == \
+            {(chunks, in_flight, policy.max_bytes)}
 
 
 # -- store: split transaction, one-transaction writes, index use ------------------------
