@@ -375,6 +375,7 @@ class PipelineServer:
         tracing = self.tracing.enabled
         grouped: dict[str, _SensorBatch] = {}
         trace_parents: dict[str, str] = {}
+        gauge_payloads: dict[str, list[bytes]] = {}
         events = 0
         event_bytes = 0
         for rec in records:
@@ -397,7 +398,10 @@ class PipelineServer:
                 with self.tracing.span("server.snapshot", parent=parent, attributes={
                         "sensor_id": event.sensor_id, "event_id": event.event_id}
                         if tracing else None):
-                    self._on_event_completed(event)
+                    if self._on_event_completed(event):
+                        gauge_payloads.setdefault(sensor_id, []).append(event.data)
+        for sensor_id, payloads in gauge_payloads.items():
+            self.metrics.on_snapshot_payloads(sensor_id, payloads)
         for sensor_id, share in grouped.items():
             self.metrics.on_stored_batch(sensor_id, stored=share.stored,
                                          stored_bytes=share.stored_bytes,
@@ -415,16 +419,17 @@ class PipelineServer:
                      sum(1 for share in grouped.values() if share.events),
                      event_bytes)
 
-    def _on_event_completed(self, event: Any) -> None:
+    def _on_event_completed(self, event: Any) -> bool:
+        """Snapshot cache and stream; True when the event is its sensor's new latest
+        result and feeds the snapshot gauges (applied once per batch and sensor)."""
         self.snapshots.update(event, event.completed_at)
         self.metrics.on_event_completed()
-        latest = self.snapshots.get(event.sensor_id)
-        if self.metrics.snapshot_fields and latest is not None \
-                and latest.event_id == event.event_id \
-                and len(event.data) <= SNAPSHOT_GAUGE_MAX_BYTES:
-            self.metrics.on_snapshot_payload(event.sensor_id, event.data)
         log.debug("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
                   event.event_id, len(event.data))
+        latest = self.snapshots.get(event.sensor_id)
+        return bool(self.metrics.snapshot_fields) and latest is not None \
+            and latest.event_id == event.event_id \
+            and len(event.data) <= SNAPSHOT_GAUGE_MAX_BYTES
 
     # -- background ---------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import AbstractSet, Any, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -206,9 +206,32 @@ class ServerMetrics:
     def on_snapshot_payload(self, sensor_id: str, data: bytes) -> dict[str, float]:
         """``on_snapshot`` for a raw result: the JSON is parsed only when it can hold one
         of the allow-listed fields (see ``SnapshotPaths.may_match``)."""
-        if not self._snapshot_paths.may_match(data):
-            return {}
-        return self.on_snapshot(sensor_id, decode_json_payload(data))
+        return self.on_snapshot_payloads(sensor_id, [data])
+
+    def on_snapshot_payloads(self, sensor_id: str, payloads: Sequence[bytes]
+                             ) -> dict[str, float]:
+        """The gauges after a sensor's successive latest results (oldest first), as if
+        each had gone through ``on_snapshot`` in turn, with fewer parses.
+
+        A field's gauge ends on the newest result that carries it, so the results are read
+        newest first, each only for the fields no newer one had; a result that cannot hold
+        any of those (``may_match``) is not parsed. A sensor whose results share their
+        fields costs one parse per committed batch instead of one per result."""
+        paths = self._snapshot_paths
+        wanted = frozenset(paths.paths)
+        values: dict[str, float] = {}
+        for data in reversed(payloads):
+            if not wanted:
+                break
+            if not paths.may_match(data, wanted):
+                continue
+            found = paths.numbers(decode_json_payload(data), wanted)
+            for name, value in found.items():
+                values[name] = value
+            wanted = wanted - found.keys()
+        for name, value in values.items():
+            self.snapshot_value.labels(sensor_id, name).set(value)
+        return values
 
     def refresh(self, now: float, *, heartbeats: Mapping[str, float],
                 snapshots: Mapping[str, float], windows_open: int,
@@ -263,27 +286,36 @@ class SnapshotPaths:
         self._keys = (re.compile(b'"(' + b"|".join(re.escape(n) for n in names) + b")"
                                  + _JSON_KEY_END) if names else None)
 
-    def may_match(self, data: bytes) -> bool:
-        """False only when ``data`` cannot yield a field: every path needs a key that is
-        written nowhere in it. Sound for UTF-8 JSON without ``\\u`` escapes; anything
-        else (UTF-16/32, escapes) answers True and is parsed."""
-        if not self.paths:
+    def may_match(self, data: bytes, only: AbstractSet[str] | None = None) -> bool:
+        """False only when ``data`` cannot yield a field (of ``only``, default all): every
+        such path needs a key that is written nowhere in it. Sound for UTF-8 JSON without
+        ``\\u`` escapes; anything else (UTF-16/32, escapes) answers True and is parsed."""
+        needs = self._needs if only is None else tuple(
+            need for (path, _), need in zip(self._steps, self._needs) if path in only)
+        if not needs:
             return False
-        if self._keys is None:
+        if self._keys is None or any(not need for need in needs):
             return True
+        alone = self._alone if only is None else frozenset(
+            name for need in needs if len(need) == 1 for name in need)
         present: set[bytes] = set()
         for match in self._keys.finditer(data):
             name = match.group(1)
-            if name in self._alone:
+            if name in alone:
                 return True
             present.add(name)
-        if any(need <= present for need in self._needs):
+        if any(need <= present for need in needs):
             return True
         return b"\\u" in data or json.detect_encoding(data) not in ("utf-8", "utf-8-sig")
 
-    def numbers(self, document: Any) -> dict[str, float]:
+    def numbers(self, document: Any, only: AbstractSet[str] | None = None
+                ) -> dict[str, float]:
+        """``{path: value}`` for the paths (of ``only``, default all) that name a finite
+        number in ``document``."""
         found: dict[str, float] = {}
         for path, steps in self._steps:
+            if only is not None and path not in only:
+                continue
             node: Any = document
             for part, index in steps:
                 if isinstance(node, dict):  # what json.loads builds: no ABC check

@@ -62,6 +62,51 @@ def test_a_skipped_parse_never_loses_a_gauge(doc: Any) -> None:
         assert metrics.on_snapshot_payload("pi-01", data) == expected
 
 
+def gauge_values(registry: CollectorRegistry) -> dict[str, float]:
+    return {s.labels["field"]: s.value for m in registry.collect()
+            if m.name == "pipeline_snapshot_value" for s in m.samples}
+
+
+# Results that overlap in their listed fields with different values (which one wins is
+# the point), mixed with arbitrary documents.
+RESULTS = st.one_of(st.dictionaries(st.sampled_from(["download_mbps", "rtt_ms", "lookup_ms"]),
+                                    st.integers(0, 100), max_size=3), DOCS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(RESULTS, st.integers(0, 4)), min_size=1, max_size=6))
+def test_a_batch_of_results_ends_with_the_gauges_of_one_by_one(docs: list) -> None:
+    """Newest-first with per-field early stop == every result in turn, on any mix of
+    fields, encodings and results that carry none."""
+    payloads = [encodings(doc)[how] for doc, how in docs]
+    one_by_one = CollectorRegistry()
+    single = ServerMetrics(one_by_one, snapshot_fields=FIELDS)
+    for data in payloads:
+        single.on_snapshot(DEFAULT_SENSOR, decode_json_payload(data))
+    batched = CollectorRegistry()
+    ServerMetrics(batched, snapshot_fields=FIELDS).on_snapshot_payloads(DEFAULT_SENSOR,
+                                                                       payloads)
+    assert gauge_values(batched) == gauge_values(one_by_one)
+
+
+def test_results_sharing_their_fields_are_parsed_once_per_batch(monkeypatch) -> None:
+    import pipeline.server.metrics as metrics_mod
+
+    parsed = []
+    real = metrics_mod.decode_json_payload
+    monkeypatch.setattr(metrics_mod, "decode_json_payload",
+                        lambda data: parsed.append(data) or real(data))
+    metrics = ServerMetrics(CollectorRegistry(), snapshot_fields=FIELDS)
+    speed = [json.dumps({"download_mbps": i, "rtt_ms": i / 10}).encode() for i in range(50)]
+    dns = json.dumps({"dns_ms": 3}).encode()  # carries no listed field
+    values = metrics.on_snapshot_payloads(DEFAULT_SENSOR, [*speed, dns])
+    assert values == {"download_mbps": 49.0, "rtt_ms": 4.9}
+    assert parsed == [speed[-1]]
+
+
+DEFAULT_SENSOR = "pi-01"
+
+
 @pytest.mark.parametrize("data,expected", [
     (b'{"rtt\\u005fms": 4.5}', {"rtt_ms": 4.5}),                    # escaped key
     ('{"rtt_ms": 4.5}'.encode("utf-16"), {"rtt_ms": 4.5}),           # UTF-16 with BOM
