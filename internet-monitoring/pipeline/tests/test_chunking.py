@@ -238,3 +238,18 @@ def test_missing_or_extra_chunk_fails_the_event_hash() -> None:
         reassemble(payloads + payloads[:1], split.event_sha256)
     with pytest.raises(FieldValueError):
         reassemble([], split.event_sha256)
+
+
+def test_new_event_ids_carry_their_millisecond_first_and_match_the_wire_format():
+    import uuid
+
+    from pipeline.common.chunking import new_event_id
+    from pipeline.common.messages import EVENT_ID_RE
+
+    ids = [new_event_id(0x0123456789AB) for _ in range(100)]
+    assert len(set(ids)) == 100  # the random part
+    for event_id in ids:
+        assert EVENT_ID_RE.fullmatch(event_id)
+        assert event_id[:12] == "0123456789ab"
+        assert uuid.UUID(hex=event_id).version == 7
+    assert new_event_id(1) < new_event_id(2)  # later milliseconds sort after

@@ -146,14 +146,22 @@ def test_a_duplicate_id_from_another_process_is_refused(qpath: Path) -> None:
         assert second.queue_depth() == 1
 
 
-def test_generated_event_ids_are_distinct_version_4_uuids(qpath: Path) -> None:
+def test_generated_event_ids_are_distinct_time_ordered_version_7_uuids(qpath: Path) -> None:
+    import time
+
+    before = time.time_ns() // 1_000_000
     with DurableQueue(qpath, synchronous="NORMAL") as queue:
         ids = [queue.enqueue(b"x").event_id for _ in range(200)]
         ids += [e.event_id for e in queue.enqueue_many([EventInput(b"y")] * 50)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
+    millis = []
     for event_id in ids:
         parsed = uuid.UUID(hex=event_id)
-        assert (parsed.hex, parsed.version, parsed.variant) == (event_id, 4, uuid.RFC_4122)
+        assert (parsed.hex, parsed.version, parsed.variant) == (event_id, 7, uuid.RFC_4122)
+        millis.append(int(event_id[:12], 16))
+    # The first 48 bits are the enqueue time: ids sort by time (the index grows at its end).
+    assert millis == sorted(millis) and before <= millis[0] and millis[-1] <= after
 
 
 @pytest.mark.parametrize("now", [
