@@ -37,7 +37,8 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -597,38 +598,55 @@ class SQLiteChunkStore:
         ``abort_ingest``, which may run in another thread. ``blocking=False`` returns None
         instead of waiting when another store call holds the lock.
         """
-        if not self._lock.acquire(blocking=blocking):
+        if not self._enter_split(blocking):
             return None
-        try:
-            self._check_open()
-            conn = self._conn
-            if not self._begin(blocking):
-                self._lock.release()
-                return None
+        with self._split_statements("ingest failed", chunks=len(chunks)):
             pending = [_Pending(chunk) for chunk in chunks]
             work: dict[OffsetKey, OffsetTracker] = {}
             now = self._clock()
             self._batch_slices = SliceCache(BATCH_SLICES_UNBOUNDED)
-            try:
-                for item in pending:
-                    self._precheck(item)
-                for item in pending:
-                    if item.error is None:
-                        self._ingest_one(item, work, now)
-                        self._keep_slice(item)
-                self._save_offsets(work, now)
-            except sqlite3.Error as exc:
-                self._rollback()
-                error = _translate(exc, "ingest failed")
-                log.error("store_ingest_failed chunks=%d error=%s", len(chunks), error.code)
-                raise error from exc
-            except BaseException:
-                self._rollback()
-                raise
+            for item in pending:
+                self._precheck(item)
+            for item in pending:
+                if item.error is None:
+                    self._ingest_one(item, work, now)
+                    self._keep_slice(item)
+            self._save_offsets(work, now)
+        return PreparedIngest(pending, work)
+
+    def _enter_split(self, blocking: bool) -> bool:
+        """Take the store lock and BEGIN IMMEDIATE for a split transaction (statements
+        here, COMMIT later, maybe in another thread). False, holding nothing, when
+        ``blocking`` is false and the store is busy."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
+            self._check_open()
+            if self._begin(blocking):
+                return True
         except BaseException:
             self._lock.release()
             raise
-        return PreparedIngest(pending, work)
+        self._lock.release()
+        return False
+
+    @contextmanager
+    def _split_statements(self, what: str, chunks: int = 0) -> Iterator[None]:
+        """The statements of a split transaction: on any error it is rolled back and the
+        store released (sqlite errors become StoreError/StorageFull naming ``what``)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._lock.release()
+            error = _translate(exc, what)
+            log.error("store_write_failed what=%r chunks=%d error=%s", what, chunks,
+                      error.code)
+            raise error from exc
+        except BaseException:
+            self._rollback()
+            self._lock.release()
+            raise
 
     def _begin(self, blocking: bool) -> bool:
         """BEGIN IMMEDIATE; without ``blocking``, False at once if another connection
@@ -662,8 +680,8 @@ class SQLiteChunkStore:
             except sqlite3.Error as exc:
                 self._rollback()
                 error = _translate(exc, "ingest failed")
-                log.error("store_ingest_failed chunks=%d error=%s", len(prepared.items),
-                          error.code)
+                log.error("store_write_failed what=%r chunks=%d error=%s", "ingest failed",
+                          len(prepared.items), error.code)
                 raise error from exc
             except BaseException:
                 self._rollback()
@@ -1162,25 +1180,11 @@ class SQLiteChunkStore:
         here (the event loop: no GIL hand-off per statement), ``commit_write`` (the fsync)
         in a worker thread. None when ``blocking`` is false and the store is busy."""
         statements = self._control_statements(changes)
-        if not self._lock.acquire(blocking=blocking):
+        if not self._enter_split(blocking):
             return None
-        try:
-            self._check_open()
-            if not self._begin(blocking):
-                self._lock.release()
-                return None
-            try:
-                for sql, params in statements:
-                    self._conn.execute(sql, params)
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise _translate(exc, "save_control_state failed") from exc
-            except BaseException:
-                self._rollback()
-                raise
-        except BaseException:
-            self._lock.release()
-            raise
+        with self._split_statements("save_control_state failed"):
+            for sql, params in statements:
+                self._conn.execute(sql, params)
         return PreparedWrite("save_control_state failed")
 
     def commit_write(self, prepared: PreparedWrite) -> None:

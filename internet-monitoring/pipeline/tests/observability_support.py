@@ -13,7 +13,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.server.app import PipelineServer
-from pipeline.tests.server_support import chunk_docs, iso_now, urls
+from pipeline.tests.server_support import chunk_docs, eventually, iso_now, urls
 
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
@@ -110,15 +110,7 @@ def event_docs(sensor_id: str, payload: Mapping[str, Any], first_sequence: int,
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(interval)
+    await eventually(predicate, timeout, interval=interval)
 
 
 def agent_config(server: PipelineServer, tmp_path: Any, sensor_id: str, token: str,

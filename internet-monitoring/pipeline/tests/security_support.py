@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import trustme
 from cryptography import x509
@@ -143,15 +142,6 @@ def enqueue(queue: DurableQueue, agent: SensorAgent, count: int, size: int = 200
     ids = {queue.enqueue(os.urandom(size)).event_id for _ in range(count)}
     agent.notify_enqueued()
     return ids
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0,
-                     what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def stored_events(server: PipelineServer, sensor_id: str) -> set[str]:

@@ -21,8 +21,25 @@ from pipeline.common.chunking import split_event
 from pipeline.common.config import ServerConfig, server_config_from_dict
 from pipeline.server.app import PipelineServer
 
+
 TOKENS = {"pi-01": "test-token-pi-01", "pi-02": "test-token-pi-02"}
 STREAM_TOKEN = "test-stream-token"
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 10.0,
+                     what: str = "condition", interval: float = 0.02) -> None:
+    """Poll ``predicate`` (sync or async) until it is true; AssertionError naming ``what``
+    after ``timeout`` seconds. The one polling helper of the test suite."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def server_config(tmp_path: Path, **sections: dict[str, Any]) -> ServerConfig:

@@ -16,7 +16,6 @@ import base64
 import hashlib
 import json
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,6 +48,7 @@ from pipeline.tests.server_support import (
     TOKENS,
     MiniSensor,
     chunk_docs,
+    eventually,
     running_server,
     server_config,
     urls,
@@ -89,10 +89,7 @@ async def post(http: aiohttp.ClientSession, server: Any, path: str, body: bytes,
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
+    await eventually(predicate, timeout)
 
 
 # ---------------------------------------------------------------------------------------

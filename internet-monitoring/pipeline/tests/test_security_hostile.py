@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pipeline.tests.security_support import eventually
+from pipeline.tests.server_support import eventually
 from pipeline.tests.server_support import (
     TOKENS,
     chunk_docs,

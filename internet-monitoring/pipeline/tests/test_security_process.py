@@ -23,7 +23,8 @@ import aiohttp
 import yaml
 
 from pipeline.common.config import sensor_config_from_dict
-from pipeline.tests.security_support import enqueue, eventually, running_agent
+from pipeline.tests.security_support import enqueue, running_agent
+from pipeline.tests.server_support import eventually
 from pipeline.tests.server_support import envelope
 
 ADMIN = "proc-admin-token-0123456789"

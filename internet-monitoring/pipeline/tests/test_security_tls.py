@@ -17,7 +17,6 @@ import pytest
 from pipeline.common.errors import ConfigError
 from pipeline.tests.security_support import (
     enqueue,
-    eventually,
     make_pki,
     running_agent,
     sensor_config,
@@ -27,6 +26,7 @@ from pipeline.tests.server_support import (
     TOKENS,
     chunk_docs,
     envelope,
+    eventually,
     running_server,
     server_config,
 )

@@ -21,12 +21,11 @@ from pipeline.server.app import PipelineServer
 from pipeline.server.auth import hash_token
 from pipeline.tests.security_support import (
     enqueue,
-    eventually,
     running_agent,
     sensor_config,
     stored_events,
 )
-from pipeline.tests.server_support import chunk_docs, envelope
+from pipeline.tests.server_support import chunk_docs, envelope, eventually
 
 ADMIN = "test-admin-token-0123456789"
 STREAM = "test-stream-token-0123456789"

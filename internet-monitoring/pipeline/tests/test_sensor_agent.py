@@ -45,6 +45,7 @@ from pipeline.common.messages import (
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sensor.submit import open_queue, submit_event
+from pipeline.tests.server_support import eventually
 
 SENSOR_ID = "pi-01"
 TOKEN = "test-token-0123456789"
@@ -235,15 +236,6 @@ def fill(queue: DurableQueue, count: int, size: int = 150 * 1024) -> dict[str, b
         data = os.urandom(size)
         events[queue.enqueue(data).event_id] = data
     return events
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0,
-                     what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from aiohttp import web
 from pipeline.common.errors import ConfigError
 from pipeline.sim.faults import DirectionFaults, FaultPlan, LinkFaults
 from pipeline.sim.proxy import FaultProxy
+from pipeline.tests.server_support import eventually as polled
 
 HOST = "127.0.0.1"
 
@@ -115,10 +116,7 @@ async def roundtrip(proxy: FaultProxy, payload: bytes) -> bytes:
 
 
 async def eventually(predicate, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    await polled(predicate, timeout, interval=0.01)
 
 
 # ---------------------------------------------------------------------------------------

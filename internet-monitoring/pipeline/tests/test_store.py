@@ -707,6 +707,12 @@ def test_a_damaged_stored_event_is_reported_not_served(db: Path) -> None:
         with pytest.raises(StoreError, match="damaged"):
             store.events(SENSOR)
         assert store.get_event(SENSOR, other[0].event_id).data == b'{"ping_ms": 4.3}'
+    for junk in (b"not gzip at all", bytes(good)[:-6]):  # corrupt, truncated
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE events SET data = ? WHERE event_id != ?",
+                         (junk, other[0].event_id))
+        with SQLiteChunkStore(db) as store, pytest.raises(StoreError, match="damaged"):
+            store.events(SENSOR)
 
 
 def test_a_store_from_a_newer_version_is_refused(db: Path) -> None:
