@@ -2,16 +2,27 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The runtime alone (make install, make demo): no test toolchain. The dev install
+# (make venv, make test) includes the runtime, so it satisfies this stamp too.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: venv tools test demo bench proto clean
+.PHONY: venv install tools test demo bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
 
 venv: $(STAMP)
+
+install: $(RUNTIME_STAMP)
 
 tools:
 	@bash scripts/install-test-tools.sh
@@ -19,7 +30,7 @@ tools:
 test: $(STAMP) tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) -m pipeline.demo $(DEMO_ARGS)
 
 # make bench                  full run (3 runs per figure; see README "Performance" for its length)

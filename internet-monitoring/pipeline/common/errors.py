@@ -29,6 +29,7 @@ boundary with ``raise ... from``.
     ├── Throttled                       429  throttled
     ├── NotFound                        404  not_found
     ├── ConfigError                     —    bad_config (start-up only)
+    ├── AlreadyRunning                  —    already_running (start-up only: file locked)
     ├── StoreError                      503  store_unavailable
     │   └── StorageFull                 507  storage_full
     └── QueueError                      500  queue_error
@@ -167,6 +168,12 @@ class ConfigError(PipelineError):
     """Bad configuration; raised at start-up and names the offending key."""
 
     code = "bad_config"
+
+
+class AlreadyRunning(PipelineError):
+    """Another process holds the single-instance lock of a store or queue file."""
+
+    code = "already_running"
 
 
 class StoreError(PipelineError):

@@ -63,6 +63,7 @@ from pipeline.sensor.batching import (
 )
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
+from pipeline.sensor.refusals import RefusalLog
 from pipeline.sensor.time_sync import ClockSkewEstimator
 from pipeline.sensor.transports import (
     ControlChannel,
@@ -80,6 +81,8 @@ if TYPE_CHECKING:
     from pipeline.sensor.submit import SubmitServer
 
 log = logging.getLogger(__name__)
+
+CLOSE_POLICY = 1008  # the server closed the control channel for a policy reason
 
 #: Capabilities this agent implements; others found in the config are dropped with a warning.
 SUPPORTED_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
@@ -186,6 +189,7 @@ class SensorAgent:
         self.requests = 0
         self.connects = 0
         self.connect_failures = 0
+        self.refusals = RefusalLog()
         self.bad_frames = 0
         self.registry.register(AgentCollector(self))
 
@@ -268,16 +272,23 @@ class SensorAgent:
         while not self._stop.is_set():
             try:
                 channel = await self._connect()
-            except (ConnectionError, TimeoutError, OSError, AuthError) as exc:
+            except AuthError as exc:
                 self.connect_failures += 1
                 delay = self.connect_backoff.next()
-                level = logging.WARNING if isinstance(exc, AuthError) else logging.INFO
-                log.log(level, "control_connect_failed attempt=%d error=%s retry_in_s=%.2f",
-                        self.connect_backoff.attempts, exc, delay)
+                self._log_refusal("control", exc.http_status, exc.message, delay)
+                await self._sleep_or_stop(delay)
+                continue
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                self.connect_failures += 1
+                delay = self.connect_backoff.next()
+                log.info("control_connect_failed attempt=%d error=%s retry_in_s=%.2f",
+                         self.connect_backoff.attempts, exc, delay)
                 await self._sleep_or_stop(delay)
                 continue
             if channel is None:
                 return
+            if self.refusals.clear("control"):
+                log.info("server_accepted channel=control sensor_id=%s", self.config.sensor_id)
             self.connect_backoff.reset()
             self.connects += 1
             try:
@@ -289,9 +300,27 @@ class SensorAgent:
                 await self._close_quietly(channel.close(), "control_channel")
             if not self._stop.is_set():
                 delay = self.connect_backoff.next()
-                log.info("control_disconnected close_code=%s retry_in_s=%.2f",
-                         channel.close_code, delay)
+                reason = getattr(channel, "close_reason", "")
+                if channel.close_code == CLOSE_POLICY:
+                    # e.g. "credential revoked" after a reload, or replaced by a newer
+                    # connection of the same sensor: say why, as for a refused handshake.
+                    self._log_refusal("control", CLOSE_POLICY, reason or "policy", delay)
+                else:
+                    log.info("control_disconnected close_code=%s reason=%r retry_in_s=%.2f",
+                             channel.close_code, reason, delay)
                 await self._sleep_or_stop(delay)
+
+    def _log_refusal(self, channel: str, status: int, reason: str, delay: float) -> None:
+        """The server refused us: say why, once per reason and then every few minutes
+        (``RefusalLog``), not on every retry."""
+        note = self.refusals.record(channel, status, reason or "-", time.monotonic())
+        if note is None:
+            log.debug("server_refused channel=%s status=%d reason=%r retry_in_s=%.2f",
+                      channel, status, reason, delay)
+            return
+        log.warning("server_refused channel=%s sensor_id=%s status=%d reason=%r "
+                    "repeated=%d retry_in_s=%.2f hint=%r", channel, self.config.sensor_id,
+                    status, note.reason, note.repeated, delay, note.hint)
 
     async def _connect(self) -> ControlChannel | None:
         """Connect, or None if ``stop()`` came first."""
@@ -561,10 +590,13 @@ class SensorAgent:
                     delay = backoff.next()
                     if answer.retry_after is not None:
                         delay = max(delay, min(answer.retry_after, RETRY_AFTER_CAP_S))
-                    level = logging.WARNING if answer.status in (401, 403) else logging.INFO
-                    log.log(level, "chunk_post_retry sequence=%d window_id=%s attempt=%d "
-                            "status=%d error=%s retry_in_s=%.2f", sequence, window_id,
-                            backoff.attempts, answer.status, answer.error_code or "-", delay)
+                    if answer.status in (401, 403):
+                        self._log_refusal("ingest", answer.status, answer.error_message, delay)
+                    else:
+                        log.info("chunk_post_retry sequence=%d window_id=%s attempt=%d "
+                                 "status=%d error=%s retry_in_s=%.2f", sequence, window_id,
+                                 backoff.attempts, answer.status, answer.error_code or "-",
+                                 delay)
                 self.retries += 1
                 if not await self._sleep_or_stop(delay):
                     self._abandon(sequence)
@@ -629,6 +661,7 @@ class SensorAgent:
                                     name=f"send-batch-{rest[0]}", track=True)
                 else:
                     if answer.status == 200 and answer.outcomes is not None:
+                        self.refusals.clear("ingest")
                         retry = await self._on_batch_answer(chunks, answer.outcomes, window_id)
                         pending = {s: pending[s] for s in retry}
                         if not pending:
@@ -646,11 +679,14 @@ class SensorAgent:
                         delay = backoff.next()
                         if answer.retry_after is not None:
                             delay = max(delay, min(answer.retry_after, RETRY_AFTER_CAP_S))
-                        level = logging.WARNING if answer.status in (401, 403) else logging.INFO
-                        log.log(level, "batch_post_retry chunks=%d window_id=%s attempt=%d "
-                                "status=%d error=%s retry_in_s=%.2f", len(chunks), window_id,
-                                backoff.attempts, answer.status, answer.error_code or "-",
-                                delay)
+                        if answer.status in (401, 403):
+                            self._log_refusal("ingest", answer.status, answer.error_message,
+                                              delay)
+                        else:
+                            log.info("batch_post_retry chunks=%d window_id=%s attempt=%d "
+                                     "status=%d error=%s retry_in_s=%.2f", len(chunks),
+                                     window_id, backoff.attempts, answer.status,
+                                     answer.error_code or "-", delay)
                 self.retries += len(pending)
                 if not await self._sleep_or_stop(delay):
                     break
@@ -708,6 +744,7 @@ class SensorAgent:
                            clock_skew_ms=round(self.skew.skew_ms, 3))
 
     async def _on_delivered(self, sequence: int, window_id: str, answer: PostResult) -> str:
+        self.refusals.clear("ingest")
         self.posted += 1
         confirmed = answer.result is not None and (answer.result.stored
                                                     or answer.result.duplicate)

@@ -8,7 +8,10 @@
 ``run`` stops gracefully on SIGTERM or SIGINT: running POSTs get a short grace period,
 retries waiting on backoff are abandoned (their chunks stay queued), the queue is closed.
 ``submit`` prints the new event id on stdout. A configuration problem exits with status 2
-and a message naming the key; a queue that cannot be opened exits with status 1.
+and a message naming the key (also a ``token_file`` that cannot be read when no ``token``
+is set); a queue that cannot be opened, or that another agent already runs on (its
+``<queue>.lock`` is held), exits with status 1. ``submit`` takes no lock: test programs
+submit while the agent runs.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.common.instance_lock import InstanceLock
 from pipeline.common.logs import setup_logging
+from pipeline.common.placeholders import is_placeholder
 from pipeline.version import SOFTWARE_VERSION
 
 if TYPE_CHECKING:
+    from pipeline.common.config import SensorConfig
     from pipeline.sensor.agent import SensorAgent
 
 log = logging.getLogger(__name__)
@@ -79,13 +85,61 @@ def _read_event(source: str) -> bytes:
                           field="file") from exc
 
 
+def check_token_source(config: SensorConfig) -> None:
+    """Fail at start-up on a credential the agent could never use, instead of retrying a
+    401 for ever; warn on a placeholder. A ``token_file`` that cannot be read is fatal
+    unless ``token`` is set too (then ``token`` is used until a rotation writes the file)."""
+    token = config.token
+    if config.token_file:
+        try:
+            token = Path(config.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            if not config.token:
+                raise ConfigError(f"token_file {config.token_file}: cannot read it "
+                                  f"({exc.strerror or exc})", field="token_file") from exc
+            log.warning("token_file_missing key=token_file path=%s error=%s action=use_token",
+                        config.token_file, exc.strerror or exc)
+            token = config.token
+        else:
+            if not token and not config.token:
+                raise ConfigError(f"token_file {config.token_file}: the file is empty",
+                                  field="token_file")
+            token = token or config.token
+    if is_placeholder(token):
+        log.warning("placeholder_token key=%s sensor_id=%s message=%r",
+                    "token_file" if config.token_file and token != config.token else "token",
+                    config.sensor_id, "the token is an example placeholder (change-me...): "
+                    "create a real one with pipeline-server token create")
+
+
+def _make_parent(path: str) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"queue.path {path}: cannot create directory: "
+                          f"{exc.strerror or exc}", field="queue.path") from exc
+
+
 async def run_agent(config_path: Path | None) -> int:
-    """Load the config, open the queue, run the agent until a signal; returns an exit code."""
+    """Load the config, lock and open the queue, run the agent until a signal; returns an
+    exit code."""
     from pipeline.common.config import load_sensor_config
+
+    config = load_sensor_config(config_path)
+    check_token_source(config)
+    lock = InstanceLock(config.queue.path, "queue.path")
+    _make_parent(config.queue.path)
+    lock.acquire()
+    try:
+        return await _run_locked(config)
+    finally:
+        lock.release()
+
+
+async def _run_locked(config: SensorConfig) -> int:
     from pipeline.sensor.agent import SensorAgent
     from pipeline.sensor.submit import open_queue
 
-    config = load_sensor_config(config_path)
     queue = await asyncio.to_thread(open_queue, config)
     try:
         agent = SensorAgent(config, queue)

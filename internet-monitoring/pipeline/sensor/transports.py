@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -120,6 +121,13 @@ class PostResult:
             return str(self.error["error"])[:64]
         return ""
 
+    @property
+    def error_message(self) -> str:
+        """The server's reason (``message`` of the JSON error body), or ""."""
+        if self.error and isinstance(self.error.get("message"), str):
+            return str(self.error["message"])[:200]
+        return ""
+
 
 @dataclass(frozen=True)
 class BatchPostResult:
@@ -140,6 +148,13 @@ class BatchPostResult:
     def error_code(self) -> str:
         if self.error and isinstance(self.error.get("error"), str):
             return str(self.error["error"])[:64]
+        return ""
+
+    @property
+    def error_message(self) -> str:
+        """The server's reason (``message`` of the JSON error body), or ""."""
+        if self.error and isinstance(self.error.get("message"), str):
+            return str(self.error["message"])[:200]
         return ""
 
 
@@ -271,6 +286,7 @@ class ControlConnection:
         self._pong = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._close_code: int | None = None
+        self.close_reason = ""  # the server's close reason (e.g. "credential revoked")
         self._keepalive: asyncio.Task[None] | None = None
         # Capability proto: binary frames are Protobuf envelopes. Received once this side
         # announced proto; sent once the server announced it too (``use_proto``).
@@ -329,6 +345,7 @@ class ControlConnection:
                                      "negotiated", field="frame")
             if kind is aiohttp.WSMsgType.CLOSE:
                 self._close_code = msg.data if isinstance(msg.data, int) else None
+                self.close_reason = str(msg.extra or "")[:200]
             return None
 
     async def close(self) -> None:
@@ -416,10 +433,13 @@ class ControlClient:
             ws = await asyncio.wait_for(self._open(self._session, headers),
                                         timeout=self._connect_timeout)
         except aiohttp.WSServerHandshakeError as exc:
+            # The server's reason rides in the WWW-Authenticate header (the WebSocket
+            # client never reads the refusal's body).
+            reason = refusal_reason(exc.headers) or f"HTTP {exc.status}"
             if exc.status == 401:
-                raise Unauthenticated(f"control handshake refused: {exc.status}") from exc
+                raise Unauthenticated(reason, field="control") from exc
             if exc.status == 403:
-                raise Forbidden(f"control handshake refused: {exc.status}") from exc
+                raise Forbidden(reason, field="control") from exc
             raise ConnectionError(f"control handshake failed: HTTP {exc.status}") from exc
         except asyncio.TimeoutError as exc:
             raise TimeoutError(f"control connect timed out after {self._connect_timeout}s") from exc
@@ -562,6 +582,17 @@ def _post_result(status: int, raw: bytes, retry_after: str | None) -> PostResult
         return PostResult(status=status, result=result)
     return PostResult(status=status, error=doc if isinstance(doc, dict) else None,
                       retry_after=parse_retry_after(retry_after))
+
+
+_DESCRIPTION_RE = re.compile(r'error_description="([^"]*)"')
+
+
+def refusal_reason(headers: Mapping[str, str] | None) -> str:
+    """The reason of a refused request from its RFC 6750 ``WWW-Authenticate`` header."""
+    if not headers:
+        return ""
+    found = _DESCRIPTION_RE.search(headers.get("WWW-Authenticate", ""))
+    return found.group(1)[:200] if found else ""
 
 
 def _token_source(config: Any) -> Callable[[], str]:

@@ -185,7 +185,10 @@ class TokenAuthenticator:
                 return cred.sensor_id
             log.info("auth_refused reason=other_sensor sensor_id=%s owner=%s token=%s",
                      sensor_id, cred.sensor_id, token_hint(token))
-            raise Forbidden(f"token does not belong to sensor {sensor_id}", field="sensor_id")
+            # The caller holds this token, so naming its owner reveals nothing new and
+            # tells an operator which sensor_id (or token) is misconfigured.
+            raise Forbidden(f"token belongs to sensor {cred.sensor_id}, not {sensor_id}",
+                            field="sensor_id")
         if self._fleet is not None and hmac.compare_digest(self._fleet, digest):
             if sensor_id is None:
                 return None

@@ -40,6 +40,7 @@ from pipeline.common.errors import (
     AuthError,
     ConflictError,
     FieldValueError,
+    Forbidden,
     NotFound,
     PipelineError,
     StoreError,
@@ -77,6 +78,16 @@ def error_response(status: int, doc: dict[str, Any],
     return web.json_response(doc, status=status, headers=headers)
 
 
+def www_authenticate(exc: AuthError) -> str:
+    """RFC 6750 challenge carrying the refusal's reason: a WebSocket client sees only the
+    status and headers of a refused handshake, never the JSON body, so a sensor learns
+    why it was refused ("unknown token", "token belongs to sensor pi-01, not pi-02") from
+    here. The reason is the error's own message: it never holds a token."""
+    error = "insufficient_scope" if isinstance(exc, Forbidden) else "invalid_token"
+    reason = "".join(c for c in exc.message if c.isprintable() and c not in '"\\')[:200]
+    return f'Bearer error="{error}", error_description="{reason}"'
+
+
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,6 +103,8 @@ async def error_middleware(request: web.Request,
         if exc.http_status >= 500:
             log.warning("request_failed path=%s status=%d error=%s", request.path,
                         exc.http_status, exc.code)
+        if isinstance(exc, AuthError):
+            headers = {**(headers or {}), "WWW-Authenticate": www_authenticate(exc)}
         response = error_response(exc.http_status, exc.to_json(), headers)
         if exc.http_status in (408, 413):
             # The rest of the body is not worth reading (too big, or dribbling): close.

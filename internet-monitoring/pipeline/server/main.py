@@ -3,7 +3,10 @@
 ::
 
     pipeline-server [--config server.yml]     serve until SIGTERM / SIGINT; SIGHUP reloads
-    pipeline-server token create SENSOR_ID    mint a sensor token and its config entry
+    pipeline-server token create SENSOR_ID [--add-to server.yml]
+                                              mint a sensor token; print its config entry,
+                                              or write the entry (hash only) into the file
+                                              and print just the token
     pipeline-server [--config server.yml] token rotate SENSOR_ID [--url URL]
                                               rotate a connected sensor's token through the
                                               running server (admin token from
@@ -13,6 +16,10 @@ Without ``--config`` the server runs on embedded defaults (SQLite under ``./var/
 binds) and, unless the environment configures credentials, generates a demo fleet token
 that is printed once to stdout as ``demo token: oux_demo_<base64url>``. Stdout carries only
 such deliberate output; logs go to stderr.
+
+Serving takes the store's single-instance lock (``<store.path>.lock``): a second server on
+the same SQLite file exits 1 naming the file and the running server's pid. Start-up warns
+about placeholder credentials (``change-me…``) and, outside the demo, an open read API.
 """
 
 from __future__ import annotations
@@ -21,14 +28,21 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
-from typing import Sequence, TextIO
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence, TextIO
 
 from pipeline.common.config import ServerConfig, load_server_config
 from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.common.instance_lock import InstanceLock
 from pipeline.common.logs import setup_logging
+from pipeline.common.placeholders import placeholder_keys
 from pipeline.common.messages import SENSOR_ID_RE
 from pipeline.server.auth import DEMO_TOKEN_PREFIX, hash_token, mint_token
+
+log = logging.getLogger("pipeline.server.main")
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -43,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="mint a token for a sensor")
     create.add_argument("sensor_id")
+    create.add_argument("--add-to", metavar="SERVER_YML",
+                        help="write the entry (token_sha256) into this server config and "
+                             "print only the token")
     rotate = token_sub.add_parser(
         "rotate", help="rotate a connected sensor's token through the running server")
     rotate.add_argument("sensor_id")
@@ -92,15 +109,38 @@ def token_rotate(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def token_create(sensor_id: str, out: TextIO) -> int:
+def token_create(sensor_id: str, out: TextIO, add_to: str | None = None) -> int:
     if not SENSOR_ID_RE.fullmatch(sensor_id):
         sys.stderr.write(f"pipeline-server: invalid sensor id {sensor_id[:140]!r}\n")
         return EXIT_CONFIG
     token = mint_token()
+    if add_to is not None:
+        return _token_add_to(sensor_id, token, add_to, out)
     out.write(f"token: {token}\n\n"
               "# server.yml (auth.sensors); the file keeps only the hash:\n"
               f"- id: {sensor_id}\n"
               f"  token_sha256: {hash_token(token)}\n")
+    return 0
+
+
+def _token_add_to(sensor_id: str, token: str, path: str, out: TextIO) -> int:
+    """Write the hash into ``path``; stdout gets the token alone (``> pi-01.token``)."""
+    from pipeline.server.config_edit import add_sensor_token
+
+    try:
+        added = add_sensor_token(path, sensor_id, token)
+    except ConfigError as exc:
+        sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
+        return EXIT_CONFIG
+    out.write(token + "\n")
+    out.flush()
+    removed = (f"; removed placeholders {', '.join(added.removed_placeholders)}"
+               if added.removed_placeholders else "")
+    sys.stderr.write(f"pipeline-server: {'added sensor' if added.new_entry else 'added a token for'}"
+                     f" {sensor_id} to {path} ({added.key}, the hash only{removed}). The token is"
+                     " printed once, on stdout: give it to the sensor (token_file or"
+                     " PIPELINE_SENSOR_TOKEN). A running server picks the change up"
+                     " (auth.reload_watch_s, or SIGHUP).\n")
     return 0
 
 
@@ -111,6 +151,40 @@ def with_demo_token(config: ServerConfig) -> tuple[ServerConfig, str | None]:
         return config, None
     token = mint_token(DEMO_TOKEN_PREFIX)
     return dataclasses.replace(config, auth=dataclasses.replace(auth, fleet_token=token)), token
+
+
+def is_demo(config: ServerConfig, demo_token: str | None) -> bool:
+    """The demo: ``pipeline-server`` without ``--config`` or ``make demo``, both of which
+    mint a ``oux_demo_`` fleet token (nothing to protect but synthetic results)."""
+    return demo_token is not None or config.auth.fleet_token.startswith(DEMO_TOKEN_PREFIX)
+
+
+def warn_at_start_up(config: ServerConfig, *, demo: bool) -> None:
+    """Log what a deployment must not run with but the server can still serve."""
+    for key in placeholder_keys(config.auth, config.stream.token):
+        log.warning("placeholder_token key=%s message=%r", key,
+                    "an example placeholder (change-me...) is accepted as a credential: "
+                    "replace it (pipeline-server token create ID --add-to FILE)")
+    if not demo and not config.stream.token:
+        log.warning("read_api_open key=stream.token bind=%s message=%r", config.ingest.bind,
+                    "anyone who reaches the ingest listener can read every result and the "
+                    "UI stream: set stream.token (or PIPELINE_STREAM_TOKEN)")
+
+
+@contextmanager
+def store_lock(config: ServerConfig) -> Iterator[None]:
+    """One server per SQLite store file (``<store.path>.lock``); PostgreSQL needs none."""
+    if config.store.engine != "sqlite":
+        yield
+        return
+    path = Path(config.store.path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
+                          field="store.path") from exc
+    with InstanceLock(path, "store.path"):
+        yield
 
 
 async def serve(config: ServerConfig, demo_token: str | None, out: TextIO,
@@ -147,14 +221,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if args.command == "token":
         if args.token_command == "rotate":
             return token_rotate(args, stdout)
-        return token_create(args.sensor_id, stdout)
+        return token_create(args.sensor_id, stdout, args.add_to)
     try:
         config = load_server_config(args.config)
         demo_token = None
         if args.config is None:
             config, demo_token = with_demo_token(config)
         setup_logging(config.logging.level, config.logging.format)
-        asyncio.run(serve(config, demo_token, stdout, args.config))
+        warn_at_start_up(config, demo=is_demo(config, demo_token))
+        with store_lock(config):
+            asyncio.run(serve(config, demo_token, stdout, args.config))
     except ConfigError as exc:
         sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
         return EXIT_CONFIG

@@ -83,7 +83,7 @@ def test_sensor_example_loads_and_spells_out_every_default() -> None:
     path = EXAMPLES / "sensor.yml"
     config = load_sensor_config(path, env={})
     assert _missing_keys(SensorConfig, [yaml.safe_load(path.read_text())]) == []
-    assert config.token == "change-me"
+    assert config.token == "change-me-pi-01"  # the example server.yml accepts it for pi-01
     normalised = dataclasses.replace(config, token="", software_version=SOFTWARE_VERSION)
     assert normalised == SensorConfig(sensor_id="pi-01")
 
