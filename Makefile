@@ -33,8 +33,8 @@ test: $(STAMP) tools
 demo: $(RUNTIME_STAMP)
 	$(PY) -m pipeline.demo $(DEMO_ARGS)
 
-# make bench                  full run (3 runs per figure; see README "Performance" for its length)
-# make bench BENCH_QUICK=1     one short run of each figure (smoke check, not for the README)
+# make bench                  full run (3 runs per figure; see docs/performance.md for its length)
+# make bench BENCH_QUICK=1     one short run of each figure (smoke check, not for docs/performance.md)
 # make bench BENCH_ARGS="--only ingest,drain --runs 5"
 bench: $(STAMP)
 	$(PY) -m bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)

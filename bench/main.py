@@ -15,7 +15,7 @@ Sections (``--only`` picks some; all by default)::
             resident memory per connection and heartbeat handling p99
 
 Each figure is the median of ``--runs`` runs (3 by default) with min-max. ``--quick``
-(or ``BENCH_QUICK=1``): one run of smaller loads, for a smoke check (not for the README).
+(or ``BENCH_QUICK=1``): one run of smaller loads, for a smoke check (not for docs/performance.md).
 Prints one table and writes ``bench/results.json``.
 """
 

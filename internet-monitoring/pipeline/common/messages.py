@@ -1,6 +1,6 @@
 """Wire model of protocol 1.0: frozen dataclasses and the JSON codec.
 
-The JSON produced here is byte-for-byte the 1.0 format of ``shared/docs/protocol.md``;
+The JSON produced here is byte-for-byte the 1.0 format of ``docs/protocol.md``;
 extensions live at the top level of envelopes and chunks and are emitted only when set
 (``queue_epoch``, ``server_time``, ``server_capabilities``), because 1.0 sensors drop the
 connection on an unknown field inside ``body``. Decoding is strict: every problem raises a

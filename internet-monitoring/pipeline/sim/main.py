@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------
-# Profiles table (README and --list-profiles)
+# Profiles table (docs/simulator.md and --list-profiles)
 
 
 def _side(faults: Any, name: str, fmt: Any) -> str:
@@ -177,7 +177,7 @@ def profile_row(profile: Profile) -> list[str]:
 
 
 def profiles_table() -> str:
-    """The Markdown table of every profile's parameters (the README holds a copy)."""
+    """The Markdown table of every profile's parameters (docs/simulator.md holds a copy)."""
     head = ["profile", "one-way latency", "bandwidth (each way)", "reset at connect",
             "reset per segment", "partitions", "black-holes", "other",
             "kill sensors / server every", "duration hint"]

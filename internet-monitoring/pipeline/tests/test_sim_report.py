@@ -1,5 +1,5 @@
 """The simulator's pure parts: the verification report, restart-aware counters, the
-seeded workload, the profiles table in the README, and the test-only deferred commit."""
+seeded workload, the profiles table in docs/simulator.md, and the test-only deferred commit."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pipeline.sim.report import (
 )
 from pipeline.sim.workload import SizeSpec, WorkloadSpec, make_event
 
-README = Path(__file__).resolve().parents[3] / "README.md"
+SIMULATOR_DOC = Path(__file__).resolve().parents[3] / "docs" / "simulator.md"
 FACTS = RunFacts(profile="clean", seed=1, sensors=2, events_per_sensor=2)
 
 
@@ -230,9 +230,9 @@ def test_pacing() -> None:
 # Documentation
 
 
-def test_readme_holds_the_current_profiles_table() -> None:
-    assert profiles_table() in README.read_text(), \
-        "README profiles table is stale: paste `pipeline-sim --list-profiles`"
+def test_simulator_doc_holds_the_current_profiles_table() -> None:
+    assert profiles_table() in SIMULATOR_DOC.read_text(), \
+        "docs/simulator.md profiles table is stale: paste `pipeline-sim --list-profiles`"
 
 
 # ---------------------------------------------------------------------------------------
