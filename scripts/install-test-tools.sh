@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite drives for real, when they are missing:
-# headless Chromium (dashboard test) and promtool (alert-rule tests).
+# headless Chromium (dashboard test), promtool (alert-rule tests), curl, unshare and ip
+# (the README's commands run in a private network namespace).
 # Needs root and apt-get; elsewhere it says what is missing and the tests that need a
 # tool skip locally (under CI=true they fail instead).
 set -u
 missing=()
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# README "Running it yourself" test: curl, and a private network namespace (unshare, ip).
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install-test-tools: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+  apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null \
+    && apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || echo "install-test-tools: could not install ${missing[*]}" >&2
 else
   echo "install-test-tools: missing ${missing[*]} (install them to run every test)" >&2
