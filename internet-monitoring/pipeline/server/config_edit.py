@@ -45,7 +45,7 @@ class AddedToken:
 def _yaml() -> YAML:
     rt = YAML(typ="rt")
     rt.preserve_quotes = True
-    rt.width = 4096  # never re-wrap the operator's long lines
+    rt.width = 4096  # never re-wrap long lines (a flow list may end up on one line)
     rt.indent(mapping=2, sequence=4, offset=2)  # the layout of examples/server.yml
     return rt
 
@@ -149,7 +149,8 @@ def add_sensor_token(path: str | os.PathLike[str], sensor_id: str, token: str) -
 
 
 def _validate(path: Path, shown: Path | None = None) -> None:
+    """As the server will load it: with this environment's overrides."""
     try:
-        load_server_config(path, env={})
+        load_server_config(path)
     except ConfigError as exc:
         raise ConfigError(f"--add-to {shown or path}: {exc.message}", field=exc.field) from exc
