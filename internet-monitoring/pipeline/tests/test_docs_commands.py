@@ -200,3 +200,16 @@ def test_no_document_points_outside_the_repository() -> None:
 
 def test_readme_stays_short() -> None:
     assert len(README.read_text().splitlines()) <= 120
+
+
+def test_every_make_target_the_documents_name_exists() -> None:
+    targets: set[str] = set()
+    for name in OUR_DOCS:
+        targets.update(re.findall(r"`make ([a-z]+)[^`]*`", (REPO / name).read_text()))
+        for line in command_lines((REPO / name).read_text()):
+            targets.update(re.findall(r"^make ([a-z]+)", line))
+    assert {"demo", "test", "install", "bench", "proto", "tools"} <= targets
+    for target in sorted(targets):
+        dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert dry.returncode == 0, f"make {target}: {dry.stderr}"
