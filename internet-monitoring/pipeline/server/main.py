@@ -136,9 +136,10 @@ def _token_add_to(sensor_id: str, token: str, path: str, out: TextIO) -> int:
     out.flush()
     removed = (f"; removed placeholders {', '.join(added.removed_placeholders)}"
                if added.removed_placeholders else "")
-    sys.stderr.write(f"pipeline-server: {'added sensor' if added.new_entry else 'added a token for'}"
-                     f" {sensor_id} to {path} ({added.key}, the hash only{removed}). The token is"
-                     " printed once, on stdout: give it to the sensor (token_file or"
+    what = "added sensor" if added.new_entry else "added a token for"
+    sys.stderr.write(f"pipeline-server: {what} {sensor_id} to {path} ({added.key}, the hash "
+                     f"only{removed}). The token is printed once, on stdout: give it to the "
+                     "sensor (token_file or"
                      " PIPELINE_SENSOR_TOKEN). A running server picks the change up"
                      " (auth.reload_watch_s, or SIGHUP).\n")
     return 0

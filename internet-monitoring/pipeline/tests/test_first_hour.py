@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,62 @@ async def test_refusal_reasons_reach_the_sensor_log_once_per_reason(tmp_path: Pa
     assert not _lines(stolen_log, "placeholder_token")
     for text in (unknown_log, stolen_log, server_log):
         assert TOKENS["pi-01"] not in text and "change-me-pi-09" not in text
+
+
+def _refusal(url: str, headers: dict[str, str], data: bytes | None = None
+             ) -> tuple[int, str, dict]:
+    request = urllib.request.Request(url, data=data, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    answer = refused.value
+    return answer.code, answer.headers.get("WWW-Authenticate", ""), json.loads(answer.read())
+
+
+def test_refusals_carry_the_reason_in_body_and_header_never_the_token(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server", TOKENS)
+    server.start()
+    try:
+        wrong = "x" * 40
+        code, challenge, body = _refusal(server.ingest_url, {
+            "Authorization": f"Bearer {wrong}", "Content-Type": "application/json"}, b"{}")
+        assert (code, body["message"]) == (401, "unknown token")
+        assert challenge == 'Bearer error="invalid_token", error_description="unknown token"'
+        # The control handshake (what a WebSocket client sees: status and headers).
+        ws_headers = {"Connection": "Upgrade", "Upgrade": "websocket",
+                      "Sec-WebSocket-Version": "13",
+                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                      "X-Sensor-ID": "pi-02", "Authorization": f"Bearer {TOKENS['pi-01']}"}
+        code, challenge, body = _refusal(
+            f"http://127.0.0.1:{server.control_port}/control", ws_headers)
+        assert code == 403 and 'error="insufficient_scope"' in challenge
+        assert 'error_description="token belongs to sensor pi-01, not pi-02"' in challenge
+        assert TOKENS["pi-01"] not in challenge + json.dumps(body)
+    finally:
+        server.terminate()
+    assert TOKENS["pi-01"] not in server.log_text() and wrong not in server.log_text()
+
+
+async def test_a_revoked_sensor_logs_the_close_reason_then_the_refusal(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server", TOKENS,
+                           extra_config={"auth": {"reload_watch_s": 0.2}})
+    server.start()
+    agent = SensorProcess(tmp_path / "s", "pi-02", TOKENS["pi-02"],
+                          control_url=server.control_url, ingest_url=server.ingest_url)
+    try:
+        agent.start()
+        await eventually(lambda: "control_connected" in agent.log_text(), timeout=30,
+                         what="agent connected")
+        config = yaml.safe_load(server.config_path.read_text())
+        config["auth"]["sensors"] = [e for e in config["auth"]["sensors"] if e["id"] != "pi-02"]
+        server.config_path.write_text(yaml.safe_dump(config))
+        await eventually(lambda: len(_lines(agent.log_text(), "server_refused")) >= 2,
+                         timeout=30, what="close reason and refusal in the sensor log")
+    finally:
+        agent.terminate()
+        server.terminate()
+    closed, refused = _lines(agent.log_text(), "server_refused")[:2]
+    assert "status=1008 reason='credential revoked'" in closed
+    assert "status=401 reason='unknown token'" in refused
 
 
 # ---------------------------------------------------------------------------------------
