@@ -382,6 +382,61 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class DashboardSensorConfig:
+    """Labels the UXI payload shows for one sensor (``dashboard.sensors.<id>``)."""
+
+    name: str = ""
+    site: str = ""
+    region: str = ""
+    isp: str = ""
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """The operators' page, ``GET /v1/dashboard`` and the stream's dashboard messages
+    (docs/dashboard.md). Thresholds colour the fleet and raise the pipeline's alerts."""
+
+    sample_path: str = ""
+    allow_origins: tuple[str, ...] = ("*",)
+    reporting_window_s: float = 3600.0
+    timeline_points: int = 12
+    push_interval_s: float = 15.0
+    heartbeat_stale_s: float = 90.0
+    result_stale_s: float = 900.0
+    queue_warning: int = 100
+    queue_critical: int = 1000
+    skew_warning_ms: float = 2000.0
+    skew_critical_ms: float = 30000.0
+    availability_warning_pct: float = 99.0
+    availability_critical_pct: float = 95.0
+    latency_warning_ms: float = 150.0
+    max_samples: int = 500000
+    sensors: dict[str, DashboardSensorConfig] = field(default_factory=dict)
+
+    def validate(self, at: str) -> None:
+        for name in ("reporting_window_s", "timeline_points", "heartbeat_stale_s",
+                     "result_stale_s", "queue_warning", "queue_critical", "skew_warning_ms",
+                     "skew_critical_ms", "latency_warning_ms", "max_samples"):
+            _check_positive(at, name, getattr(self, name))
+        _check_non_negative(at, "push_interval_s", self.push_interval_s)
+        if self.timeline_points > 500:
+            _fail(_key(at, "timeline_points"), "at most 500")
+        for low, high in (("queue_warning", "queue_critical"),
+                          ("skew_warning_ms", "skew_critical_ms"),
+                          ("availability_critical_pct", "availability_warning_pct")):
+            if getattr(self, low) > getattr(self, high):
+                _fail(_key(at, low), f"must not be greater than {_key(at, high)}")
+        for name in ("availability_warning_pct", "availability_critical_pct"):
+            if not 0 <= getattr(self, name) <= 100:
+                _fail(_key(at, name), "must be a percentage between 0 and 100")
+        for i, origin in enumerate(self.allow_origins):
+            _check_not_empty(at, f"allow_origins[{i}]", origin)
+        for sensor_id in self.sensors:
+            if not SENSOR_ID_RE.fullmatch(sensor_id):
+                _fail(_key(at, f"sensors.{sensor_id[:140]}"), "invalid sensor id")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -394,6 +449,7 @@ class ServerConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -896,7 +952,8 @@ def load_sensor_config(path: str | Path | None,
 
 
 __all__ = [
-    "AuthConfig", "BackoffConfig", "ControlConfig", "HeartbeatConfig", "IngestConfig",
+    "AuthConfig", "BackoffConfig", "ControlConfig", "DashboardConfig",
+    "DashboardSensorConfig", "HeartbeatConfig", "IngestConfig",
     "LimitsConfig", "LoggingConfig", "MetricsConfig", "SchedulerConfig", "SensorAuthConfig",
     "SensorConfig",
     "SensorControlConfig", "SensorIngestConfig", "SensorMetricsConfig", "SensorQueueConfig",

@@ -28,6 +28,7 @@ reading from closing connections): it is neither committed nor answered, and is 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import ssl
@@ -44,16 +45,19 @@ from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.auth import TokenAuthenticator, hash_token
 from pipeline.server.control import ControlManager, control_server
-from pipeline.server.dashboard import DashboardConfig, add_dashboard_routes
+from pipeline.server.dashboard_feed import DashboardFeed, load_sample
+from pipeline.server.event_reader import EventReader
+from pipeline.server.dashboard import DashboardPage, add_dashboard_routes
 from pipeline.server.gate import GATE_KEY, security_middleware
 from pipeline.server.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
 from pipeline.server.listeners import GuardedSite, reload_ssl_context
 from pipeline.server.metrics import ServerMetrics
+from pipeline.server.read_api import ReadContext, add_read_routes, build_dashboard
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.security import SecurityManager, add_security_routes
 from pipeline.server.session import Committed, WindowPolicy
-from pipeline.server.snapshot_cache import SnapshotCache
+from pipeline.server.snapshot_cache import SnapshotCache, StreamMessage
 from pipeline.server.store import SQLiteChunkStore
 from pipeline.server.stream import StreamHub, stream_server
 
@@ -144,6 +148,9 @@ class PipelineServer:
                                           global_max_windows=config.scheduler.global_max_windows)
         self.snapshots = SnapshotCache()
         self.store: SQLiteChunkStore | None = None
+        self.reader: EventReader | None = None
+        self.feed: DashboardFeed | None = None
+        self._sample: dict[str, Any] | None = None
         self.manager: ControlManager | None = None
         self.committer: GroupCommitter | None = None
         self.control_port: int | None = None
@@ -152,7 +159,7 @@ class PipelineServer:
         self._store_thread: ThreadPoolExecutor | None = None
         self._runners: dict[str, web.AppRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._dashboard = DashboardConfig(
+        self._dashboard = DashboardPage(
             stream_scheme="wss" if config.stream.tls.enabled else "ws",
             token_required=bool(config.stream.token))
         self._up = False
@@ -173,6 +180,10 @@ class PipelineServer:
         self.store = await loop.run_in_executor(self._store_thread, self._open_store)
         store = self.store
         try:
+            if cfg.dashboard.sample_path:
+                self._sample = load_sample(cfg.dashboard.sample_path)
+            self.reader = await asyncio.to_thread(EventReader, store.path)
+            self.feed = DashboardFeed(self.reader, cfg.dashboard)
             self.manager = ControlManager(
                 self.scheduler, self.authenticator, metrics=self.metrics, store=store,
                 executor=None, heartbeat_interval_s=cfg.heartbeat.interval_s,
@@ -194,6 +205,9 @@ class PipelineServer:
             raise
         self._tasks = [loop.create_task(self._timer(), name="control-timer"),
                        loop.create_task(self._pruner(), name="retention-prune")]
+        if cfg.dashboard.push_interval_s > 0:
+            self._tasks.append(loop.create_task(self._dashboard_pusher(),
+                                                name="dashboard-push"))
         self._up = True
         log.info("server_started control_port=%s ingest_port=%s stream_port=%s store=%s "
                  "sensors=%d snapshots=%d", self.control_port, self.ingest_port,
@@ -237,6 +251,10 @@ class PipelineServer:
             configured_sensors=self.authenticator.sensor_ids)
         ingest_app = ingest_server(ctx, middlewares=middlewares)
         add_dashboard_routes(ingest_app, self._dashboard)
+        assert self.reader is not None and self.feed is not None
+        add_read_routes(ingest_app, ReadContext(
+            reader=self.reader, feed=self.feed,
+            allow_origins=tuple(cfg.dashboard.allow_origins), sample=self._sample))
         hub = StreamHub(snapshots=self.snapshots, metrics=self.metrics,
                         token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
                         allowed_origins=tuple(cfg.stream.allowed_origins))
@@ -313,6 +331,9 @@ class PipelineServer:
             await self.committer.close()
         if self.manager is not None:
             await self.manager.close()
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            await asyncio.to_thread(reader.close)
         if self.store is not None:
             store, self.store = self.store, None
             await asyncio.get_running_loop().run_in_executor(self._store_thread, store.close)
@@ -451,6 +472,30 @@ class PipelineServer:
                                          acks_pending=self.manager.acks_pending())
             except Exception:  # noqa: BLE001 - the timer must survive one bad tick
                 log.exception("timer_failed")
+
+    async def _dashboard_pusher(self) -> None:
+        """``{"type": "dashboard", ...}`` on the stream every ``push_interval_s`` while
+        anyone listens; the last one is also sent to each new subscriber."""
+        interval = self.config.dashboard.push_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            hub, feed = self.stream_hub, self.feed
+            if hub is None or feed is None or self.manager is None:
+                continue
+            if not self.snapshots.subscriber_count:
+                continue
+            try:
+                await self._push_dashboard(hub, feed)
+            except PipelineError as exc:
+                log.warning("dashboard_push_failed error=%s", exc.code)
+
+    async def _push_dashboard(self, hub: StreamHub, feed: DashboardFeed) -> None:
+        assert self.manager is not None
+        ids = set(self.manager.scheduler.sessions) | set(self.authenticator.sensor_ids)
+        doc = await build_dashboard(feed, self.manager, ids, self.snapshots, self._sample)
+        text = json.dumps({"type": "dashboard", **doc})
+        hub.latest_dashboard = text
+        self.snapshots.publish(StreamMessage(text))
 
     async def _pruner(self) -> None:
         hours = self.config.store.retention_hours

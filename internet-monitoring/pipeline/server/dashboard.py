@@ -27,7 +27,7 @@ from pipeline.server.stream import STREAM_SUBPROTOCOL
 
 
 @dataclass
-class DashboardConfig:
+class DashboardPage:
     """What the page needs to find the stream; ``stream_port`` is read when asked, so an
     ephemeral port bound after the app was built is reported correctly."""
 
@@ -37,7 +37,7 @@ class DashboardConfig:
     stream_port: int = 0
 
 
-DASHBOARD_KEY: web.AppKey[DashboardConfig] = web.AppKey("dashboard", DashboardConfig)
+DASHBOARD_KEY: web.AppKey[DashboardPage] = web.AppKey("dashboard", DashboardPage)
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +67,7 @@ async def dashboard_config(request: web.Request) -> web.Response:
                               "token_required": cfg.token_required})
 
 
-def add_dashboard_routes(app: web.Application, config: DashboardConfig) -> None:
+def add_dashboard_routes(app: web.Application, config: DashboardPage) -> None:
     app[DASHBOARD_KEY] = config
     app.router.add_get("/", dashboard_page)
     app.router.add_get("/dashboard", dashboard_page)

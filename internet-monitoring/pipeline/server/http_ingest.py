@@ -5,9 +5,8 @@ Routes (protocol.md section 2 for the ingest route; everything else is additive)
     POST /v1/ingest/chunk                  sensor token of chunk.sensor_id; group-committed
     GET  /v1/snapshots                     read API (stream token when one is configured)
     GET  /v1/snapshots/{sensor_id}
-    GET  /v1/sensors
-    GET  /v1/sensors/{sensor_id}/events    ?after=<cursor>&limit=<n>
-    POST /v1/sensors/{sensor_id}/request   202 {window_id} / 409 when not connected
+    GET  /v1/sensors, /v1/sensors/{id}/events|series|latest, /v1/dashboard   (read_api)
+    POST /v1/sensors/{sensor_id}/request   202 {window_id} / 409 when not connected, 404 unknown
     GET  /healthz  /readyz  /metrics       open (no credentials)
 
 Ingest order: bearer token known (401) -> body within ``client_max_size`` (413) -> strict
@@ -275,6 +274,14 @@ def _sensor_id(request: web.Request) -> str:
     return sensor_id
 
 
+def known_in_memory(ctx: IngestContext, sensor_id: str) -> bool:
+    """Configured, connected at some time, or holding a snapshot (the store is asked only
+    when all of these say no: ``read_api.known_sensor``)."""
+    return (sensor_id in ctx.authenticator.sensor_ids
+            or sensor_id in ctx.manager.scheduler.sessions
+            or ctx.snapshots.get(sensor_id) is not None)
+
+
 def _int_param(request: web.Request, name: str, default: int, minimum: int, maximum: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -304,42 +311,6 @@ async def get_snapshot(request: web.Request) -> web.Response:
     return web.json_response(snap.to_json())
 
 
-async def list_sensors(request: web.Request) -> web.Response:
-    require_reader(request)
-    ctx = _ctx(request)
-    manager = ctx.manager
-    sessions = manager.scheduler.sessions
-    ids = sorted(set(sessions) | set(ctx.configured_sensors)
-                 | {s.sensor_id for s in ctx.snapshots.all()})
-    epochs = {sid: sessions[sid].epoch if sid in sessions else "" for sid in ids}
-
-    def offsets() -> dict[str, int]:
-        return {sid: ctx.store.committed_offset(sid, epochs[sid]) for sid in ids}
-
-    committed = await ctx.in_store_thread(offsets)
-    out = []
-    for sid in ids:
-        session = sessions.get(sid)
-        info = manager.info.get(sid)
-        hb = session.last_heartbeat if session is not None else None
-        out.append({
-            "sensor_id": sid,
-            "connected": manager.is_connected(sid),
-            "last_heartbeat_at": (iso_utc(session.last_heartbeat_at)
-                                  if session is not None and session.last_heartbeat_at
-                                  else None),
-            "queue_depth": hb.queue_depth if hb is not None else None,
-            "clock_skew_ms": hb.clock_skew_ms if hb is not None else None,
-            "committed_offset": committed[sid],
-            "backlog": session.backlog if session is not None else 0,
-            "software_version": (hb.software_version if hb is not None
-                                 else (info.software_version or None) if info else None),
-            "epoch": epochs[sid],
-            "windows_open": session.active_windows() if session is not None else 0,
-        })
-    return web.json_response({"sensors": out})
-
-
 def event_to_json(event: Any) -> dict[str, Any]:
     doc = decode_json_payload(event.data)
     is_json = bool(doc) or event.data.strip() in (b"{}", b"[]")
@@ -361,23 +332,12 @@ def event_to_json(event: Any) -> dict[str, Any]:
     }
 
 
-async def list_events(request: web.Request) -> web.Response:
-    require_reader(request)
-    ctx = _ctx(request)
-    sensor_id = _sensor_id(request)
-    after = _int_param(request, "after", 0, 0, 2**63 - 1)
-    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    events = await ctx.in_store_thread(
-        lambda: ctx.store.events(sensor_id, after=after, limit=limit))
-    docs = [event_to_json(e) for e in events]
-    next_after = docs[-1]["cursor"] if len(docs) == limit else None
-    return web.json_response({"sensor_id": sensor_id, "events": docs, "next_after": next_after})
-
-
 async def request_sensor(request: web.Request) -> web.Response:
     require_reader(request)
     ctx = _ctx(request)
     sensor_id = _sensor_id(request)
+    if not known_in_memory(ctx, sensor_id):
+        raise NotFound(f"unknown sensor {sensor_id}", field="sensor_id")
     if not ctx.manager.is_connected(sensor_id):
         raise ConflictError(f"sensor {sensor_id} is not connected", field="sensor_id")
     chunk_request = ctx.manager.request_sensor(sensor_id)
@@ -433,8 +393,6 @@ def ingest_server(ctx: IngestContext, *, middlewares: tuple[Any, ...] = (error_m
     r.add_post(ingest_wire.BATCH_PATH, ingest_batch)
     r.add_get("/v1/snapshots", list_snapshots)
     r.add_get("/v1/snapshots/{sensor_id}", get_snapshot)
-    r.add_get("/v1/sensors", list_sensors)
-    r.add_get("/v1/sensors/{sensor_id}/events", list_events)
     r.add_post("/v1/sensors/{sensor_id}/request", request_sensor)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

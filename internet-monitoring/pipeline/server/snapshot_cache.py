@@ -81,15 +81,23 @@ class Snapshot:
         }
 
 
+@dataclass(frozen=True)
+class StreamMessage:
+    """Any other stream frame (``{"type": "dashboard", ...}``), already encoded."""
+
+    stream_message: str
+
+
 class Subscription:
     """One subscriber's bounded inbox; ``None`` in the queue means "you were dropped"."""
 
     def __init__(self, max_pending: int) -> None:
-        self.queue: asyncio.Queue[Snapshot | None] = asyncio.Queue(maxsize=max_pending + 1)
+        self.queue: asyncio.Queue[Snapshot | StreamMessage | None] = asyncio.Queue(
+            maxsize=max_pending + 1)
         self.max_pending = max_pending
         self.dropped = False
 
-    def offer(self, snapshot: Snapshot) -> bool:
+    def offer(self, snapshot: Snapshot | StreamMessage) -> bool:
         if self.dropped:
             return False
         if self.queue.qsize() >= self.max_pending:
@@ -101,7 +109,7 @@ class Subscription:
         self.queue.put_nowait(snapshot)
         return True
 
-    async def get(self) -> Snapshot | None:
+    async def get(self) -> Snapshot | StreamMessage | None:
         return await self.queue.get()
 
 
@@ -129,6 +137,13 @@ class SnapshotCache:
                 self._subscribers.discard(sub)
                 log.warning("stream_subscriber_dropped reason=slow pending=%d", sub.max_pending)
         return snapshot
+
+    def publish(self, message: StreamMessage) -> None:
+        """A frame for every subscriber, with the same slow-subscriber rule as snapshots."""
+        for sub in list(self._subscribers):
+            if not sub.offer(message):
+                self._subscribers.discard(sub)
+                log.warning("stream_subscriber_dropped reason=slow pending=%d", sub.max_pending)
 
     def _offer(self, snapshot: Snapshot) -> bool:
         current = self._latest.get(snapshot.sensor_id)

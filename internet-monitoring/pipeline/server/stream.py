@@ -1,8 +1,11 @@
 """The UI stream: ``ws[s]://<server>:8766/`` (protocol.md section 3).
 
 On connect the server sends ``{"type": "snapshot_batch", "snapshots": [...]}``, then
-``{"type": "snapshot", "snapshot": {...}}`` for every newly completed event. The stream is
-read-only: whatever a client sends is ignored.
+``{"type": "snapshot", "snapshot": {...}}`` for every newly completed event. Additionally
+(clients ignore types they do not know) ``{"type": "dashboard", ...}``: the UXI payload's
+fields beside ``type``, as the original server sent them, every ``dashboard.push_interval_s``
+and once on connect when one was computed (docs/dashboard.md). The stream is read-only:
+whatever a client sends is ignored.
 
 Credentials, when ``stream.token`` is configured (checked before the upgrade; 401 JSON)::
 
@@ -63,6 +66,8 @@ class StreamHub:
     # The token digest each socket was admitted with: a reload that changes stream.token
     # closes the sockets holding the old one (pipeline.server.security).
     socket_tokens: dict[web.WebSocketResponse, str | None] = field(default_factory=dict)
+    # The last ``{"type": "dashboard"}`` frame, sent to a new socket after its snapshots.
+    latest_dashboard: str | None = None
 
     def authorize(self, request: web.Request) -> str | None:
         """Origin allow-list, then the stream token; the accepted token's digest."""
@@ -101,6 +106,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     forwarder: asyncio.Task[None] | None = None
     try:
         await ws.send_json({"type": "snapshot_batch", "snapshots": [s.to_json() for s in batch]})
+        if hub.latest_dashboard is not None:
+            await ws.send_str(hub.latest_dashboard)
         forwarder = asyncio.get_running_loop().create_task(_forward(ws, sub))
         async for msg in ws:
             if msg.type is WSMsgType.ERROR:

@@ -1,0 +1,170 @@
+"""DashboardFeed: the stored results the dashboard needs, kept up to date from the store.
+
+It follows the ``events`` table by row id on the reader's own connection (``EventReader``),
+so the ingest path does nothing extra for it: each refresh reads only the events stored
+since the last one. It keeps, per sensor, compact samples of the last two reporting windows
+(the KPIs compare a window with the one before) and the latest result of every test type
+(the page's per-test cards, so a sensor's DNS card does not turn into its speed card).
+The KPI arithmetic itself is ``dashboard_kpis`` (pure).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from pipeline.common.config import DashboardConfig
+from pipeline.common.errors import ConfigError
+from pipeline.server.dashboard_kpis import (
+    Sample,
+    SensorState,
+    Thresholds,
+    build_payload,
+    result_test,
+    sample_from_result,
+)
+from pipeline.server.event_reader import EventReader
+from pipeline.server.snapshot_cache import decode_json_payload, iso_utc
+from pipeline.server.store import StoredEvent
+
+log = logging.getLogger(__name__)
+
+PAGE = 2000
+# A refresh reads at most this many events; the rest waits for the next refresh, so one
+# refresh after a long outage cannot hold the reader for minutes.
+MAX_PER_REFRESH = 50_000
+
+
+@dataclass(frozen=True)
+class LatestResult:
+    """A sensor's most recent result of one test type."""
+
+    test: str
+    event_id: str
+    logical_timestamp_ms: int
+    completed_at: float
+    payload: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"test": self.test, "event_id": self.event_id,
+                "logical_timestamp_ms": self.logical_timestamp_ms,
+                "completed_at": iso_utc(self.completed_at), "payload_json": self.payload}
+
+
+class DashboardFeed:
+    """Samples and latest-per-test results; ``refresh`` runs in a worker thread."""
+
+    def __init__(self, reader: EventReader, config: DashboardConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.reader = reader
+        self.config = config
+        self.thresholds = Thresholds.from_config(config)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._samples: collections.deque[Sample] = collections.deque()
+        self._latest: dict[str, dict[str, LatestResult]] = {}
+        self._last_row: int | None = None
+        self.events_seen = 0
+
+    # -- following the store ------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Read what was stored since the last refresh; returns how many events."""
+        with self._lock:
+            now = self.clock()
+            keep_s = 2 * self.config.reporting_window_s
+            if self._last_row is None:
+                self._last_row = self.reader.first_row_completed_since(now - keep_s)
+            read = 0
+            while read < MAX_PER_REFRESH:
+                events = self.reader.after_row(self._last_row, PAGE)
+                for event in events:
+                    self._take(event)
+                read += len(events)
+                if len(events) < PAGE:
+                    break
+            self._trim(now - keep_s)
+            self.events_seen += read
+            return read
+
+    def _take(self, event: StoredEvent) -> None:
+        self._last_row = event.row_id
+        doc = decode_json_payload(event.data)
+        sample = sample_from_result(event.sensor_id, event.logical_timestamp_ms,
+                                    event.completed_at, doc)
+        self._samples.append(sample)
+        per_test = self._latest.setdefault(event.sensor_id, {})
+        test = result_test(doc) if isinstance(doc, dict) else sample.test
+        current = per_test.get(test)
+        if current is None or event.logical_timestamp_ms >= current.logical_timestamp_ms:
+            per_test[test] = LatestResult(test, event.event_id, event.logical_timestamp_ms,
+                                          event.completed_at, doc if doc else None)
+
+    def _trim(self, cutoff: float) -> None:
+        samples = self._samples
+        while samples and (samples[0].received_at < cutoff
+                           or len(samples) > self.config.max_samples):
+            samples.popleft()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def samples(self) -> list[Sample]:
+        with self._lock:
+            return list(self._samples)
+
+    def latest(self, sensor_id: str) -> list[LatestResult]:
+        with self._lock:
+            per_test = self._latest.get(sensor_id, {})
+            return sorted(per_test.values(), key=lambda r: r.test)
+
+    def has_results(self) -> bool:
+        with self._lock:
+            return bool(self._latest)
+
+    def payload(self, states: Iterable[SensorState], now: float | None = None
+                ) -> dict[str, Any]:
+        return build_payload(now=self.clock() if now is None else now,
+                             window_s=self.config.reporting_window_s,
+                             points=self.config.timeline_points, samples=self.samples(),
+                             states=states, thresholds=self.thresholds,
+                             labels=self.config.sensors)
+
+
+def sensor_states(manager: Any, sensor_ids: Iterable[str],
+                  last_results: Mapping[str, float]) -> list[SensorState]:
+    """The control channel's view of each sensor, as ``dashboard_kpis`` takes it."""
+    sessions = manager.scheduler.sessions
+    out = []
+    for sid in sorted(set(sensor_ids)):
+        session = sessions.get(sid)
+        info = manager.info.get(sid)
+        hb = session.last_heartbeat if session is not None else None
+        out.append(SensorState(
+            sensor_id=sid, connected=manager.is_connected(sid),
+            last_heartbeat_at=session.last_heartbeat_at if session is not None else None,
+            disconnected_at=info.disconnected_at if info is not None else None,
+            queue_depth=hb.queue_depth if hb is not None else None,
+            backlog=session.backlog if session is not None else 0,
+            clock_skew_ms=hb.clock_skew_ms if hb is not None else None,
+            last_result_at=last_results.get(sid)))
+    return out
+
+
+def load_sample(path: str) -> dict[str, Any]:
+    """The ``dashboard.sample_path`` document (served only while no result is stored);
+    read at start-up, so a missing or broken file stops the server with the key's name."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"dashboard.sample_path: cannot read {path}: {exc}",
+                          field="dashboard.sample_path") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"dashboard.sample_path: {path} is not a JSON object",
+                          field="dashboard.sample_path")
+    return doc

@@ -1,0 +1,110 @@
+"""Reads of stored events for the read API and the dashboard, on their own connection.
+
+The store's connection and lock belong to ingest: a week of chart data read through them
+would hold every ingest batch behind it. This reader opens a second, read-only (``query_only``)
+connection to the same SQLite file; WAL lets it read a consistent snapshot while the writer
+commits, so reads and ingest do not wait for each other. Every query is bounded (``LIMIT``)
+and walks an index: ``events_latest (sensor_id, logical_timestamp_ms, row_id)`` for time
+ranges, the primary key for "everything after row N".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pipeline.common.errors import StoreError
+from pipeline.server.store import _EVENT_COLUMNS, StoredEvent, _row_to_event, _translate
+
+Order = Literal["asc", "desc"]
+MAX_TS_MS = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """One page of a sensor's events: ``since``/``until`` bound the results' own time
+    (``logical_timestamp_ms``, half-open ``[since, until)``); ``after``/``before`` are row
+    cursors (arrival order) for the next page in ascending/descending order."""
+
+    sensor_id: str
+    since_ms: int = 0
+    until_ms: int = MAX_TS_MS
+    after: int = 0
+    before: int = MAX_TS_MS
+    order: Order = "asc"
+    limit: int = 50
+
+
+class EventReader:
+    """A read-only connection to the store file; thread-safe (one query at a time)."""
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None,
+                                         check_same_thread=False, timeout=busy_timeout_ms / 1000)
+            self._conn.execute("PRAGMA query_only=1")
+            self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path} for reading: {exc}") from exc
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store reader is closed")
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read failed") from exc
+
+    def events(self, q: EventQuery) -> list[StoredEvent]:
+        """One page in arrival order (row id), filtered by the results' time."""
+        direction = "DESC" if q.order == "desc" else "ASC"
+        rows = self._rows(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND row_id > ?"
+            " AND row_id < ? AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?"
+            f" ORDER BY row_id {direction} LIMIT ?",
+            (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
+        return [_row_to_event(r) for r in rows]
+
+    def in_range(self, sensor_id: str, since_ms: int, until_ms: int, limit: int
+                 ) -> list[StoredEvent]:
+        """A sensor's events by result time, oldest first (charts)."""
+        rows = self._rows(
+            f"SELECT {_EVENT_COLUMNS} FROM events INDEXED BY events_latest WHERE sensor_id = ?"
+            " AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?"
+            " ORDER BY logical_timestamp_ms, row_id LIMIT ?",
+            (sensor_id, since_ms, until_ms, max(0, limit)))
+        return [_row_to_event(r) for r in rows]
+
+    def after_row(self, row_id: int, limit: int) -> list[StoredEvent]:
+        """Every sensor's events stored after ``row_id`` (the dashboard's feed)."""
+        rows = self._rows(f"SELECT {_EVENT_COLUMNS} FROM events WHERE row_id > ?"
+                          " ORDER BY row_id LIMIT ?", (row_id, max(0, limit)))
+        return [_row_to_event(r) for r in rows]
+
+    def first_row_completed_since(self, completed_at: float) -> int:
+        """The row id just before the first event stored at or after ``completed_at``."""
+        rows = self._rows("SELECT MIN(row_id) FROM events WHERE completed_at >= ?",
+                          (completed_at,))
+        first = rows[0][0] if rows else None
+        if first is None:
+            last = self._rows("SELECT MAX(row_id) FROM events", ())
+            return int(last[0][0] or 0)
+        return int(first) - 1
+
+    def has_events(self, sensor_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM events WHERE sensor_id = ? LIMIT 1",
+                               (sensor_id,)))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._conn.close()
