@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pipeline.common.batch import MAX_BATCH_CHUNKS
 from pipeline.common.messages import MAX_ATTRIBUTES, MAX_CHUNK_COUNT, MAX_SEQUENCE
 from pipeline.server.gate import GATE_KEY
 from pipeline.version import SOFTWARE_VERSION
@@ -140,7 +141,8 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "SensorState": {
-            "type": "object", "required": ["sensor_id", "connected", "committed_offset"],
+            "type": "object",
+            "required": ["sensor_id", "connected", "committed_offset", "status", "conditions"],
             "properties": {
                 "sensor_id": {"type": "string"}, "connected": {"type": "boolean"},
                 "last_heartbeat_at": {"type": "string", "nullable": True},
@@ -149,8 +151,68 @@ def _schemas() -> dict[str, Any]:
                 "committed_offset": {"type": "integer"}, "backlog": {"type": "integer"},
                 "software_version": {"type": "string", "nullable": True},
                 "epoch": {"type": "string"}, "windows_open": {"type": "integer"},
+                "retry_total": {"type": "integer", "nullable": True},
+                "last_result_at": {"type": "string", "nullable": True},
+                "status": {"type": "string", "enum": ["ok", "warning", "critical", "offline"]},
+                "conditions": {"type": "array", "items": _ref("Condition")},
             },
         },
+        "Condition": {
+            "type": "object", "required": ["kind", "severity", "summary", "since"],
+            "properties": {
+                "kind": {"type": "string", "enum": ["offline", "heartbeat_stale", "queue",
+                                                    "stale_results", "clock_skew"]},
+                "severity": {"type": "string", "enum": ["warning", "critical"]},
+                "summary": {"type": "string"},
+                "since": {"type": "string", "nullable": True},
+            },
+        },
+        "BatchRejection": {
+            "type": "object", "required": ["error", "message"],
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"},
+                           "field": {"type": "string"}, "sequence": {"type": "integer"}},
+        },
+        "Series": {
+            "type": "object",
+            "required": ["sensor_id", "field", "test", "since", "until", "step_s", "points",
+                         "truncated"],
+            "properties": {
+                "sensor_id": {"type": "string"}, "field": {"type": "string"},
+                "test": {"type": "string", "nullable": True},
+                "since": {"type": "integer", "description": "Unix milliseconds"},
+                "until": {"type": "integer", "description": "Unix milliseconds"},
+                "step_s": {"type": "integer"},
+                "points": {"type": "array", "items": {
+                    "type": "object", "required": ["t", "count", "avg", "min", "max", "last"],
+                    "properties": {"t": {"type": "integer"}, "count": {"type": "integer"},
+                                   "avg": {"type": "number"}, "min": {"type": "number"},
+                                   "max": {"type": "number"}, "last": {"type": "number"}}}},
+                "truncated": {"type": "boolean"},
+            },
+        },
+        "LatestResults": {
+            "type": "object", "required": ["sensor_id", "results"],
+            "properties": {"sensor_id": {"type": "string"}, "results": {
+                "type": "array", "items": {
+                    "type": "object",
+                    "required": ["test", "event_id", "logical_timestamp_ms", "completed_at",
+                                 "payload_json"],
+                    "properties": {"test": {"type": "string"}, "event_id": {"type": "string"},
+                                   "logical_timestamp_ms": {"type": "integer"},
+                                   "completed_at": {"type": "string"},
+                                   "payload_json": {"nullable": True}}}}},
+        },
+        "DashboardConfig": {
+            "type": "object",
+            "required": ["stream_scheme", "stream_port", "stream_path", "subprotocol",
+                         "token_required"],
+            "properties": {"stream_scheme": {"type": "string", "enum": ["ws", "wss"]},
+                           "stream_port": {"type": "integer"},
+                           "stream_path": {"type": "string"},
+                           "subprotocol": {"type": "string"},
+                           "token_required": {"type": "boolean"}},
+        },
+        **_uxi_schemas(),
         "RotateRequest": {
             "type": "object",
             "properties": {"overlap_s": {"type": "number", "minimum": 0,
@@ -176,8 +238,65 @@ def _schemas() -> dict[str, Any]:
     }
 
 
+def _obj(required: list[str], props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+def _num() -> dict[str, Any]:
+    return {"type": "number", "nullable": True}
+
+
+def _uxi_schemas() -> dict[str, Any]:
+    """The UXI dashboard payload (platform.md, last section; docs/dashboard.md)."""
+    text = {"type": "string"}
+    when = {"type": "string", "nullable": True}
+    strings = {"type": "array", "items": text}
+    kpis = ["globalAvailability", "availabilityChange", "medianLatency", "latencyChange",
+            "activeIncidents", "incidentChange", "ingestRate", "ingestChange"]
+    performance = ["timestamp", "availability", "latencyMs", "jitterMs", "packetLoss"]
+    sensor = ["id", "name", "site", "region", "isp", "lastCheck", "availability", "latencyMs",
+              "packetLoss", "status", "journeysImpacted", "performance"]
+    journey = ["id", "name", "successRate", "responseTimeMs", "status", "impactedSites",
+               "topImpactedSensors"]
+    alert = ["id", "severity", "summary", "detectedAt", "impactedJourneys", "affectedSites",
+             "acknowledged"]
+    return {
+        "Dashboard": _obj(
+            ["generatedAt", "reportingWindow", "kpis", "timeline", "journeys", "sensors",
+             "alerts"],
+            {"generatedAt": text,
+             "reportingWindow": {"type": "object"},
+             "kpis": _obj(kpis, {name: _num() for name in kpis}),
+             "timeline": {"type": "array", "items": _obj(
+                 ["timestamp", "successRate", "latencyMs"],
+                 {"timestamp": text, "successRate": _num(), "latencyMs": _num()})},
+             "journeys": {"type": "array", "items": _obj(journey, {
+                 "id": text, "name": text, "successRate": _num(), "responseTimeMs": _num(),
+                 "status": text, "impactedSites": {"type": "integer"},
+                 "topImpactedSensors": strings})},
+             "sensors": {"type": "array", "items": _obj(sensor, {
+                 "id": text, "name": text, "site": text, "region": text, "isp": text,
+                 "lastCheck": when, "availability": _num(), "latencyMs": _num(),
+                 "packetLoss": _num(), "status": text, "journeysImpacted": {"type": "integer"},
+                 "performance": {"type": "array", "items": _obj(performance, {
+                     "timestamp": text, "availability": _num(), "latencyMs": _num(),
+                     "jitterMs": _num(), "packetLoss": _num()})}})},
+             "alerts": {"type": "array", "items": _obj(alert, {
+                 "id": text, "severity": text, "summary": text, "detectedAt": when,
+                 "impactedJourneys": strings, "affectedSites": strings,
+                 "acknowledged": {"type": "boolean"}})}}),
+    }
+
+
 def _sensor_param() -> dict[str, Any]:
     return {"name": "sensor_id", "in": "path", "required": True, "schema": _SENSOR_ID}
+
+
+def _time_query(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False,
+            "description": f"{description}: ISO 8601 with offset (2026-12-05T03:00:00Z) "
+                           "or Unix milliseconds",
+            "schema": {"type": "string", "maxLength": 40}}
 
 
 def document(read_protected: bool = True) -> dict[str, Any]:
@@ -195,6 +314,23 @@ def document(read_protected: bool = True) -> dict[str, Any]:
                             "content": {"application/json": {"schema": _ref("Chunk")}}},
             "responses": {"200": _json(_ref("IngestResult"), "Stored or duplicate"),
                           **_errors(*_AUTH, 408, 409, 413, 415, 422, 503, 507)},
+        }},
+        "/v1/ingest/batch": {"post": {
+            "operationId": "ingestBatch",
+            "summary": "Submit several chunks (capability batch); results[i] answers chunks[i]",
+            "security": [{"sensorToken": []}],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {
+                    "type": "object", "required": ["chunks"],
+                    "properties": {"chunks": {"type": "array", "maxItems": MAX_BATCH_CHUNKS,
+                                              "items": _ref("Chunk")}}}}}},
+            "responses": {"200": _json({"type": "object", "required": ["results"],
+                                        "properties": {"results": {
+                                            "type": "array", "items": {"oneOf": [
+                                                _ref("IngestResult"),
+                                                _ref("BatchRejection")]}}}},
+                                       "One result per chunk, after the commit is durable"),
+                          **_errors(*_AUTH, 404, 408, 409, 413, 415, 422, 503, 507)},
         }},
         "/v1/snapshots": {"get": {
             "operationId": "listSnapshots", "summary": "Latest snapshot of every sensor",
@@ -221,23 +357,95 @@ def document(read_protected: bool = True) -> dict[str, Any]:
                           **_errors(*read_errors, 503)},
         }},
         "/v1/sensors/{sensor_id}/events": {"get": {
-            "operationId": "listEvents", "summary": "Completed events, oldest first",
+            "operationId": "listEvents",
+            "summary": "Completed events in arrival order (asc, or desc with order=desc), "
+                       "filtered by the results' time",
             "security": read_security,
             "parameters": [
-                _sensor_param(),
+                _sensor_param(), _time_query("since", "results at or after this time"),
+                _time_query("until", "results before this time"),
+                {"name": "order", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["asc", "desc"]}},
                 {"name": "after", "in": "query", "required": False,
+                 "description": "cursor: the next ascending page (next_after)",
                  "schema": {"type": "integer", "minimum": 0, "maximum": MAX_SEQUENCE}},
+                {"name": "before", "in": "query", "required": False,
+                 "description": "cursor: the next descending page (next_before)",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SEQUENCE}},
                 {"name": "limit", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
             "responses": {"200": _json({"type": "object",
-                                        "required": ["sensor_id", "events", "next_after"],
+                                        "required": ["sensor_id", "order", "events",
+                                                     "next_after", "next_before"],
                                         "properties": {
                                             "sensor_id": {"type": "string"},
+                                            "order": {"type": "string"},
                                             "events": {"type": "array", "items": _ref("Event")},
                                             "next_after": {"type": "integer",
-                                                           "nullable": True}}},
+                                                           "nullable": True},
+                                            "next_before": {"type": "integer",
+                                                            "nullable": True}}},
                                        "A page of events"),
-                          **_errors(*read_errors, 503)},
+                          **_errors(*read_errors, 404, 503)},
+        }},
+        "/v1/sensors/{sensor_id}/series": {"get": {
+            "operationId": "sensorSeries",
+            "summary": "One result field over a time range, one point per step (charts)",
+            "security": read_security,
+            "parameters": [
+                _sensor_param(),
+                {"name": "field", "in": "query", "required": True,
+                 "description": "field name or dotted path into the result JSON",
+                 "schema": {"type": "string", "maxLength": 200,
+                            "pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"}},
+                {"name": "test", "in": "query", "required": False,
+                 "description": "only results whose test field is this",
+                 "schema": {"type": "string", "maxLength": 64}},
+                _time_query("since", "default: one hour before until"),
+                _time_query("until", "default: now"),
+                {"name": "step", "in": "query", "required": False,
+                 "description": "seconds per point; (until - since) / step <= 1000",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 2678400}}],
+            "responses": {"200": _json(_ref("Series"), "The series"),
+                          **_errors(*read_errors, 404, 503)},
+        }},
+        "/v1/sensors/{sensor_id}/latest": {"get": {
+            "operationId": "sensorLatest",
+            "summary": "The latest result of every test type of one sensor",
+            "security": read_security, "parameters": [_sensor_param()],
+            "responses": {"200": _json(_ref("LatestResults"), "Latest results"),
+                          **_errors(*read_errors, 404, 503)},
+        }},
+        "/v1/dashboard": {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "The UXI dashboard payload over the reporting window",
+                "security": read_security,
+                "responses": {"200": _json(_ref("Dashboard"), "The payload"),
+                              **_errors(*read_errors, 503)},
+            },
+            "options": {
+                "operationId": "dashboardPreflight", "summary": "CORS preflight",
+                "security": [],
+                "responses": {"204": {"description": "Allowed methods and headers"}},
+            },
+        },
+        "/v1/dashboard/config": {"get": {
+            "operationId": "dashboardConfig",
+            "summary": "Where the dashboard page finds the UI stream", "security": [],
+            "responses": {"200": _json(_ref("DashboardConfig"), "Stream location")},
+        }},
+        "/": {"get": {
+            "operationId": "dashboardPage", "summary": "The operators' dashboard page",
+            "security": [],
+            "responses": {"200": {"description": "HTML page",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}},
+        }},
+        "/dashboard": {"get": {
+            "operationId": "dashboardPageAlias", "summary": "The dashboard page (same as /)",
+            "security": [],
+            "responses": {"200": {"description": "HTML page",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}},
         }},
         "/v1/sensors/{sensor_id}/request": {"post": {
             "operationId": "requestSensor",
@@ -249,7 +457,7 @@ def document(read_protected: bool = True) -> dict[str, Any]:
                                             "window_id": {"type": "string", "nullable": True},
                                             "already_open": {"type": "boolean"}}},
                                        "Window opened"),
-                          **_errors(*read_errors, 409)},
+                          **_errors(*read_errors, 404, 409)},
         }},
         "/v1/sensors/{sensor_id}/rotate": {"post": {
             "operationId": "rotateToken",

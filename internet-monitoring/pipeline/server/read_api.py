@@ -73,12 +73,13 @@ def _time_param(request: web.Request, name: str, default_ms: int) -> int:
         return int(raw)
     try:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
+        if moment.tzinfo is None:
+            raise ValueError("no UTC offset")
+        return max(0, int(moment.timestamp() * 1000))
+    except (ValueError, OverflowError, OSError) as exc:
         raise FieldValueError(f"query parameter {name} must be an ISO 8601 time with a UTC "
-                              "offset (2026-12-05T03:00:00Z) or Unix milliseconds", field=name)
-    return max(0, int(moment.timestamp() * 1000))
+                              "offset (2026-12-05T03:00:00Z) or Unix milliseconds",
+                              field=name) from exc
 
 
 async def known_sensor(request: web.Request) -> str:

@@ -90,8 +90,13 @@ def test_every_operation_conforms_under_fuzzing(server_url):
     started = time.monotonic()
     schema = schemathesis.openapi.from_url(f"{server_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/ingest/chunk", "/v1/snapshots",
-                                              "/v1/sensors/{sensor_id}/events", "/healthz",
+    assert {op.path for op in operations} >= {"/v1/ingest/chunk", "/v1/ingest/batch",
+                                              "/v1/snapshots",
+                                              "/v1/sensors/{sensor_id}/events",
+                                              "/v1/sensors/{sensor_id}/series",
+                                              "/v1/sensors/{sensor_id}/latest",
+                                              "/v1/dashboard", "/v1/dashboard/config", "/",
+                                              "/dashboard", "/healthz",
                                               "/metrics", "/v1/sensors/{sensor_id}/rotate"}
     session = requests.Session()
     statuses: dict[str, set[int]] = {}
@@ -122,12 +127,18 @@ def test_every_operation_conforms_under_fuzzing(server_url):
     # Only operations without parameters or body have no schema-violating variant.
     assert nothing_to_negate <= {"GET /healthz", "GET /readyz", "GET /metrics",
                                  "GET /openapi.json", "GET /v1/snapshots", "GET /v1/sensors",
-                                 "POST /v1/admin/reload"}, nothing_to_negate
+                                 "POST /v1/admin/reload", "GET /v1/dashboard",
+                                 "OPTIONS /v1/dashboard", "GET /v1/dashboard/config", "GET /",
+                                 "GET /dashboard"}, nothing_to_negate
     elapsed = time.monotonic() - started
     print(f"fuzzed {len(operations)} operations in {elapsed:.1f}s: {statuses}")
     # The fuzzing reached past the front door: accepted and refused answers alike.
     assert 200 in statuses["GET /v1/snapshots"]
     assert statuses["POST /v1/ingest/chunk"] & {400, 403, 422}
+    assert 200 in statuses["GET /v1/dashboard"]
+    # Generated sensor ids are unknown to the server: every sensor route answers 404.
+    assert 404 in statuses["GET /v1/sensors/{sensor_id}/series"]
+    assert 404 in statuses["GET /v1/sensors/{sensor_id}/events"]
     assert elapsed < 60
     assert requests.get(f"{server_url}/healthz", timeout=5).status_code == 200
 
