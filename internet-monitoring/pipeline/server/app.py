@@ -28,6 +28,7 @@ reading from closing connections): it is neither committed nor answered, and is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -46,6 +47,7 @@ from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.auth import TokenAuthenticator, hash_token
 from pipeline.server.control import ControlManager, control_server
 from pipeline.server.dashboard_feed import DashboardFeed, load_sample
+from pipeline.server.dashboard_kpis import Thresholds
 from pipeline.server.event_reader import EventReader
 from pipeline.server.dashboard import DashboardPage, add_dashboard_routes
 from pipeline.server.gate import GATE_KEY, security_middleware
@@ -161,7 +163,8 @@ class PipelineServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._dashboard = DashboardPage(
             stream_scheme="wss" if config.stream.tls.enabled else "ws",
-            token_required=bool(config.stream.token))
+            token_required=bool(config.stream.token),
+            thresholds=dataclasses.asdict(Thresholds.from_config(config.dashboard)))
         self._up = False
         self._stopping = False
         self._stopped = asyncio.Event()

@@ -1,14 +1,17 @@
-"""The operators' dashboard page, served on the ingest listener.
+"""The operators' dashboard page, served on the ingest listener (docs/dashboard.md).
 
 ``GET /`` and ``GET /dashboard`` return one self-contained HTML page (inline CSS and JS, no
-CDN) that shows one card per sensor with its latest snapshot and keeps it live from the UI
-stream. The page is served from the ingest port while the stream listens on its own port,
-so the page first reads ``GET /v1/dashboard/config`` (stream scheme, port, path,
-subprotocol, whether a token is needed). When a stream token is needed the page asks for it
-in a password field and offers it as the ``bearer.<token>`` subprotocol: it never goes into a
-URL. Stable hooks for headless-browser tests: ``#stream-status[data-state]``,
-``.sensor-card[data-sensor-id][data-event-id]``, ``.age``, ``.event-id``,
-``.field[data-field] .value``.
+CDN, hand-written SVG charts: it works offline): a fleet table with each sensor's pipeline
+health, an alerts panel, the UXI KPIs, and per-sensor pages (``#/sensor/<id>``) with the
+latest result of every test type and charts over an hour, a day or a week. The page is
+served from the ingest port while the stream listens on its own port, so it first reads
+``GET /v1/dashboard/config`` (stream scheme, port, path, subprotocol, whether a token is
+needed, thresholds). The stream token is asked once per browser session and kept in
+``sessionStorage``; it travels as the ``bearer.<token>`` WebSocket subprotocol and as an
+``Authorization`` header on read-API calls, never in a URL. Stable hooks for browser tests:
+``#stream-status[data-state]``, ``tr.sensor-row[data-sensor-id][data-status]``,
+``#alerts li[data-alert-id]``, ``.test-card[data-test]``, ``svg.chart[data-field]
+[data-points]``.
 
 Inline code runs under a per-response CSP nonce, so injected markup cannot run scripts; all
 payload values are inserted as text, never as HTML.
@@ -17,7 +20,7 @@ payload values are inserted as text, never as HTML.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
@@ -35,6 +38,8 @@ class DashboardPage:
     token_required: bool
     stream_path: str = "/"
     stream_port: int = 0
+    # dashboard.* thresholds (not secrets): the page's legend and its colours' meaning.
+    thresholds: dict[str, float] = field(default_factory=dict)
 
 
 DASHBOARD_KEY: web.AppKey[DashboardPage] = web.AppKey("dashboard", DashboardPage)
@@ -64,7 +69,8 @@ async def dashboard_config(request: web.Request) -> web.Response:
                               "stream_port": cfg.stream_port,
                               "stream_path": cfg.stream_path,
                               "subprotocol": STREAM_SUBPROTOCOL,
-                              "token_required": cfg.token_required})
+                              "token_required": cfg.token_required,
+                              "thresholds": cfg.thresholds})
 
 
 def add_dashboard_routes(app: web.Application, config: DashboardPage) -> None:

@@ -210,7 +210,9 @@ def _schemas() -> dict[str, Any]:
                            "stream_port": {"type": "integer"},
                            "stream_path": {"type": "string"},
                            "subprotocol": {"type": "string"},
-                           "token_required": {"type": "boolean"}},
+                           "token_required": {"type": "boolean"},
+                           "thresholds": {"type": "object",
+                                          "additionalProperties": {"type": "number"}}},
         },
         **_uxi_schemas(),
         "RotateRequest": {
