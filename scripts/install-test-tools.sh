@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite drives for real, when they are missing:
-# headless Chromium (dashboard test), promtool (alert-rule tests), curl, unshare and ip
-# (the README's commands run in a private network namespace).
+# headless Chromium (dashboard test), promtool (alert-rule tests), curl (the README's and
+# docs/dashboard.md's commands are run as written), unshare and ip (the README's commands
+# run in a private network namespace).
 # Needs root and apt-get; elsewhere it says what is missing and the tests that need a
 # tool skip locally (under CI=true they fail instead).
 set -u
 missing=()
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
-# README "Running it yourself" test: curl, and a private network namespace (unshare, ip).
+# README "Running it yourself" and docs/dashboard.md tests: curl; the README test also a
+# private network namespace (unshare, ip).
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
