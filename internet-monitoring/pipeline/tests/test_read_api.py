@@ -5,7 +5,9 @@ stored results, and the sample file only while nothing is stored."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
 import aiohttp
@@ -180,3 +182,33 @@ async def test_a_missing_sample_file_stops_start_up(tmp_path):
         async with running_server(config):
             pass
     assert info.value.field == "dashboard.sample_path"
+
+
+async def test_reads_answer_while_the_ingest_connection_is_busy(tmp_path, http):
+    """The read API and the dashboard read through their own connection: with the store's
+    ingest lock held and a write transaction open (a long ingest batch), they still answer."""
+    async with running_server(server_config(tmp_path)) as server:
+        await ResultPoster(http, server).post("pi-01", {"test": "ping", "rtt_ms": 2.0})
+        store = server.store
+        held, release = threading.Event(), threading.Event()
+
+        def long_write() -> None:
+            with store._lock:
+                store._conn.execute("BEGIN IMMEDIATE")
+                held.set()
+                release.wait(20)
+                store._conn.execute("ROLLBACK")
+
+        writer = threading.Thread(target=long_write)
+        writer.start()
+        try:
+            assert held.wait(5)
+            base = urls(server)["ingest"]
+            for path in ("/v1/sensors/pi-01/events?order=desc", "/v1/sensors/pi-01/latest",
+                         "/v1/sensors/pi-01/series?field=rtt_ms", "/v1/dashboard"):
+                status, doc = await asyncio.wait_for(get(http, base + path), 10)
+                assert status == 200, (path, doc)
+            assert writer.is_alive()  # all of it answered while the write was still open
+        finally:
+            release.set()
+            writer.join()
