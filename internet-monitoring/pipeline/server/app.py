@@ -208,6 +208,7 @@ class PipelineServer:
             raise
         self._tasks = [loop.create_task(self._timer(), name="control-timer"),
                        loop.create_task(self._pruner(), name="retention-prune")]
+        self._tasks.append(loop.create_task(self._warm_dashboard(), name="dashboard-warm"))
         if cfg.dashboard.push_interval_s > 0:
             self._tasks.append(loop.create_task(self._dashboard_pusher(),
                                                 name="dashboard-push"))
@@ -475,6 +476,20 @@ class PipelineServer:
                                          acks_pending=self.manager.acks_pending())
             except Exception:  # noqa: BLE001 - the timer must survive one bad tick
                 log.exception("timer_failed")
+
+    async def _warm_dashboard(self) -> None:
+        """Read the stored results of the reporting windows once at start, in the
+        background, so the first dashboard request does not pay for it."""
+        feed = self.feed
+        if feed is None:
+            return
+        started = time.monotonic()
+        try:
+            count = await asyncio.to_thread(feed.refresh)
+        except PipelineError as exc:
+            log.warning("dashboard_warm_failed error=%s", exc.code)
+            return
+        log.info("dashboard_warmed events=%d seconds=%.2f", count, time.monotonic() - started)
 
     async def _dashboard_pusher(self) -> None:
         """``{"type": "dashboard", ...}`` on the stream every ``push_interval_s`` while

@@ -36,9 +36,9 @@ from pipeline.server.store import StoredEvent
 log = logging.getLogger(__name__)
 
 PAGE = 2000
-# A refresh reads at most this many events; the rest waits for the next refresh, so one
-# refresh after a long outage cannot hold the reader for minutes.
-MAX_PER_REFRESH = 50_000
+# Test types remembered per sensor: the names come from results, so a sensor sending a
+# new name in every result must not grow the server's memory without bound.
+MAX_TESTS_PER_SENSOR = 32
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,13 @@ class DashboardFeed:
             if self._last_row is None:
                 self._last_row = self.reader.first_row_completed_since(now - keep_s)
             read = 0
-            while read < MAX_PER_REFRESH:
+            while True:  # memory stays bounded: samples are trimmed as pages arrive
                 events = self.reader.after_row(self._last_row, PAGE)
                 for event in events:
                     self._take(event)
                 read += len(events)
+                if len(self._samples) > self.config.max_samples:
+                    self._trim(now - keep_s)
                 if len(events) < PAGE:
                     break
             self._trim(now - keep_s)
@@ -102,6 +104,8 @@ class DashboardFeed:
         per_test = self._latest.setdefault(event.sensor_id, {})
         test = result_test(doc) if isinstance(doc, dict) else sample.test
         current = per_test.get(test)
+        if current is None and len(per_test) >= MAX_TESTS_PER_SENSOR:
+            return
         if current is None or event.logical_timestamp_ms >= current.logical_timestamp_ms:
             per_test[test] = LatestResult(test, event.event_id, event.logical_timestamp_ms,
                                           event.completed_at, doc if doc else None)

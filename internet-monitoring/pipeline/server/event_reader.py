@@ -21,6 +21,10 @@ from pipeline.server.store import _EVENT_COLUMNS, StoredEvent, _row_to_event, _t
 
 Order = Literal["asc", "desc"]
 MAX_TS_MS = 2**63 - 1
+# Sampling by row id: multiply by a large odd constant, keep the residues below a share of
+# a prime; spreads consecutive ids evenly (Knuth's multiplicative hashing).
+_SPREAD = 2654435761
+_BUCKETS = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,27 @@ class EventReader:
             (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
         return [_row_to_event(r) for r in rows]
 
-    def in_range(self, sensor_id: str, since_ms: int, until_ms: int, limit: int
-                 ) -> list[StoredEvent]:
-        """A sensor's events by result time, oldest first (charts)."""
+    def count_in_range(self, sensor_id: str, since_ms: int, until_ms: int) -> int:
+        """How many events a range holds (an index count: no row is read or decoded)."""
+        rows = self._rows("SELECT COUNT(*) FROM events INDEXED BY events_latest"
+                          " WHERE sensor_id = ? AND logical_timestamp_ms >= ?"
+                          " AND logical_timestamp_ms < ?", (sensor_id, since_ms, until_ms))
+        return int(rows[0][0])
+
+    def in_range(self, sensor_id: str, since_ms: int, until_ms: int, limit: int,
+                 fraction: float = 1.0) -> list[StoredEvent]:
+        """A sensor's events by result time, oldest first (charts). ``fraction`` < 1 reads
+        an evenly spread sample of that share of them (a hash of the row id, so test types
+        that alternate are sampled alike), for ranges too long to decode every result."""
+        sample = ""
+        params: tuple[Any, ...] = (sensor_id, since_ms, until_ms)
+        if fraction < 1.0:
+            sample = f" AND (row_id * {_SPREAD}) % {_BUCKETS} < ?"
+            params += (max(1, int(fraction * _BUCKETS)),)
         rows = self._rows(
             f"SELECT {_EVENT_COLUMNS} FROM events INDEXED BY events_latest WHERE sensor_id = ?"
-            " AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?"
-            " ORDER BY logical_timestamp_ms, row_id LIMIT ?",
-            (sensor_id, since_ms, until_ms, max(0, limit)))
+            f" AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?{sample}"
+            " ORDER BY logical_timestamp_ms, row_id LIMIT ?", params + (max(0, limit),))
         return [_row_to_event(r) for r in rows]
 
     def after_row(self, row_id: int, limit: int) -> list[StoredEvent]:

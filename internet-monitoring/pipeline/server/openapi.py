@@ -175,7 +175,7 @@ def _schemas() -> dict[str, Any]:
         "Series": {
             "type": "object",
             "required": ["sensor_id", "field", "test", "since", "until", "step_s", "points",
-                         "truncated"],
+                         "sampled"],
             "properties": {
                 "sensor_id": {"type": "string"}, "field": {"type": "string"},
                 "test": {"type": "string", "nullable": True},
@@ -187,7 +187,8 @@ def _schemas() -> dict[str, Any]:
                     "properties": {"t": {"type": "integer"}, "count": {"type": "integer"},
                                    "avg": {"type": "number"}, "min": {"type": "number"},
                                    "max": {"type": "number"}, "last": {"type": "number"}}}},
-                "truncated": {"type": "boolean"},
+                "sampled": {"type": "number", "minimum": 0, "maximum": 1,
+                            "description": "share of the range's results read (1 = all)"},
             },
         },
         "LatestResults": {

@@ -12,8 +12,8 @@ All of them need the stream token when one is configured (``require_reader``). A
 is known when it is configured, has connected, or has stored results; any other id is a
 404 on every ``/v1/sensors/{id}/...`` route. Reads go through ``EventReader`` (its own
 SQLite connection) and are bounded: ``limit`` at most 500 events, a series at most
-``series.MAX_POINTS`` points from at most ``MAX_SERIES_EVENTS`` results (``truncated``
-says when a range held more).
+``series.MAX_POINTS`` points decoded from about ``MAX_SERIES_EVENTS`` results at most: a
+longer range is read as an evenly spread sample (``sampled`` is the share read, 1 = all).
 """
 
 from __future__ import annotations
@@ -197,11 +197,13 @@ async def sensor_series(request: web.Request) -> web.Response:
     if span_s / step_s > MAX_POINTS:
         raise FieldValueError(f"(until - since) / step must be at most {MAX_POINTS} points",
                               field="step")
-    events = await _in_thread(request.app[READ_KEY].reader.in_range, sensor_id, since, until,
-                              MAX_SERIES_EVENTS + 1)
-    truncated = len(events) > MAX_SERIES_EVENTS
+    reader = request.app[READ_KEY].reader
+    stored = await _in_thread(reader.count_in_range, sensor_id, since, until)
+    fraction = min(1.0, MAX_SERIES_EVENTS / stored) if stored else 1.0
+    events = await _in_thread(reader.in_range, sensor_id, since, until,
+                              MAX_SERIES_EVENTS * 2, fraction)
     values = []
-    for event in events[:MAX_SERIES_EVENTS]:
+    for event in events:
         doc = decode_json_payload(event.data)
         if test is not None and (not isinstance(doc, dict) or doc.get("test") != test):
             continue
@@ -211,7 +213,8 @@ async def sensor_series(request: web.Request) -> web.Response:
     points = bucket(values, since, step_s * 1000)
     return web.json_response({
         "sensor_id": sensor_id, "field": field, "test": test, "since": since, "until": until,
-        "step_s": step_s, "points": [p.to_json() for p in points], "truncated": truncated})
+        "step_s": step_s, "points": [p.to_json() for p in points],
+        "sampled": round(fraction, 6)})
 
 
 async def sensor_latest(request: web.Request) -> web.Response:

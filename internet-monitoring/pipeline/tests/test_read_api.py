@@ -98,7 +98,7 @@ async def test_series_and_latest_per_test(tmp_path, http):
                 for p in doc["points"]] == [(0, 2, 150.0, 100.0, 200.0, 200.0),
                                             (60_000, 1, 50.0, 50.0, 50.0, 50.0),
                                             (180_000, 1, 80.0, 80.0, 80.0, 80.0)]
-        assert doc["truncated"] is False and doc["step_s"] == 60
+        assert doc["sampled"] == 1.0 and doc["step_s"] == 60
         status, doc = await get(http, base + "/series", field="lookup_ms",
                                 since=str(now_ms - 7_200_000), until=str(now_ms), step="1")
         assert status == 400 and doc["field"] == "step"  # 7,200 points: too many
