@@ -250,7 +250,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stats:
     """Running figures of a group of samples."""
 
@@ -359,29 +359,35 @@ class _Groups:
 
 
 def _group(samples: Iterable[Sample], window: Window) -> _Groups:
+    """One pass over the samples (in arrival order, which is each sensor's own order)."""
     g = _Groups(timeline=[_Stats() for _ in range(window.points)])
-    before = Window(window.start, window.seconds, 1)
-    for s in sorted(samples, key=lambda s: s.at):
-        if s.at > g.last_check.get(s.sensor_id, float("-inf")) and s.at <= window.end:
-            g.last_check[s.sensor_id] = s.at
-        if window.start < s.received_at <= window.end:
+    start, end, step, points = window.start, window.end, window.step, window.points
+    before_start = start - window.seconds
+    last_check = g.last_check
+    by_sensor, by_journey, by_pair = g.by_sensor, g.by_journey, g.by_sensor_journey
+    sensor_points = g.sensor_points
+    for s in samples:
+        at = s.at
+        if at <= end and at > last_check.get(s.sensor_id, float("-inf")):
+            last_check[s.sensor_id] = at
+        if start < s.received_at <= end:
             g.received += 1
-        elif before.start < s.received_at <= before.end:
+        elif before_start < s.received_at <= start:
             g.received_before += 1
-        index = window.bucket(s.at)
-        if index is None:
-            if before.bucket(s.at) is not None:
+        if not start < at <= end:
+            if before_start < at <= start:
                 g.previous.add(s)
             continue
+        index = min(points - 1, int((at - start) / step))
         g.fleet.add(s)
         g.timeline[index].add(s)
-        g.by_sensor[s.sensor_id].add(s)
-        points = g.sensor_points.get(s.sensor_id)
-        if points is None:
-            points = g.sensor_points[s.sensor_id] = [_Stats() for _ in range(window.points)]
-        points[index].add(s)
-        g.by_journey[s.test].add(s)
-        g.by_sensor_journey[(s.sensor_id, s.test)].add(s)
+        by_sensor[s.sensor_id].add(s)
+        row = sensor_points.get(s.sensor_id)
+        if row is None:
+            row = sensor_points[s.sensor_id] = [_Stats() for _ in range(points)]
+        row[index].add(s)
+        by_journey[s.test].add(s)
+        by_pair[(s.sensor_id, s.test)].add(s)
     return g
 
 
