@@ -13,6 +13,8 @@ Sections (``--only`` picks some; all by default)::
             300 x 20 KiB and 10,000 x 1 KiB, proto+batch+http_ack next to a 1.0 sensor
     conns   5,000 control connections heartbeating every 5 s to one server process:
             resident memory per connection and heartbeat handling p99
+    reads   Protobuf-batch ingest while the dashboard and read API are read (a heavy read
+            every 0.5 s at most), next to the same ingest without reads (bench/reads.py)
 
 Each figure is the median of ``--runs`` runs (3 by default) with min-max. ``--quick``
 (or ``BENCH_QUICK=1``): one run of smaller loads, for a smoke check (not for docs/performance.md).
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import drain as drain_mod
+from bench import reads as reads_mod
 from bench.procs import (
     LOAD_CPU,
     SERVER_CPU,
@@ -52,7 +55,7 @@ from bench.procs import (
 )
 
 KIB = 1024
-SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns")
+SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns", "reads")
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,28 @@ def section_conns(work: Path, scale: Scale) -> list[Row]:
 # Output
 
 
+def section_reads(work: Path, scale: Scale) -> list[Row]:
+    requests, batch, conc = scale.n(160, 16), 256, 8
+
+    def load(port: int, prefix: str) -> float:
+        return float(_loadgen(port, "proto_batch", KIB, conc, requests, batch,
+                              prefix)["chunks_per_s"])
+
+    try:
+        with_reads, without, read_rates = reads_mod.measure(
+            work, scale.runs, requests, load, ServerProcess)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from exc
+    finally:
+        shutil.rmtree(work / "reads-0", ignore_errors=True)
+    return [Row("reads", f"server ingest during paced heavy reads of the read API "
+                f"(Protobuf batches, 1 KiB, c={conc})",
+                "chunks/s", with_reads,
+                baseline_name="no reads", baseline_runs=without, target=">= 90 % of no reads",
+                target_check=lambda r: (r.ratio or 0) >= 0.90,
+                extra={"reads_per_s": read_rates})]
+
+
 def _fmt(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
@@ -457,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt("drain", lambda: section_drain(root, scale))
         if "conns" in only:
             attempt("conns", lambda: section_conns(root, scale))
+        if "reads" in only:
+            attempt("reads", lambda: section_reads(root, scale))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

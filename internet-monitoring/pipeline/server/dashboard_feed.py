@@ -2,7 +2,7 @@
 
 It follows the ``events`` table by row id on the reader's own connection (``EventReader``),
 so the ingest path does nothing extra for it: each refresh reads only the events stored
-since the last one. It keeps, per sensor, compact samples of the last two reporting windows
+since the last one, and at most ``READ_RATE`` of them per second (a sample beyond that). It keeps, per sensor, compact samples of the last two reporting windows
 (the KPIs compare a window with the one before) and the latest result of every test type
 (the page's per-test cards, so a sensor's DNS card does not turn into its speed card).
 The KPI arithmetic itself is ``dashboard_kpis`` (pure).
@@ -26,12 +26,10 @@ from pipeline.server.dashboard_kpis import (
     SensorState,
     Thresholds,
     build_payload,
-    result_test,
     sample_from_result,
 )
-from pipeline.server.event_reader import EventReader
+from pipeline.server.event_reader import EventReader, ResultRow
 from pipeline.server.snapshot_cache import decode_json_payload, iso_utc
-from pipeline.server.store import StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +37,10 @@ PAGE = 2000
 # Test types remembered per sensor: the names come from results, so a sensor sending a
 # new name in every result must not grow the server's memory without bound.
 MAX_TESTS_PER_SENSOR = 32
+READ_RATE = 2000.0      # results decoded per second of wall time, at most (see refresh)
+MIN_BUDGET = 2000
+MAX_BUDGET = 20_000
+FIRST_BUDGET = 200_000
 PAYLOAD_REUSE_S = 2.0
 
 
@@ -72,45 +74,66 @@ class DashboardFeed:
         self._latest: dict[str, dict[str, LatestResult]] = {}
         self._last_row: int | None = None
         self._payload: tuple[float, dict[str, Any]] | None = None
+        self._refreshed_at = 0.0
+        self.sampled = 1.0  # share of the results the last refresh read
         self.events_seen = 0
 
     # -- following the store ------------------------------------------------------------
 
     def refresh(self) -> int:
-        """Read what was stored since the last refresh; returns how many events."""
+        """Read what was stored since the last refresh; returns how many results were read.
+
+        At most ``READ_RATE`` results per second since the last refresh are decoded (between
+        ``MIN_BUDGET`` and ``MAX_BUDGET``; ``FIRST_BUDGET`` at start): under a heavier ingest
+        an evenly spread sample is read and each sample counts for the results it stands
+        for, so the feed's cost stays flat however fast sensors deliver (bench ``reads``)."""
         with self._lock:
             now = self.clock()
             keep_s = 2 * self.config.reporting_window_s
             if self._last_row is None:
                 self._last_row = self.reader.first_row_completed_since(now - keep_s)
+                budget = FIRST_BUDGET
+            else:
+                budget = min(MAX_BUDGET, max(MIN_BUDGET, READ_RATE * (now - self._refreshed_at)))
+            upto = self.reader.last_row_id()
+            pending = upto - self._last_row
             read = 0
-            while True:  # memory stays bounded: samples are trimmed as pages arrive
-                events = self.reader.after_row(self._last_row, PAGE)
-                for event in events:
-                    self._take(event)
-                read += len(events)
-                if len(self._samples) > self.config.max_samples:
-                    self._trim(now - keep_s)
-                if len(events) < PAGE:
-                    break
+            if pending > 0:
+                fraction = min(1.0, budget / pending)
+                self.sampled = fraction
+                read = self._read_range(self._last_row, upto, fraction)
+                self._last_row = upto
+            self._refreshed_at = now
             self._trim(now - keep_s)
             self.events_seen += read
             return read
 
-    def _take(self, event: StoredEvent) -> None:
-        self._last_row = event.row_id
-        doc = decode_json_payload(event.data)
-        sample = sample_from_result(event.sensor_id, event.logical_timestamp_ms,
-                                    event.completed_at, doc)
+    def _read_range(self, after: int, upto: int, fraction: float) -> int:
+        read = 0
+        while True:
+            rows, last = self.reader.results_between(after, upto, PAGE, fraction)
+            for row in rows:
+                self._take(row, 1.0 / fraction)
+            read += len(rows)
+            if len(self._samples) > self.config.max_samples:
+                self._trim(self.clock() - 2 * self.config.reporting_window_s)
+            if last is None:
+                return read
+            after = last
+
+    def _take(self, row: ResultRow, weight: float) -> None:
+        doc = decode_json_payload(row.data)
+        sample = sample_from_result(row.sensor_id, row.logical_timestamp_ms, row.completed_at,
+                                    doc, weight)
         self._samples.append(sample)
-        per_test = self._latest.setdefault(event.sensor_id, {})
-        test = result_test(doc) if isinstance(doc, dict) else sample.test
-        current = per_test.get(test)
+        per_test = self._latest.setdefault(row.sensor_id, {})
+        current = per_test.get(sample.test)
         if current is None and len(per_test) >= MAX_TESTS_PER_SENSOR:
             return
-        if current is None or event.logical_timestamp_ms >= current.logical_timestamp_ms:
-            per_test[test] = LatestResult(test, event.event_id, event.logical_timestamp_ms,
-                                          event.completed_at, doc if doc else None)
+        if current is None or row.logical_timestamp_ms >= current.logical_timestamp_ms:
+            per_test[sample.test] = LatestResult(sample.test, row.event_id,
+                                                 row.logical_timestamp_ms, row.completed_at,
+                                                 doc if doc else None)
 
     def _trim(self, cutoff: float) -> None:
         samples = self._samples

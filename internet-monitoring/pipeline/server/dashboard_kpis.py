@@ -56,6 +56,7 @@ class Sample:
     latency_ms: float | None = None
     loss_pct: float | None = None
     jitter_ms: float | None = None
+    weight: float = 1.0  # results it stands for (1 / the share read, see DashboardFeed)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def result_test(doc: Mapping[str, Any]) -> str:
 
 
 def sample_from_result(sensor_id: str, logical_timestamp_ms: int, received_at: float,
-                       doc: Any) -> Sample:
+                       doc: Any, weight: float = 1.0) -> Sample:
     """A sample of one stored result; a non-object result counts as a plain success."""
     if not isinstance(doc, Mapping):
         doc = {}
@@ -130,7 +131,7 @@ def sample_from_result(sensor_id: str, logical_timestamp_ms: int, received_at: f
                   received_at=received_at, ok=not result_failed(doc),
                   latency_ms=_first_number(doc, LATENCY_KEYS),
                   loss_pct=_first_number(doc, LOSS_KEYS),
-                  jitter_ms=_number(doc.get("jitter_ms")))
+                  jitter_ms=_number(doc.get("jitter_ms")), weight=weight)
 
 
 def journey_name(test: str) -> str:
@@ -254,15 +255,16 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 class _Stats:
     """Running figures of a group of samples."""
 
-    total: int = 0
-    ok: int = 0
+    total: float = 0.0   # weighted counts (a sample may stand for several results)
+    ok: float = 0.0
     latencies: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     jitters: list[float] = field(default_factory=list)
 
     def add(self, s: Sample) -> None:
-        self.total += 1
-        self.ok += s.ok
+        self.total += s.weight
+        if s.ok:
+            self.ok += s.weight
         if s.latency_ms is not None:
             self.latencies.append(s.latency_ms)
         if s.loss_pct is not None:
@@ -347,8 +349,8 @@ class _Groups:
 
     fleet: _Stats = field(default_factory=_Stats)
     previous: _Stats = field(default_factory=_Stats)
-    received: int = 0
-    received_before: int = 0
+    received: float = 0.0
+    received_before: float = 0.0
     timeline: list[_Stats] = field(default_factory=list)
     by_sensor: dict[str, _Stats] = field(default_factory=lambda: defaultdict(_Stats))
     sensor_points: dict[str, list[_Stats]] = field(default_factory=dict)
@@ -371,9 +373,9 @@ def _group(samples: Iterable[Sample], window: Window) -> _Groups:
         if at <= end and at > last_check.get(s.sensor_id, float("-inf")):
             last_check[s.sensor_id] = at
         if start < s.received_at <= end:
-            g.received += 1
+            g.received += s.weight
         elif before_start < s.received_at <= start:
-            g.received_before += 1
+            g.received_before += s.weight
         if not start < at <= end:
             if before_start < at <= start:
                 g.previous.add(s)

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pipeline.common.errors import StoreError
-from pipeline.server.store import _EVENT_COLUMNS, StoredEvent, _row_to_event, _translate
+from pipeline.common import chunking
+from pipeline.common.errors import PipelineError, StoreError
+from pipeline.server.store import (
+    _EVENT_COLUMNS,
+    ENCODING_IDENTITY,
+    StoredEvent,
+    _row_to_event,
+    _translate,
+)
 
 Order = Literal["asc", "desc"]
 MAX_TS_MS = 2**63 - 1
@@ -25,6 +32,48 @@ MAX_TS_MS = 2**63 - 1
 # a prime; spreads consecutive ids evenly (Knuth's multiplicative hashing).
 _SPREAD = 2654435761
 _BUCKETS = 1_000_003
+
+
+# Results bigger than this (stored, compressed) are not decoded for charts and KPIs: UXI
+# results are small JSON documents; a big blob is something else and would cost the most.
+MAX_DECODED_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    """What charts and KPIs need of an event: no attributes, no hash check (the gzip
+    members' own CRC-32 still catches a damaged row, which is then skipped)."""
+
+    row_id: int
+    sensor_id: str
+    event_id: str
+    logical_timestamp_ms: int
+    completed_at: float
+    data: bytes
+
+
+_RESULT_COLUMNS = ("row_id, sensor_id, event_id, logical_timestamp_ms, completed_at, encoding,"
+                   f" CASE WHEN length(data) <= {MAX_DECODED_BYTES} THEN data END")
+
+
+def _result_rows(rows: list[Any]) -> list[ResultRow]:
+    out = []
+    for row_id, sensor_id, event_id, ts, completed_at, encoding, blob in rows:
+        if blob is None:
+            continue
+        try:
+            data = bytes(blob) if encoding == ENCODING_IDENTITY else \
+                chunking.decompress_members(bytes(blob))
+        except PipelineError:
+            continue  # reported by the event read API, which checks the hash
+        out.append(ResultRow(row_id, sensor_id, event_id, ts, completed_at, data))
+    return out
+
+
+def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
+    if fraction >= 1.0:
+        return "", ()
+    return f" AND (row_id * {_SPREAD}) % {_BUCKETS} < ?", (max(1, int(fraction * _BUCKETS)),)
 
 
 @dataclass(frozen=True)
@@ -84,26 +133,32 @@ class EventReader:
         return int(rows[0][0])
 
     def in_range(self, sensor_id: str, since_ms: int, until_ms: int, limit: int,
-                 fraction: float = 1.0) -> list[StoredEvent]:
-        """A sensor's events by result time, oldest first (charts). ``fraction`` < 1 reads
-        an evenly spread sample of that share of them (a hash of the row id, so test types
-        that alternate are sampled alike), for ranges too long to decode every result."""
-        sample = ""
-        params: tuple[Any, ...] = (sensor_id, since_ms, until_ms)
-        if fraction < 1.0:
-            sample = f" AND (row_id * {_SPREAD}) % {_BUCKETS} < ?"
-            params += (max(1, int(fraction * _BUCKETS)),)
+                 fraction: float = 1.0) -> list[ResultRow]:
+        """A sensor's results by their own time, oldest first (charts). ``fraction`` < 1
+        reads an evenly spread sample of that share of them (a hash of the row id, so test
+        types that alternate are sampled alike), for ranges too long to decode entirely."""
+        sample, extra = _sample_clause(fraction)
         rows = self._rows(
-            f"SELECT {_EVENT_COLUMNS} FROM events INDEXED BY events_latest WHERE sensor_id = ?"
+            f"SELECT {_RESULT_COLUMNS} FROM events INDEXED BY events_latest WHERE sensor_id = ?"
             f" AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?{sample}"
-            " ORDER BY logical_timestamp_ms, row_id LIMIT ?", params + (max(0, limit),))
-        return [_row_to_event(r) for r in rows]
+            " ORDER BY logical_timestamp_ms, row_id LIMIT ?",
+            (sensor_id, since_ms, until_ms, *extra, max(0, limit)))
+        return _result_rows(rows)
 
-    def after_row(self, row_id: int, limit: int) -> list[StoredEvent]:
-        """Every sensor's events stored after ``row_id`` (the dashboard's feed)."""
-        rows = self._rows(f"SELECT {_EVENT_COLUMNS} FROM events WHERE row_id > ?"
-                          " ORDER BY row_id LIMIT ?", (row_id, max(0, limit)))
-        return [_row_to_event(r) for r in rows]
+    def last_row_id(self) -> int:
+        return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
+
+    def results_between(self, after_row: int, upto_row: int, limit: int,
+                        fraction: float = 1.0) -> tuple[list[ResultRow], int | None]:
+        """Every sensor's results stored in ``(after_row, upto_row]``, in row order (the
+        dashboard's feed), optionally sampled like ``in_range``; with the last row id the
+        page ended at when the page was full (more may follow), else None."""
+        sample, extra = _sample_clause(fraction)
+        rows = self._rows(f"SELECT {_RESULT_COLUMNS} FROM events WHERE row_id > ?"
+                          f" AND row_id <= ?{sample} ORDER BY row_id LIMIT ?",
+                          (after_row, upto_row, *extra, max(0, limit)))
+        last = int(rows[-1][0]) if len(rows) == limit else None
+        return _result_rows(rows), last
 
     def first_row_completed_since(self, completed_at: float) -> int:
         """The row id just before the first event stored at or after ``completed_at``."""
@@ -111,8 +166,7 @@ class EventReader:
                           (completed_at,))
         first = rows[0][0] if rows else None
         if first is None:
-            last = self._rows("SELECT MAX(row_id) FROM events", ())
-            return int(last[0][0] or 0)
+            return self.last_row_id()
         return int(first) - 1
 
     def has_events(self, sensor_id: str) -> bool:

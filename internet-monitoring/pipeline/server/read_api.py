@@ -44,7 +44,7 @@ from pipeline.server.http_ingest import (
 from pipeline.server.series import MAX_POINTS, bucket, field_value
 from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
 
-MAX_SERIES_EVENTS = 20_000
+MAX_SERIES_EVENTS = 5_000
 DEFAULT_SERIES_RANGE_S = 3600
 _FIELD_MAX = 200
 
@@ -200,10 +200,10 @@ async def sensor_series(request: web.Request) -> web.Response:
     reader = request.app[READ_KEY].reader
     stored = await _in_thread(reader.count_in_range, sensor_id, since, until)
     fraction = min(1.0, MAX_SERIES_EVENTS / stored) if stored else 1.0
-    events = await _in_thread(reader.in_range, sensor_id, since, until,
-                              MAX_SERIES_EVENTS * 2, fraction)
+    rows = await _in_thread(reader.in_range, sensor_id, since, until,
+                            MAX_SERIES_EVENTS * 2, fraction)
     values = []
-    for event in events:
+    for event in rows:
         doc = decode_json_payload(event.data)
         if test is not None and (not isinstance(doc, dict) or doc.get("test") != test):
             continue

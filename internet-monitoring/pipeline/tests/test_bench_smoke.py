@@ -21,7 +21,7 @@ def test_bench_runs_every_section_and_writes_one_table_and_json(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     sections = {row["section"] for row in doc["rows"]}
-    assert sections == {"ingest", "disk", "flat", "queue", "drain", "conns"}
+    assert sections == {"ingest", "disk", "flat", "queue", "drain", "conns", "reads"}
     for row in doc["rows"]:
         assert row["runs"] and all(value > 0 for value in row["runs"]), row["name"]
         assert row["min"] <= row["median"] <= row["max"]
