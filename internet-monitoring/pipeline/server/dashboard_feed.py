@@ -2,9 +2,10 @@
 
 It follows the ``events`` table by row id on the reader's own connection (``EventReader``),
 so the ingest path does nothing extra for it: each refresh reads only the events stored
-since the last one, and at most ``READ_RATE`` of them per second (a sample beyond that). It keeps, per sensor, compact samples of the last two reporting windows
-(the KPIs compare a window with the one before) and the latest result of every test type
-(the page's per-test cards, so a sensor's DNS card does not turn into its speed card).
+since the last one, and at most ``READ_RATE`` of them per second (a sample beyond that).
+It keeps compact samples of the last two reporting windows (the KPIs compare a window
+with the one before) and, per sensor, the latest result of every test type (the page's
+per-test cards, so a sensor's DNS card does not turn into its speed card).
 The KPI arithmetic itself is ``dashboard_kpis`` (pure).
 """
 

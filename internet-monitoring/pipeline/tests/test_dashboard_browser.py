@@ -79,15 +79,20 @@ async def test_fleet_token_and_live_chart_in_chromium(tmp_path, chromium):
         try:
             async with chromium_page(chromium, tmp_path / "profile") as page:
                 await page.navigate(urls(server)["ingest"] + "/")
-                # The token is asked for, once.
-                await page.wait_for("document.getElementById('token-form')"
-                                    ".classList.contains('visible')", what="the token form")
-                await page.evaluate(
-                    f"document.getElementById('stream-token').value = '{STREAM_TOKEN}';"
-                    "document.getElementById('token-form').requestSubmit()")
+                # The token is asked for; a wrong one is refused and asked again.
+                form_shown = ("document.getElementById('token-form')"
+                              ".classList.contains('visible')")
+                await page.wait_for(form_shown, what="the token form")
+                await enter_token(page, "not-the-token")
+                await page.wait_for(f"{form_shown} && document.getElementById('stream-status')"
+                                    ".textContent === 'token refused'", what="a refusal")
+                await enter_token(page, STREAM_TOKEN)
                 await wait_fleet(page)
                 await page.wait_for("document.getElementById('kpi-availability')"
                                     ".textContent.endsWith('%')", what="the KPI tiles")
+                await page.wait_for("document.querySelector("
+                                    "'.journey[data-journey=\"speed\"]') !== null",
+                                    what="the journeys")
                 await page.screenshot(shots / "1-fleet.png")
                 # A reload in the same session keeps the token; it is in no URL.
                 await page.reload()
@@ -125,6 +130,11 @@ async def test_fleet_token_and_live_chart_in_chromium(tmp_path, chromium):
             stop.set()
             await backlog
             await healthy.close()
+
+
+async def enter_token(page, token: str) -> None:
+    await page.evaluate(f"document.getElementById('stream-token').value = '{token}';"
+                        "document.getElementById('token-form').requestSubmit()")
 
 
 async def wait_fleet(page) -> None:
