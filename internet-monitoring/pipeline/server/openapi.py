@@ -152,6 +152,7 @@ def _schemas() -> dict[str, Any]:
                 "software_version": {"type": "string", "nullable": True},
                 "epoch": {"type": "string"}, "windows_open": {"type": "integer"},
                 "retry_total": {"type": "integer", "nullable": True},
+                "dropped_total": {"type": "integer", "nullable": True},
                 "last_result_at": {"type": "string", "nullable": True},
                 "status": {"type": "string", "enum": ["ok", "warning", "critical", "offline"]},
                 "conditions": {"type": "array", "items": _ref("Condition")},

@@ -137,6 +137,7 @@ async def list_sensors(request: web.Request) -> web.Response:
             "epoch": epochs[sid],
             "windows_open": session.active_windows() if session is not None else 0,
             "retry_total": hb.retry_total if hb is not None else None,
+            "dropped_total": hb.dropped_total if hb is not None else None,
             "last_result_at": iso_utc(last_results[sid]) if sid in last_results else None,
             "status": health.status,
             "conditions": [c.to_json() for c in health.conditions],
