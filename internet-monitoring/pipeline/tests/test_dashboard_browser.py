@@ -126,6 +126,11 @@ async def test_fleet_token_and_live_chart_in_chromium(tmp_path, chromium):
                     "document.querySelector('.test-card[data-test=\"speed\"] "
                     "[data-field=\"download_mbps\"] .value').textContent") == "777Mbit/s"
                 await page.screenshot(shots / "3-sensor-live.png")
+                # The week view: the same six results in hourly points.
+                await page.evaluate("document.querySelector('#ranges [data-range=\"604800\"]')"
+                                    ".click()")
+                await page.wait_for(f"['1', '2'].includes({chart}.dataset.points) && "
+                                    f"{chart}.dataset.live === '0'", what="the week view")
         finally:
             stop.set()
             await backlog
