@@ -325,12 +325,6 @@ class Window:
     def step(self) -> float:
         return self.seconds / self.points
 
-    def bucket(self, at: float) -> int | None:
-        """Index of the timeline point holding ``at``, or None outside the window."""
-        if not self.start < at <= self.end:
-            return None
-        return min(self.points - 1, int((at - self.start) / self.step))
-
     def to_json(self) -> dict[str, Any]:
         return {"start": iso(self.start), "end": iso(self.end), "seconds": self.seconds,
                 "label": window_label(self.seconds)}
@@ -492,8 +486,8 @@ def build_payload(*, now: float, window_s: float, points: int, samples: Iterable
     g = _group(samples, window)
     health = {st.sensor_id: sensor_health(st, thresholds, now) for st in states}
     alerts = _alerts(health, g, window, labels)
-    new_alerts = sum(1 for a in alerts if a["detectedAt"] is None
-                     or a["detectedAt"] > (iso(window.start) or ""))
+    began = iso(window.start) or ""
+    new_alerts = sum(1 for a in alerts if a["detectedAt"] > began)  # same ISO format
     minutes = window_s / 60.0
     return {
         "generatedAt": iso(now),
