@@ -134,15 +134,17 @@ async def test_dashboard_page_and_config(tmp_path, http):
             csp = r.headers["Content-Security-Policy"]
         nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
         assert f'<script nonce="{nonce}">' in html
-        assert "sensor-card" in html and 'id="stream-token"' in html
+        assert 'id="fleet"' in html and 'id="stream-token"' in html
         assert not re.search(r"(src|href)=\"https?://", html)  # self-contained
         async with http.get(base + "/dashboard") as r:
             assert r.status == 200
         async with http.get(base + "/v1/dashboard/config") as r:
             doc = await r.json()
+        thresholds = doc.pop("thresholds")
         assert doc == {"stream_scheme": "ws", "stream_port": server.stream_port,
                        "stream_path": "/", "subprotocol": "openuxi.stream.v1",
                        "token_required": True}
+        assert thresholds["queue_critical"] == config.dashboard.queue_critical
 
 
 async def test_graceful_stop_answers_in_flight_posts_and_closes_sockets(tmp_path, http):
