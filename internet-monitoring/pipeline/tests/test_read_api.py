@@ -153,6 +153,14 @@ async def test_dashboard_payload_and_stream_messages_from_stored_results(tmp_pat
 
             await eventually(dashboard_message, timeout=10, what="a dashboard message")
         assert seen[0] == "snapshot_batch"
+        # A new subscriber gets the last dashboard message right after its snapshots.
+        async with http.ws_connect(urls(server)["stream"], headers=READER) as ws:
+            first = json.loads((await ws.receive(timeout=5)).data)
+            second = json.loads((await ws.receive(timeout=5)).data)
+        assert first["type"] == "snapshot_batch" and len(first["snapshots"]) == 2
+        assert second["type"] == "dashboard" and set(second) >= {
+            "generatedAt", "reportingWindow", "kpis", "timeline", "journeys", "sensors",
+            "alerts"}
 
 
 async def test_sample_file_only_while_nothing_is_stored(tmp_path, http):
