@@ -145,6 +145,7 @@ def _schemas() -> dict[str, Any]:
             "required": ["sensor_id", "connected", "committed_offset", "status", "conditions"],
             "properties": {
                 "sensor_id": {"type": "string"}, "connected": {"type": "boolean"},
+                "name": {"type": "string"}, "site": {"type": "string"},
                 "last_heartbeat_at": {"type": "string", "nullable": True},
                 "queue_depth": {"type": "integer", "nullable": True},
                 "clock_skew_ms": {"type": "number", "nullable": True},

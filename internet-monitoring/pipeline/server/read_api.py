@@ -124,8 +124,11 @@ async def list_sensors(request: web.Request) -> web.Response:
         info = manager.info.get(sid)
         hb = session.last_heartbeat if session is not None else None
         health = sensor_health(state, feed.thresholds, now)
+        label = feed.config.sensors.get(sid)
         out.append({
             "sensor_id": sid,
+            "name": label.name if label is not None and label.name else sid,
+            "site": label.site if label is not None else "",
             "connected": state.connected,
             "last_heartbeat_at": iso_utc(state.last_heartbeat_at)
             if state.last_heartbeat_at else None,

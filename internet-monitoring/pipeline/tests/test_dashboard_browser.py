@@ -55,7 +55,8 @@ async def test_fleet_token_and_live_chart_in_chromium(tmp_path, chromium):
     config = server_config(
         tmp_path, stream={"token": STREAM_TOKEN},
         auth={"sensors": [{"id": sid, "token": tok} for sid, tok in SENSORS.items()]},
-        dashboard={"push_interval_s": 1.0, "queue_warning": 100, "queue_critical": 400})
+        dashboard={"push_interval_s": 1.0, "queue_warning": 100, "queue_critical": 400,
+                   "sensors": {"pi-02": {"name": "Warehouse", "site": "Depot North"}}})
     now_ms = int(time.time() * 1000)
     async with running_server(config) as server, aiohttp.ClientSession() as http:
         healthy = MiniSensor(http, server, "pi-01", SENSORS["pi-01"])
@@ -94,6 +95,12 @@ async def test_fleet_token_and_live_chart_in_chromium(tmp_path, chromium):
                                     "'.journey[data-journey=\"speed\"]') !== null",
                                     what="the journeys")
                 await page.screenshot(shots / "1-fleet.png")
+                # The filter matches sites too.
+                await page.evaluate("const f = document.getElementById('filter');"
+                                    "f.value = 'depot'; f.dispatchEvent(new Event('input'))")
+                assert await page.evaluate(
+                    "Array.from(document.querySelectorAll('tr.sensor-row'))"
+                    ".filter(r => !r.hidden).map(r => r.dataset.sensorId)") == ["pi-02"]
                 # A reload in the same session keeps the token; it is in no URL.
                 await page.reload()
                 await wait_fleet(page)
@@ -152,6 +159,8 @@ async def wait_fleet(page) -> None:
     await page.wait_for(row("pi-03", "r.dataset.status === 'offline' && "
                                      "r.querySelector('.c-heartbeat').textContent "
                                      "=== 'disconnected'"), what="pi-03 offline")
+    assert await page.evaluate(row("pi-02", "r.querySelector('.c-site').textContent")) \
+        == "Depot North"
     alerts = await page.evaluate(
         "Array.from(document.querySelectorAll('#alerts li')).map(li => li.dataset.alertId)")
     assert {"queue:pi-02", "offline:pi-03"} <= set(alerts), alerts
