@@ -109,12 +109,12 @@ def run_once(workdir: Path, count: int, size: int, capabilities: list[str],
 
 
 async def _agent(spec: dict[str, Any]) -> None:
-    from pipeline.common.config import sensor_config_from_dict
+    from pipeline.common.config import exact_capabilities, sensor_config_from_dict
     from pipeline.sensor.agent import SensorAgent
     from pipeline.sensor.queue import DurableQueue
 
     config = sensor_config_from_dict({
-        "sensor_id": SENSOR_ID, "token": BENCH_TOKEN, "capabilities": spec["capabilities"],
+        "sensor_id": SENSOR_ID, "token": BENCH_TOKEN, **exact_capabilities(spec["capabilities"]),
         "queue": {"path": spec["queue"], "max_bytes": None},
         "control": {"url": spec["control"]}, "ingest": {"url": spec["ingest"]}})
     queue = DurableQueue(spec["queue"], max_bytes=None)

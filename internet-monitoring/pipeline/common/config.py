@@ -58,6 +58,15 @@ _NO_ENV: Mapping[str, str] = types.MappingProxyType({})
 
 Synchronous = Literal["FULL", "NORMAL"]
 
+#: Field metadata marking a key the platform's playbook renders but this pipeline does not
+#: use: accepted, documented in the examples, logged once as ignored (common/config_check.py).
+IGNORED = "ignored"
+
+
+def ignored_field(default: Any, reason: str) -> Any:
+    """A key accepted for compatibility with rendered platform configs, and not used."""
+    return field(default=default, metadata={IGNORED: reason})
+
 
 # ---------------------------------------------------------------------------------------
 # Value checks used by the validate() methods
@@ -522,8 +531,15 @@ class SensorIngestConfig:
 
 @dataclass(frozen=True)
 class TimeSyncConfig:
+    """Clock skew comes from the server's ``server_time`` on the control channel, so the
+    platform's NTP keys are accepted and ignored."""
+
     enabled: bool = True
     max_skew_ms: float = 500.0
+    ntp_server: str = ignored_field(
+        "", "skew is measured against the server's server_time, not an NTP server")
+    fallback_skew_ms: float = ignored_field(
+        0.0, "no fallback skew is applied: without server_time events keep the sensor clock")
 
     def validate(self, at: str) -> None:
         _check_non_negative(at, "max_skew_ms", self.max_skew_ms)
@@ -565,6 +581,24 @@ class SensorMetricsConfig:
 # get JSON single-chunk POSTs and ChunkAck deletes, as before).
 DEFAULT_CAPABILITIES = ("chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats",
                         "proto", "batch", "http_ack")
+#: The protocol 1.0 base set. A ``capabilities`` list naming nothing beyond it (the
+#: platform's old default ``[chunks, heartbeats]``) means "the base set and every
+#: extension", minus ``capabilities_exclude``; a list naming any extension is taken as is.
+BASE_CAPABILITIES = frozenset({"chunks", "heartbeats"})
+
+
+def expand_capabilities(listed: tuple[str, ...], exclude: tuple[str, ...]) -> tuple[str, ...]:
+    """The capabilities a sensor asks for (docs/deployment.md, "Capabilities")."""
+    chosen = listed
+    if set(listed) <= BASE_CAPABILITIES:
+        chosen = tuple(listed) + tuple(c for c in DEFAULT_CAPABILITIES if c not in listed)
+    return tuple(c for c in chosen if c not in exclude)
+
+
+def exact_capabilities(listed: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """Config keys that make a sensor announce exactly ``listed`` (e.g. a 1.0 sensor)."""
+    return {"capabilities": list(listed),
+            "capabilities_exclude": [c for c in DEFAULT_CAPABILITIES if c not in listed]}
 
 
 @dataclass(frozen=True)
@@ -575,6 +609,7 @@ class SensorConfig:
     token_file: str = ""
     heartbeat_interval: float = 30.0
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+    capabilities_exclude: tuple[str, ...] = ()
     queue: SensorQueueConfig = field(default_factory=SensorQueueConfig)
     control: SensorControlConfig = field(default_factory=SensorControlConfig)
     ingest: SensorIngestConfig = field(default_factory=SensorIngestConfig)
@@ -588,6 +623,8 @@ class SensorConfig:
         if not self.queue.path:
             path = f"./var/sensor-{self.sensor_id}.db"
             object.__setattr__(self, "queue", replace(self.queue, path=path))
+        object.__setattr__(self, "capabilities",
+                           expand_capabilities(self.capabilities, self.capabilities_exclude))
 
     def validate(self, at: str) -> None:
         if not SENSOR_ID_RE.fullmatch(self.sensor_id):
@@ -598,6 +635,10 @@ class SensorConfig:
         _check_positive(at, "heartbeat_interval", self.heartbeat_interval)
         for i, capability in enumerate(self.capabilities):
             _check_not_empty(at, f"capabilities[{i}]", capability)
+        for i, capability in enumerate(self.capabilities_exclude):
+            if capability in BASE_CAPABILITIES:
+                _fail(_key(at, f"capabilities_exclude[{i}]"),
+                      f"{capability!r} is part of protocol 1.0 and cannot be excluded")
 
 
 # ---------------------------------------------------------------------------------------
@@ -958,6 +999,7 @@ __all__ = [
     "SensorConfig",
     "SensorControlConfig", "SensorIngestConfig", "SensorMetricsConfig", "SensorQueueConfig",
     "SensorTlsConfig", "ServerConfig", "StoreConfig", "StreamConfig", "SubmitConfig",
-    "TimeSyncConfig", "TlsConfig", "TokenConfig", "load_sensor_config", "load_server_config",
+    "TimeSyncConfig", "TlsConfig", "TokenConfig", "exact_capabilities", "expand_capabilities",
+    "load_sensor_config", "load_server_config",
     "parse_not_after", "sensor_config_from_dict", "server_config_from_dict",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
@@ -120,6 +121,26 @@ def effective_capabilities(config: Any) -> tuple[str, ...]:
     return tuple(wanted)
 
 
+#: Keys a SIGHUP takes over without a restart.
+RELOADABLE_KEYS = ("token", "token_file", "control.tls", "ingest.tls")
+
+
+def credential_only_changes(old: Any, new: Any) -> list[str]:
+    """Dotted keys (top level and sections) that differ between two configs, other than
+    the reloadable credentials."""
+    changed: list[str] = []
+    for f in fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if f.name in ("token", "token_file") or before == after:
+            continue
+        if f.name in ("control", "ingest"):
+            changed += [f"{f.name}.{g.name}" for g in fields(before)
+                        if g.name != "tls" and getattr(before, g.name) != getattr(after, g.name)]
+        else:
+            changed.append(f.name)
+    return changed
+
+
 def iso_utc(timestamp: float) -> str:
     """``sent_at`` in the 1.0 format: ``2026-11-27T05:00:00+00:00``."""
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
@@ -199,6 +220,28 @@ class SensorAgent:
         """Ask ``run()`` to finish: in-flight POSTs get ``shutdown_grace_s`` to complete,
         retries waiting on backoff are abandoned (their chunks stay queued)."""
         self._stop.set()
+
+    def reload_credentials(self, fresh: Any) -> list[str]:
+        """SIGHUP: take ``fresh``'s token and TLS files; returns the other keys that differ
+        (those need a restart and are left as they are). The control channel is closed so
+        the next connection authenticates with the new credentials."""
+        others = credential_only_changes(self.config, fresh)
+        if others:
+            log.warning("sensor_reload_partial restart_needed_for=%s", ",".join(others))
+        for transport in (self._control, self._ingest):
+            refresh = getattr(transport, "refresh_credentials", None)
+            if refresh is not None:
+                refresh(fresh)
+        self.config = replace(self.config, token=fresh.token, token_file=fresh.token_file,
+                              control=replace(self.config.control, tls=fresh.control.tls),
+                              ingest=replace(self.config.ingest, tls=fresh.ingest.tls))
+        channel = self._channel
+        if channel is not None:
+            task = asyncio.create_task(channel.close(), name="sensor-reload-close")
+            self._other_tasks.add(task)
+            task.add_done_callback(self._other_tasks.discard)
+        log.info("sensor_reloaded credentials=token,tls reconnect=%s", channel is not None)
+        return others
 
     @property
     def stopping(self) -> bool:

@@ -4,9 +4,14 @@
 
     pipeline-sensor run    --config sensor.yml
     pipeline-sensor submit --config sensor.yml [FILE|-] [--attr key=value ...]
+    pipeline-sensor check-config FILE [--tls-dir DIR]   validate without starting (0 or 2)
+    pipeline-sensor health --config sensor.yml          GET the agent's /healthz (0 or 1)
+    pipeline-sensor backup --config sensor.yml DEST     online copy of the queue file
 
 ``run`` stops gracefully on SIGTERM or SIGINT: running POSTs get a short grace period,
 retries waiting on backoff are abandoned (their chunks stay queued), the queue is closed.
+SIGHUP re-reads the file and takes over the token and the TLS files (the control channel
+reconnects with them); other changed keys are logged as needing a restart.
 ``submit`` prints the new event id on stdout. A configuration problem exits with status 2
 and a message naming the key (also a ``token_file`` that cannot be read when no ``token``
 is set); a queue that cannot be opened, or that another agent already runs on (its
@@ -22,7 +27,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.instance_lock import InstanceLock
@@ -62,7 +67,54 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file holding the event, or - for standard input (default)")
     submit.add_argument("--attr", "-a", action="append", default=[], metavar="KEY=VALUE",
                         help="an attribute of the event (repeatable)")
+
+    check = commands.add_parser("check-config", help="validate a configuration; exit 0 or 2")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--tls-dir", metavar="DIR",
+                       help="where the files the config names under /tls/ are on this host")
+
+    health = commands.add_parser("health", help="GET the running agent's /healthz")
+    health.add_argument("--config", "-c", type=Path, default=None)
+    health.add_argument("--url", help="health URL (default: metrics.listen of the config)")
+
+    backup = commands.add_parser("backup", help="online copy of the queue file")
+    backup.add_argument("--config", "-c", type=Path, default=None)
+    backup.add_argument("destination", metavar="DEST")
     return parser
+
+
+def check_config(args: argparse.Namespace) -> int:
+    from pipeline.common.config import SensorConfig, load_sensor_config
+    from pipeline.common.config_check import check_config_command
+
+    return check_config_command(args.file, args.tls_dir, sys.stdout, sys.stderr,
+                                "pipeline-sensor", load_sensor_config, SensorConfig)
+
+
+def health(args: argparse.Namespace) -> int:
+    from pipeline.common.config import load_sensor_config
+    from pipeline.common.health_probe import local_url, probe
+    from pipeline.sensor.metrics import HEALTH_PATH, parse_listen
+
+    url = args.url
+    if not url:
+        listen = load_sensor_config(args.config).metrics.listen
+        if not listen:
+            raise ConfigError("metrics.listen: the health endpoint needs a listen address, "
+                              "e.g. 127.0.0.1:9119", field="metrics.listen")
+        host, port = parse_listen(listen)
+        url = local_url("http", host, port, HEALTH_PATH)
+    return probe(url, sys.stdout)
+
+
+def backup(args: argparse.Namespace) -> int:
+    from pipeline.common.backup import backup_sqlite
+    from pipeline.common.config import load_sensor_config
+
+    path = load_sensor_config(args.config).queue.path
+    pages = backup_sqlite(path, args.destination)
+    sys.stdout.write(f"backup: {path} -> {args.destination} ({pages} pages)\n")
+    return EXIT_OK
 
 
 def _parse_attrs(items: Sequence[str]) -> dict[str, str]:
@@ -127,16 +179,18 @@ async def run_agent(config_path: Path | None) -> int:
 
     config = load_sensor_config(config_path)
     check_token_source(config)
+    if config_path is not None:
+        _check_start_up(config, config_path)
     lock = InstanceLock(config.queue.path, "queue.path")
     _make_parent(config.queue.path)
     lock.acquire()
     try:
-        return await _run_locked(config)
+        return await _run_locked(config, config_path)
     finally:
         lock.release()
 
 
-async def _run_locked(config: SensorConfig) -> int:
+async def _run_locked(config: SensorConfig, config_path: Path | None) -> int:
     from pipeline.sensor.agent import SensorAgent
     from pipeline.sensor.submit import open_queue
 
@@ -145,9 +199,12 @@ async def _run_locked(config: SensorConfig) -> int:
         agent = SensorAgent(config, queue)
         loop = asyncio.get_running_loop()
         installed = []
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        handlers = ((signal.SIGTERM, _on_signal, (agent, signal.SIGTERM)),
+                    (signal.SIGINT, _on_signal, (agent, signal.SIGINT)),
+                    (signal.SIGHUP, _on_hangup, (agent, config_path)))
+        for signum, handler, handler_args in handlers:
             try:
-                loop.add_signal_handler(signum, _on_signal, agent, signum)
+                loop.add_signal_handler(signum, handler, *handler_args)
                 installed.append(signum)
             except (NotImplementedError, RuntimeError):  # not the main thread / platform
                 log.debug("signal_handler_unavailable signal=%s", signum)
@@ -159,6 +216,30 @@ async def _run_locked(config: SensorConfig) -> int:
     finally:
         queue.close()
     return EXIT_OK
+
+
+def _check_start_up(config: Any, path: Path) -> None:
+    """Enabled TLS files must exist; platform keys this agent ignores are logged once."""
+    from pipeline.common.config import SensorConfig
+    from pipeline.common.config_check import check_tls_files, read_document, report_ignored
+
+    check_tls_files(config)
+    report_ignored(SensorConfig, read_document(path), "sensor")
+
+
+def _on_hangup(agent: SensorAgent, config_path: Path | None) -> None:
+    """SIGHUP: re-read the file; a bad file is logged and the running config kept."""
+    from pipeline.common.config import load_sensor_config
+
+    log.info("sensor_reload_requested signal=SIGHUP")
+    try:
+        fresh = load_sensor_config(config_path)
+        check_token_source(fresh)
+        if config_path is not None:
+            _check_start_up(fresh, config_path)
+        agent.reload_credentials(fresh)
+    except ConfigError as exc:
+        log.error("sensor_reload_failed key=%s message=%s", exc.field or "-", exc.message)
 
 
 def _on_signal(agent: SensorAgent, signum: int) -> None:
@@ -186,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(run_agent(args.config))
+        if args.command == "check-config":
+            return check_config(args)
+        if args.command == "health":
+            return health(args)
+        if args.command == "backup":
+            return backup(args)
         return submit_command(args.config, args.file, args.attr)
     except ConfigError as exc:
         log.error("config_error key=%s message=%s", exc.field or "-", exc.message)

@@ -1,4 +1,5 @@
-"""The sensor agent's own Prometheus metrics, on an optional local port (``metrics.listen``).
+"""The sensor agent's own Prometheus metrics and ``/healthz``, on an optional local port
+(``metrics.listen``).
 
 The figures are read at scrape time from the agent's counters and its queue, through a
 collector registered on an injected ``CollectorRegistry`` (tests build their own and read
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
+#: Liveness of the agent's event loop (``pipeline-sensor health``, the image's HEALTHCHECK).
+HEALTH_PATH = "/healthz"
 
 
 class AgentFigures(Protocol):
@@ -146,6 +149,7 @@ class SensorMetricsServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(METRICS_PATH, self._handle)
+        app.router.add_get(HEALTH_PATH, self._health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
@@ -163,6 +167,10 @@ class SensorMetricsServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """200 while the agent's event loop answers (it serves this very request)."""
+        return web.json_response({"status": "ok"})
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, self._registry)

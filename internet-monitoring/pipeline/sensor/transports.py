@@ -192,9 +192,12 @@ def build_ssl_context(tls: Any, url: str, section: str) -> ssl.SSLContext | None
                           field=f"{section}.tls.enabled")
     if not secure:
         return None
-    ca_cert = getattr(tls, "ca_cert", None) if tls is not None else None
-    cert = getattr(tls, "cert", None) if tls is not None else None
-    key = getattr(tls, "key", None) if tls is not None else None
+    # With tls.enabled false a wss:// or https:// URL uses the system store and no client
+    # certificate: the platform renders TLS paths whose files it did not write.
+    files = tls if enabled else None
+    ca_cert = getattr(files, "ca_cert", None) if files is not None else None
+    cert = getattr(files, "cert", None) if files is not None else None
+    key = getattr(files, "key", None) if files is not None else None
     skip_verify = bool(getattr(tls, "skip_verify", False)) if tls is not None else False
     try:
         context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
@@ -420,6 +423,11 @@ class ControlClient:
     def url(self) -> str:
         return self._url
 
+    def refresh_credentials(self, config: Any) -> None:
+        """SIGHUP: the next connection uses ``config``'s token and TLS files."""
+        self._ssl = build_ssl_context(config.control.tls, self._url, "control")
+        self._token = _token_source(config)
+
     def _current_token(self) -> str:
         return self._token() if callable(self._token) else self._token
 
@@ -490,6 +498,11 @@ class IngestClient:
         return cls(url=ingest.url, token=_token_source(config), timeout=ingest.timeout,
                    headers=dict(ingest.headers or {}), tls=ingest.tls,
                    max_parallel=ingest.max_parallel)
+
+    def refresh_credentials(self, config: Any) -> None:
+        """SIGHUP: later POSTs use ``config``'s token; new connections its TLS files."""
+        self._ssl = build_ssl_context(config.ingest.tls, self.url, "ingest")
+        self.token = _token_source(config)
 
     def _current_token(self) -> str:
         return self.token() if callable(self.token) else self.token

@@ -7,6 +7,12 @@
                                               mint a sensor token; print its config entry,
                                               or write the entry (hash only) into the file
                                               and print just the token
+    pipeline-server check-config FILE [--tls-dir DIR]
+                                              validate without starting (exit 0 or 2)
+    pipeline-server health [--config FILE] [--url URL]
+                                              GET /readyz of the local server (exit 0 or 1)
+    pipeline-server backup [--config FILE] DEST
+                                              online copy of the SQLite store to DEST
     pipeline-server [--config server.yml] token rotate SENSOR_ID [--url URL]
                                               rotate a connected sensor's token through the
                                               running server (admin token from
@@ -74,7 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--cafile", help="CA bundle to verify an https ingest listener")
     rotate.add_argument("--cert", help="client certificate (mTLS ingest listener)")
     rotate.add_argument("--key", help="client key (mTLS ingest listener)")
+    check = sub.add_parser("check-config", help="validate a configuration without starting")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--tls-dir", metavar="DIR",
+                       help="where the files the config names under /tls/ are on this host")
+    health = sub.add_parser("health", help="GET /readyz of the local server (exit 0 or 1)")
+    health.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS)
+    health.add_argument("--url", help="readiness URL (default: from the configuration)")
+    backup = sub.add_parser("backup", help="online copy of the SQLite store")
+    backup.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS)
+    backup.add_argument("destination", metavar="DEST")
     return parser
+
+
+def check_config(args: argparse.Namespace, out: TextIO) -> int:
+    from pipeline.common.config_check import check_config_command
+
+    return check_config_command(args.file, args.tls_dir, out, sys.stderr, "pipeline-server",
+                                load_server_config, ServerConfig)
+
+
+def health(args: argparse.Namespace, out: TextIO) -> int:
+    from pipeline.common.health_probe import local_url, probe
+
+    url = args.url
+    if not url:
+        try:
+            ingest = load_server_config(getattr(args, "config", None)).ingest
+        except ConfigError as exc:
+            sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
+            return EXIT_CONFIG
+        scheme = "https" if ingest.tls.enabled else "http"
+        url = local_url(scheme, ingest.bind, ingest.port, "/readyz")
+    return probe(url, out)
+
+
+def backup(args: argparse.Namespace, out: TextIO) -> int:
+    from pipeline.common.backup import backup_sqlite
+
+    try:
+        store = load_server_config(getattr(args, "config", None)).store
+        if store.engine != "sqlite":
+            raise ConfigError("store.engine: backup copies SQLite stores; back PostgreSQL "
+                              "up with pg_dump", field="store.engine")
+        pages = backup_sqlite(store.path, args.destination)
+    except ConfigError as exc:
+        sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
+        return EXIT_CONFIG
+    except PipelineError as exc:
+        sys.stderr.write(f"pipeline-server: {exc.message}\n")
+        return EXIT_FAILURE
+    out.write(f"backup: {store.path} -> {args.destination} ({pages} pages)\n")
+    return 0
 
 
 def token_rotate(args: argparse.Namespace, out: TextIO) -> int:
@@ -145,6 +202,14 @@ def _token_add_to(sensor_id: str, token: str, path: str, out: TextIO) -> int:
     return 0
 
 
+def check_start_up(config: ServerConfig, path: str) -> None:
+    """Start-up only: enabled TLS files must exist; ignored platform keys logged once."""
+    from pipeline.common.config_check import check_tls_files, read_document, report_ignored
+
+    check_tls_files(config)
+    report_ignored(ServerConfig, read_document(path), "server")
+
+
 def with_demo_token(config: ServerConfig) -> tuple[ServerConfig, str | None]:
     """Add a generated fleet token unless credentials are already configured."""
     auth = config.auth
@@ -195,6 +260,8 @@ async def serve(config: ServerConfig, demo_token: str | None, out: TextIO,
     def reload_config() -> ServerConfig:
         """SIGHUP / file watch: the file and environment again (the demo token stays)."""
         fresh = load_server_config(config_path)
+        if config_path is not None:
+            check_start_up(fresh, config_path)
         auth = fresh.auth
         if demo_token is not None and not (auth.sensors or auth.fleet_token
                                            or auth.fleet_token_sha256):
@@ -223,6 +290,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.token_command == "rotate":
             return token_rotate(args, stdout)
         return token_create(args.sensor_id, stdout, args.add_to)
+    commands = {"check-config": check_config, "health": health, "backup": backup}
+    if args.command in commands:
+        setup_logging("INFO" if args.command == "backup" else "WARNING", "kv")
+        return commands[args.command](args, stdout)
     try:
         config = load_server_config(args.config)
         demo_token = None
@@ -230,6 +301,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             config, demo_token = with_demo_token(config)
         setup_logging(config.logging.level, config.logging.format)
         warn_at_start_up(config, demo=is_demo(config, demo_token))
+        if args.config is not None:
+            check_start_up(config, args.config)
         with store_lock(config):
             asyncio.run(serve(config, demo_token, stdout, args.config))
     except ConfigError as exc:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from pipeline.common.config import exact_capabilities
 from pipeline.common.errors import ConfigError
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.faults import FaultPlan
@@ -301,7 +302,7 @@ class Fleet:
     def _sensor_config(self) -> dict[str, Any]:
         config = dict(SIM_SENSOR_CONFIG)
         if self.options.capabilities is not None:
-            config["capabilities"] = list(self.options.capabilities)
+            config.update(exact_capabilities(self.options.capabilities))
         return config
 
     def unique_proxies(self) -> list[FaultProxy]:
