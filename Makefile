@@ -2,7 +2,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# The runtime alone (make install, make demo): no test toolchain. The dev install
+# The runtime alone (make install, make demo): server and sensor ('.[server]': the
+# server-only dependencies are an extra so a sensor never installs them), no test toolchain. The dev install
 # (make venv, make test) includes the runtime, so it satisfies this stamp too.
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 $(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[server]'
 	touch $(RUNTIME_STAMP)
 
 venv: $(STAMP)
