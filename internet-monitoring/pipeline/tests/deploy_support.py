@@ -82,6 +82,8 @@ def make_lab(root: Path) -> Lab:
     (cloud / "docker-compose.yml").write_text(yaml.safe_dump(PLATFORM_COMPOSE))
     (cloud / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(PLATFORM_PROMETHEUS))
     (root / "sensor-host" / "internet-monitoring").mkdir(parents=True)
+    for side in ("sensor", "server"):
+        (root / f"{side}-host" / "systemd").mkdir()  # stands for /etc/systemd/system
     calls = root / "calls.log"
     recorder = root / "record-call"
     recorder.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")

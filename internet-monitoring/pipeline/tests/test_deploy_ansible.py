@@ -6,6 +6,7 @@ has them, idempotence, reload (not restart) when only credentials change, no sec
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import trustme
 import yaml
 
+from pipeline.tests.conftest import require_tool
 from pipeline.tests.deploy_support import Lab, PlaybookRun, lab_vars, make_lab, mode, run_playbook
 
 SENSOR_TOKEN = "sensor-token-first-0123456789abcdef"
@@ -177,3 +179,26 @@ def test_host_overrides_and_validation(tmp_path: Path) -> None:
     assert path.read_text() == before
     assert lab.take_calls() == []
     assert not (lab.sensor_dir / "config" / ".sensor.restart-keys.yml").read_text().count("wrong")
+
+
+def test_systemd_mode_installs_verifiable_units(tmp_path: Path) -> None:
+    """pipeline_service_manager: systemd renders the shipped unit plus a drop-in binding
+    this host's config and TLS directories; systemd-analyze accepts the result."""
+    analyze = require_tool("systemd-analyze")
+    lab = make_lab(tmp_path)
+    sensor = lab_vars(lab, "sensor", pipeline_service_manager="systemd")
+    server = lab_vars(lab, "server", pipeline_service_manager="systemd",
+                      pipeline_server_prometheus_enable=False)
+    ok(run_playbook(lab, sensor, server))
+    assert lab.take_calls() == ["systemd daemon-reload", "sensor restart",
+                                "systemd daemon-reload", "server restart"]
+    for side, unit in (("sensor", "pipeline-agent"), ("server", "pipeline-server")):
+        units = tmp_path / f"{side}-host" / "systemd"
+        dropin = (units / f"{unit}.service.d" / "openuxi.conf").read_text()
+        pipeline = tmp_path / f"{side}-host" / "internet-monitoring" / "pipeline"
+        assert f"BindReadOnlyPaths={pipeline}/config:/config {pipeline}/tls:/tls" in dropin
+        done = subprocess.run([analyze, "verify", str(units / f"{unit}.service")],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    compose = yaml.safe_load((lab.server_dir.parent / "docker-compose.yml").read_text())
+    assert "pipeline-server" not in compose["services"]  # systemd instead of compose
