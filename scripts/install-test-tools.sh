@@ -2,7 +2,8 @@
 # Installs the system tools the test suite drives for real, when they are missing:
 # headless Chromium (dashboard test), promtool (alert-rule tests), curl (the README's and
 # docs/dashboard.md's commands are run as written), unshare and ip (the README's commands
-# run in a private network namespace).
+# run in a private network namespace) and systemd-analyze (the shipped units' verify and
+# security tests).
 # Needs root and apt-get; elsewhere it says what is missing and the tests that need a
 # tool skip locally (under CI=true they fail instead).
 set -u
@@ -14,6 +15,7 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install-test-tools: installing ${missing[*]}"

@@ -6,6 +6,7 @@ has them, idempotence, reload (not restart) when only credentials change, no sec
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import trustme
 import yaml
 
 from pipeline.tests.conftest import require_tool
-from pipeline.tests.deploy_support import Lab, PlaybookRun, lab_vars, make_lab, mode, run_playbook
+from pipeline.tests.deploy_support import IM_DIR, Lab, PlaybookRun, lab_vars, make_lab, mode, run_playbook
 
 SENSOR_TOKEN = "sensor-token-first-0123456789abcdef"
 SENSOR_TOKEN_2 = "sensor-token-second-fedcba9876543210"
@@ -72,6 +73,7 @@ def test_role_lifecycle(tmp_path: Path, pki: dict[str, str]) -> None:
     assert lab.take_calls() == ["sensor restart", "server restart", "prometheus reload"]
     check_sensor_files(lab)
     check_server_files(lab)
+    check_prometheus_config(lab)
 
     second = ok(run_playbook(lab, sensor, server))
     assert second.changed == 0, second.output[-3000:]
@@ -202,3 +204,15 @@ def test_systemd_mode_installs_verifiable_units(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
     compose = yaml.safe_load((lab.server_dir.parent / "docker-compose.yml").read_text())
     assert "pipeline-server" not in compose["services"]  # systemd instead of compose
+
+
+def check_prometheus_config(lab: Lab) -> None:
+    """The platform's prometheus.yml with the role's job and rule file passes promtool."""
+    promtool = require_tool("promtool")
+    prometheus = lab.server_dir.parent / "prometheus"
+    shutil.copy(IM_DIR / "prometheus" / "pipeline-alerts.yml", prometheus)  # the synced folder
+    (prometheus / "alert.rules").write_text("groups: []\n")  # the platform's own rules
+    done = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=prometheus,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 2 rule files found" in done.stdout

@@ -33,7 +33,7 @@ from pipeline.tests.server_support import TOKENS, running_server, server_config,
 
 MONITORING = Path(__file__).resolve().parents[2]
 PROVISIONING = MONITORING / "grafana" / "provisioning"
-DASHBOARD = PROVISIONING / "dashboards" / "pipeline-overview.json"
+DASHBOARD = PROVISIONING / "dashboards" / "openuxi-pipeline-delivery.json"
 RULES = MONITORING / "prometheus" / "pipeline-alerts.yml"
 
 

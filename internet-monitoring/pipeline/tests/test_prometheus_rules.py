@@ -44,7 +44,7 @@ def test_promtool_check_rules(promtool: str) -> None:
 
 
 def test_promtool_check_config_of_the_example_prometheus(promtool: str) -> None:
-    result = run(promtool, "check", "config", "prometheus.yml", cwd=PROMETHEUS_DIR)
+    result = run(promtool, "check", "config", "pipeline-prometheus.example.yml", cwd=PROMETHEUS_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 1 rule files found" in result.stdout
 
