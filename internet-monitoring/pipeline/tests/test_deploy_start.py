@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -112,11 +113,11 @@ class Deployment:
                               env={**os.environ, **self.sensor_env}, check=True)
         return done.stdout.decode().strip()
 
-    def event_ids(self, ca: Path | None) -> set[str]:
+    def event_ids(self, ca: Path | None, token: str = TOKEN) -> set[str]:
         scheme = "https" if self.secure else "http"
         request = urllib.request.Request(
             f"{scheme}://127.0.0.1:{self.ports['ingest']}/v1/sensors/sensor-1/events",
-            headers={"Authorization": f"Bearer {TOKEN}"})
+            headers={"Authorization": f"Bearer {token}"})
         context = ssl.create_default_context(cafile=str(ca)) if ca else None
         with urllib.request.urlopen(request, timeout=10, context=context) as answer:  # noqa: S310
             return {e["event_id"] for e in json.loads(answer.read())["events"]}
@@ -136,14 +137,20 @@ def render(lab: Lab, sensor: dict[str, Any], server: dict[str, Any]) -> None:
     assert run.rc == 0, run.output[-4000:]
 
 
-def deliver_one_event(deployment: Deployment, ca: Path | None) -> None:
+def wait_for_event(deployment: Deployment, ca: Path | None, event_id: str,
+                   token: str = TOKEN) -> None:
+    deadline = time.monotonic() + 30
+    while event_id not in deployment.event_ids(ca, token):
+        assert time.monotonic() < deadline, "\n".join(
+            p.log_text()[-3000:] for p in deployment.processes)
+        time.sleep(0.2)
+
+
+def deliver_one_event(deployment: Deployment, ca: Path | None) -> tuple[ManagedProcess,
+                                                                         ManagedProcess]:
     server = deployment.start_server()
     agent = deployment.start_agent()
-    event_id = deployment.submit(b'{"test": "ping", "rtt_ms": 12.5}')
-    deadline = time.monotonic() + 30
-    while event_id not in deployment.event_ids(ca):
-        assert time.monotonic() < deadline, agent.log_text()[-3000:] + server.log_text()[-3000:]
-        time.sleep(0.2)
+    wait_for_event(deployment, ca, deployment.submit(b'{"test": "ping", "rtt_ms": 12.5}'))
     log = agent.log_text()
     # The platform's old default [chunks, heartbeats] gets the fast path (server_time only
     # with time_sync.enabled, which the platform defaults to false).
@@ -152,6 +159,32 @@ def deliver_one_event(deployment: Deployment, ca: Path | None) -> None:
     assert log.count("config_key_ignored program=sensor key=time_sync.ntp_server") == 1
     assert server.log_text().count("config_key_ignored program=server "
                                    "key=dashboard.sample_path") == 1
+    return server, agent
+
+
+def rotate_token_by_reload(deployment: Deployment, server: ManagedProcess,
+                           agent: ManagedProcess) -> None:
+    """What the role's reload handler does after a token change: new files, SIGHUP to
+    both; the agent keeps its process (and queue) and authenticates with the new token."""
+    lab, new_token = deployment.lab, "rotated-token-0123456789abcdef"
+    for path, edit in ((lab.server_dir / "config" / "server.yml",
+                        lambda d: d["auth"]["sensors"][0].update(token=new_token)),
+                       (lab.sensor_dir / "config" / "sensor.yml",
+                        lambda d: d.update(token=new_token))):
+        doc = yaml.safe_load(path.read_text())
+        edit(doc)
+        path.write_text(yaml.safe_dump(doc))
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "config_reloaded reason=sighup" not in server.log_text():
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.1)
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for_event(deployment, None, deployment.submit(b'{"test": "dns", "lookup_ms": 3}'),
+                   new_token)
+    assert agent.running and agent.starts == 1
+    assert "sensor_reloaded credentials=token,tls" in agent.log_text()
+    assert "sensor_reload_partial" not in agent.log_text()
 
 
 def test_platform_defaults_check_and_start(lab: Lab) -> None:
@@ -164,7 +197,8 @@ def test_platform_defaults_check_and_start(lab: Lab) -> None:
         assert "ok" in checked.stdout
     deployment = Deployment(lab, "http")
     try:
-        deliver_one_event(deployment, None)
+        server, agent = deliver_one_event(deployment, None)
+        rotate_token_by_reload(deployment, server, agent)
     finally:
         deployment.stop()
 
