@@ -107,6 +107,7 @@ def lab_vars(lab: Lab, side: str, **overrides: Any) -> dict[str, Any]:
         "pipeline_systemd_daemon_reload_command": f"{lab.recorder} systemd daemon-reload",
         "pipeline_venv_dir": str(VENV_BIN.parent),
         "pipeline_install_package": False,
+        "pipeline_validate_packages": [],  # PyYAML is in this venv; no apt in tests
         "pipeline_create_user": False,
         "pipeline_systemd_dir": str(lab.root / f"{side}-host" / "systemd"),
     }

@@ -16,7 +16,15 @@ import trustme
 import yaml
 
 from pipeline.tests.conftest import require_tool
-from pipeline.tests.deploy_support import IM_DIR, Lab, PlaybookRun, lab_vars, make_lab, mode, run_playbook
+from pipeline.tests.deploy_support import (
+    IM_DIR,
+    Lab,
+    PlaybookRun,
+    lab_vars,
+    make_lab,
+    mode,
+    run_playbook,
+)
 
 SENSOR_TOKEN = "sensor-token-first-0123456789abcdef"
 SENSOR_TOKEN_2 = "sensor-token-second-fedcba9876543210"
@@ -39,7 +47,10 @@ def pki() -> dict[str, str]:
             "client_key": client.private_key_pem.bytes().decode()}
 
 
-def host_vars(lab: Lab, pki: dict[str, str], **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+Vars = dict[str, Any]
+
+
+def host_vars(lab: Lab, pki: dict[str, str], **changes: Any) -> tuple[Vars, Vars]:
     sensor = lab_vars(lab, "sensor",
                       pipeline_sensor_token=changes.get("sensor_token", SENSOR_TOKEN),
                       pipeline_sensor_control_url="wss://127.0.0.1:8765/control",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import logging
 import sqlite3
+import subprocess
+import sys
 import threading
 import tomllib
 from pathlib import Path
@@ -131,7 +133,8 @@ def write(path: Path, doc: Any) -> Path:
 def test_check_config_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good_sensor = write(tmp_path / "sensor.yml", PLATFORM_SENSOR)
     assert sensor_main.main(["check-config", str(good_sensor)]) == 0
-    assert "ok (ignored: time_sync.ntp_server, time_sync.fallback_skew_ms)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok (ignored: time_sync.ntp_server, time_sync.fallback_skew_ms)" in out
     good_server = write(tmp_path / "server.yml", PLATFORM_SERVER)
     assert server_main.main(["check-config", str(good_server)], out=io.StringIO()) == 0
 
@@ -210,3 +213,33 @@ def test_rendered_default_sensor_config_loads(tmp_path: Path) -> None:
     path = write(tmp_path / "sensor.yml", PLATFORM_SENSOR)
     config = load_sensor_config(path, env={"PIPELINE_SENSOR__QUEUE__PATH": str(tmp_path / "q.db")})
     assert config.queue.path == str(tmp_path / "q.db")
+
+
+@pytest.mark.parametrize("program", ["sensor", "server"])
+def test_check_config_needs_only_pyyaml(tmp_path: Path, program: str) -> None:
+    """The roles run check-config with the host's python3 and python3-yaml: it must not
+    import aiohttp, prometheus_client or protobuf."""
+    doc = PLATFORM_SENSOR if program == "sensor" else PLATFORM_SERVER
+    path = write(tmp_path / f"{program}.yml", doc)
+    blocker = ("import runpy, sys\n"
+               "for name in ('aiohttp', 'prometheus_client', 'google', 'google.protobuf'):\n"
+               "    sys.modules[name] = None\n"
+               f"sys.argv = ['pipeline-{program}', 'check-config', {str(path)!r}]\n"
+               f"runpy.run_module('pipeline.{program}', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert ": ok" in done.stdout
+
+
+def test_credential_only_changes_names_the_rest() -> None:
+    from pipeline.sensor.agent import credential_only_changes
+
+    old = sensor_config_from_dict(PLATFORM_SENSOR)
+    tls = dict(PLATFORM_SENSOR["control"]["tls"], skip_verify=True)
+    new = sensor_config_from_dict({**PLATFORM_SENSOR, "token": "other", "heartbeat_interval": 5,
+                                   "control": {**PLATFORM_SENSOR["control"], "tls": tls,
+                                               "ping_interval": 3}})
+    assert credential_only_changes(old, new) == ["heartbeat_interval", "control.ping_interval"]
+    assert credential_only_changes(old, sensor_config_from_dict(
+        {**PLATFORM_SENSOR, "token": "other"})) == []

@@ -68,8 +68,9 @@ def test_compose_files_match_the_compose_spec(tmp_path: Path) -> None:
 def test_compose_services_as_the_platform_names_them() -> None:
     sensor = yaml.safe_load(COMPOSE_FILES[0].read_text())
     server = yaml.safe_load(COMPOSE_FILES[1].read_text())
-    for doc, service, volume, side in ((sensor, "pipeline-agent", "pipeline_sensor_data", "sensor"),
-                                       (server, "pipeline-server", "pipeline_server_data", "server")):
+    for doc, service, volume, side in (
+            (sensor, "pipeline-agent", "pipeline_sensor_data", "sensor"),
+            (server, "pipeline-server", "pipeline_server_data", "server")):
         assert list(doc["services"]) == [service]
         spec = doc["services"][service]
         assert spec["network_mode"] == "host"

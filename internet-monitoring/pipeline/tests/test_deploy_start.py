@@ -237,13 +237,16 @@ def test_tls_without_contents(lab: Lab) -> None:
     render(lab, lab_vars(lab, "sensor", pipeline_validate_config=False,
                          pipeline_sensor_control_url="wss://monitoring.example.com/control",
                          pipeline_sensor_control_tls_enable=True,
-                         pipeline_sensor_ingest_url="https://monitoring.example.com/v1/ingest/chunk",
+                         pipeline_sensor_ingest_url="https://monitoring.example.com/v1/ingest"
+                                                    "/chunk",
                          pipeline_sensor_ingest_tls_enable=True),
            lab_vars(lab, "server", pipeline_validate_config=False,
                     pipeline_server_control_tls_enable=True))
-    sensor = check_config("sensor", lab.sensor_dir / "config" / "sensor.yml", lab.sensor_dir / "tls")
+    sensor = check_config("sensor", lab.sensor_dir / "config" / "sensor.yml",
+                          lab.sensor_dir / "tls")
     assert sensor.returncode == 0, sensor.stderr
-    server = check_config("server", lab.server_dir / "config" / "server.yml", lab.server_dir / "tls")
+    server = check_config("server", lab.server_dir / "config" / "server.yml",
+                          lab.server_dir / "tls")
     assert server.returncode == 2
     assert "control.tls.cert: required when enabled is true" in server.stderr
     deployment = Deployment(lab, "https")
