@@ -9,7 +9,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY pipeline ./pipeline
 RUN python -m venv /opt/openuxi-pipeline \
-    && /opt/openuxi-pipeline/bin/pip install --no-cache-dir --no-compile ".[sensor]"
+    && /opt/openuxi-pipeline/bin/pip install --no-cache-dir ".[sensor]"
 
 FROM python:3.12-slim-bookworm
 RUN groupadd --system --gid 10001 pipeline \

@@ -76,6 +76,7 @@ def ok(run: PlaybookRun) -> PlaybookRun:
     return run
 
 
+@pytest.mark.slow
 def test_role_lifecycle(tmp_path: Path, pki: dict[str, str]) -> None:
     lab = make_lab(tmp_path)
     sensor, server = host_vars(lab, pki)
@@ -194,6 +195,7 @@ def test_host_overrides_and_validation(tmp_path: Path) -> None:
     assert not (lab.sensor_dir / "config" / ".sensor.restart-keys.yml").read_text().count("wrong")
 
 
+@pytest.mark.slow
 def test_systemd_mode_installs_verifiable_units(tmp_path: Path) -> None:
     """pipeline_service_manager: systemd renders the shipped unit plus a drop-in binding
     this host's config and TLS directories; systemd-analyze accepts the result."""

@@ -243,3 +243,14 @@ def test_credential_only_changes_names_the_rest() -> None:
     assert credential_only_changes(old, new) == ["heartbeat_interval", "control.ping_interval"]
     assert credential_only_changes(old, sensor_config_from_dict(
         {**PLATFORM_SENSOR, "token": "other"})) == []
+
+
+def test_health_commands_fail_when_nothing_answers(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.sim.processes import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/readyz"
+    assert server_main.main(["health", "--url", url], out=io.StringIO()) == 1
+    sensor = write(tmp_path / "sensor.yml", PLATFORM_SENSOR)  # no metrics.listen
+    assert sensor_main.main(["health", "--config", str(sensor)]) == 2
+    assert "metrics.listen" in capsys.readouterr().err

@@ -187,6 +187,7 @@ def rotate_token_by_reload(deployment: Deployment, server: ManagedProcess,
     assert "sensor_reload_partial" not in agent.log_text()
 
 
+@pytest.mark.slow
 def test_platform_defaults_check_and_start(lab: Lab) -> None:
     render(lab, lab_vars(lab, "sensor"),
            lab_vars(lab, "server", pipeline_server_auth_sensors=[{"id": "sensor-1",
@@ -203,6 +204,7 @@ def test_platform_defaults_check_and_start(lab: Lab) -> None:
         deployment.stop()
 
 
+@pytest.mark.slow
 def test_tls_with_contents_check_and_start(lab: Lab) -> None:
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1")
