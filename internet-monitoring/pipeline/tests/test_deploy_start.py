@@ -185,6 +185,9 @@ def rotate_token_by_reload(deployment: Deployment, server: ManagedProcess,
     assert agent.running and agent.starts == 1
     assert "sensor_reloaded credentials=token,tls" in agent.log_text()
     assert "sensor_reload_partial" not in agent.log_text()
+    for process, key in ((server, "program=server key=dashboard.sample_path"),
+                         (agent, "program=sensor key=time_sync.ntp_server")):
+        assert process.log_text().count(f"config_key_ignored {key}") == 1  # not per reload
 
 
 @pytest.mark.slow
