@@ -123,3 +123,17 @@ def test_unit_verify_fails_on_a_broken_unit(tmp_path: Path) -> None:
     broken = tmp_path / "broken.service"
     broken.write_text("[Service]\nExecStart=relative/path\nProtectSystem=sideways\n")
     assert run(analyze, "verify", str(broken)).returncode != 0
+
+
+def test_synced_folder_overwrites_nothing_of_the_platform() -> None:
+    """The platform syncs internet-monitoring/ to its hosts: none of our files may take the
+    name of one of its own (prometheus.yml, alert.rules, pipeline-overview.json) or a
+    second default Grafana datasource."""
+    assert not (IM_DIR / "prometheus" / "prometheus.yml").exists()
+    assert not (IM_DIR / "prometheus" / "alert.rules").exists()
+    dashboards = IM_DIR / "grafana" / "provisioning" / "dashboards"
+    assert not (dashboards / "pipeline-overview.json").exists()
+    assert (dashboards / "openuxi-pipeline-delivery.json").exists()
+    sources = yaml.safe_load((IM_DIR / "grafana" / "provisioning" / "datasources"
+                              / "pipeline-prometheus.yml").read_text())["datasources"]
+    assert not any(s.get("isDefault") or s["name"] == "Prometheus" for s in sources)
