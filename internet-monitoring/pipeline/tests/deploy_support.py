@@ -25,7 +25,7 @@ DOCKER_DIR = IM_DIR / "pipeline" / "docker"
 SYSTEMD_DIR = IM_DIR / "pipeline" / "systemd"
 VENV_BIN = Path(sys.executable).parent
 PLAYBOOK_TIMEOUT_S = 120.0
-_RECAP_RE = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
+_RECAP_RE = re.compile(r"^\S+\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
                        r"failed=(\d+)", re.MULTILINE)
 
 # The platform's cloud files before the role runs (what its own templates render).
@@ -45,9 +45,11 @@ class PlaybookRun:
 
     @property
     def changed(self) -> int:
-        match = _RECAP_RE.search(self.output)
-        assert match, f"no PLAY RECAP in ansible output:\n{self.output[-3000:]}"
-        return int(match.group(2))
+        """``changed=`` summed over the hosts of the PLAY RECAP."""
+        recap = self.output.rpartition("PLAY RECAP")[2]
+        found = _RECAP_RE.findall(recap)
+        assert found, f"no PLAY RECAP in ansible output:\n{self.output[-3000:]}"
+        return sum(int(match[1]) for match in found)
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Lab:
         return self.root / "server-host" / "internet-monitoring" / "pipeline"
 
     def take_calls(self) -> list[str]:
-        """Service-manager commands the handlers ran since the last call."""
+        """Service-manager commands the handlers ran since the last call, in order (hosts
+        run in parallel, so only the order within one host is meaningful)."""
         if not self.calls.exists():
             return []
         lines = self.calls.read_text().splitlines()
@@ -104,7 +107,7 @@ def lab_vars(lab: Lab, side: str, **overrides: Any) -> dict[str, Any]:
         "pipeline_python": sys.executable,
         "pipeline_file_owner": file_owner(),
         "pipeline_file_group": file_owner() if os.getuid() == 0 else os.getgid(),
-        "pipeline_systemd_daemon_reload_command": f"{lab.recorder} systemd daemon-reload",
+        "pipeline_systemd_daemon_reload_command": f"{lab.recorder} {side} daemon-reload",
         "pipeline_venv_dir": str(VENV_BIN.parent),
         "pipeline_install_package": False,
         "pipeline_validate_packages": [],  # PyYAML is in this venv; no apt in tests
@@ -128,25 +131,36 @@ def lab_vars(lab: Lab, side: str, **overrides: Any) -> dict[str, Any]:
 
 def run_playbook(lab: Lab, sensor_vars: Mapping[str, Any] | None,
                  server_vars: Mapping[str, Any] | None, *extra: str) -> PlaybookRun:
-    """``ansible-playbook`` against localhost (local connection), one play per host."""
+    """``ansible-playbook`` for a sensor host and a server host of one lab."""
+    hosts = {name: variables for name, variables in (("sensor-host", sensor_vars),
+                                                     ("server-host", server_vars))
+             if variables is not None}
+    return run_hosts(lab.root, hosts, *extra)
+
+
+def run_hosts(root: Path, hosts: Mapping[str, Mapping[str, Any]], *extra: str) -> PlaybookRun:
+    """One play over several inventory hosts, all this machine (local connection), run in
+    parallel: a host named ``sensor...`` gets pipeline_sensor, ``server...`` pipeline_server
+    (as the platform's main.yml picks a role per host)."""
     ansible = require_tool_in_venv("ansible-playbook")
-    plays = []
-    for name, role, variables in (("Sensor host", "pipeline_sensor", sensor_vars),
-                                  ("Server host", "pipeline_server", server_vars)):
-        if variables is not None:
-            plays.append({"name": name, "hosts": "localhost", "connection": "local",
-                          "gather_facts": False, "vars": dict(variables), "roles": [role]})
-    playbook = lab.root / "playbook.yml"
-    playbook.write_text(yaml.safe_dump(plays, sort_keys=False))
-    home = lab.root / "ansible-home"
+    inventory = {"all": {"hosts": {
+        name: {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+               **variables} for name, variables in hosts.items()}}}
+    play = {"name": "Open UXI pipeline", "hosts": "all", "gather_facts": False, "tasks": [
+        {"name": f"Role {role}", "ansible.builtin.import_role": {"name": role},
+         "when": f"inventory_hostname.startswith('{side}')"}
+        for side, role in (("sensor", "pipeline_sensor"), ("server", "pipeline_server"))]}
+    (root / "inventory.yml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+    (root / "playbook.yml").write_text(yaml.safe_dump([play], sort_keys=False))
+    home = root / "ansible-home"
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
            "ANSIBLE_REMOTE_TEMP": str(home / "remote"), "ANSIBLE_RETRY_FILES_ENABLED": "0",
-           "ANSIBLE_PYTHON_INTERPRETER": sys.executable, "ANSIBLE_FORCE_COLOR": "0",
-           "ANSIBLE_PIPELINING": "1"}
-    done = subprocess.run([ansible, "-i", "localhost,", str(playbook), *extra], env=env,
-                          capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT_S,
-                          check=False)
+           "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_PIPELINING": "1"}
+    done = subprocess.run([ansible, "-i", str(root / "inventory.yml"), "--forks",
+                           str(max(5, len(hosts))), str(root / "playbook.yml"), *extra],
+                          env=env, capture_output=True, text=True,
+                          timeout=PLAYBOOK_TIMEOUT_S, check=False)
     return PlaybookRun(done.returncode, done.stdout + done.stderr)
 
 
