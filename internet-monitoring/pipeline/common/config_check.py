@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 TLS_MOUNT = PurePosixPath("/tls")
 EXIT_OK = 0
 EXIT_CONFIG = 2
-#: TLS path keys, and whether the key is required when its ``tls.enabled`` is true.
-_SERVER_TLS_KEYS = (("cert", True), ("key", True), ("client_ca", False))
-_SENSOR_TLS_KEYS = (("ca_cert", False), ("cert", False), ("key", False))
+#: The file keys of a server listener's and of a sensor connection's ``tls`` section.
+_SERVER_TLS_KEYS = ("cert", "key", "client_ca")
+_SENSOR_TLS_KEYS = ("ca_cert", "cert", "key")
 
 _reported: set[tuple[str, str]] = set()
 
@@ -55,7 +55,7 @@ def tls_files(config: Any) -> list[TlsFile]:
         if tls is None or not getattr(tls, "enabled", False):
             continue
         names = _SERVER_TLS_KEYS if hasattr(tls, "client_ca") else _SENSOR_TLS_KEYS
-        for name, _required in names:
+        for name in names:
             value = getattr(tls, name)
             if value:
                 found.append(TlsFile(f"{at}.tls.{name}", value))
