@@ -18,6 +18,7 @@ import yaml
 from pipeline.tests.conftest import require_tool
 from pipeline.tests.deploy_support import (
     IM_DIR,
+    VENV_BIN,
     Lab,
     PlaybookRun,
     lab_vars,
@@ -195,20 +196,42 @@ def test_host_overrides_and_validation(tmp_path: Path) -> None:
     assert not (lab.sensor_dir / "config" / ".sensor.restart-keys.yml").read_text().count("wrong")
 
 
+def stand_in_pip(lab: Lab, side: str) -> Path:
+    """A pip at ``<venv>/bin/pip`` that records its call and puts the two programs where
+    an install would (this venv's scripts): the real install downloads dependencies."""
+    bin_dir = lab.root / f"{side}-venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    pip = bin_dir / "pip"
+    pip.write_text(f"#!/bin/sh\necho \"{side} pip $1\" >> {lab.calls}\n"
+                   f"ln -sf {VENV_BIN}/pipeline-sensor {VENV_BIN}/pipeline-server {bin_dir}/\n"
+                   "echo 'Successfully installed openuxi-pipeline-0.1.0'\n")
+    pip.chmod(0o755)
+    return pip
+
+
 @pytest.mark.slow
 def test_systemd_mode_installs_verifiable_units(tmp_path: Path) -> None:
-    """pipeline_service_manager: systemd renders the shipped unit plus a drop-in binding
-    this host's config and TLS directories; systemd-analyze accepts the result."""
+    """pipeline_service_manager: systemd installs the package from the synced folder (only
+    when its source changed), the shipped unit and a drop-in binding this host's config and
+    TLS directories; systemd-analyze accepts the result; a second run changes nothing."""
     analyze = require_tool("systemd-analyze")
     lab = make_lab(tmp_path)
-    sensor = lab_vars(lab, "sensor", pipeline_service_manager="systemd")
-    server = lab_vars(lab, "server", pipeline_service_manager="systemd",
-                      pipeline_server_prometheus_enable=False)
-    ok(run_playbook(lab, sensor, server))
+    hosts = {}
+    for side in ("sensor", "server"):
+        synced = tmp_path / f"{side}-host" / "internet-monitoring"
+        shutil.copytree(IM_DIR, synced, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "tests", "*.egg-info"))
+        pip = stand_in_pip(lab, side)
+        hosts[side] = lab_vars(lab, side, pipeline_service_manager="systemd",
+                               pipeline_source_dir=str(synced), pipeline_install_package=True,
+                               pipeline_venv_dir=str(pip.parent.parent),
+                               pipeline_pip_executable=str(pip))
+    hosts["server"]["pipeline_server_prometheus_enable"] = False
+    ok(run_playbook(lab, hosts["sensor"], hosts["server"]))
     calls = lab.take_calls()
     for side in ("sensor", "server"):  # units reloaded before the restart, per host
-        assert [c for c in calls if c.startswith(side)] == [f"{side} daemon-reload",
-                                                             f"{side} restart"]
+        assert [c for c in calls if c.startswith(side)] == [
+            f"{side} pip install", f"{side} daemon-reload", f"{side} restart"]
     for side, unit in (("sensor", "pipeline-agent"), ("server", "pipeline-server")):
         units = tmp_path / f"{side}-host" / "systemd"
         dropin = (units / f"{unit}.service.d" / "openuxi.conf").read_text()
@@ -219,6 +242,17 @@ def test_systemd_mode_installs_verifiable_units(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
     compose = yaml.safe_load((lab.server_dir.parent / "docker-compose.yml").read_text())
     assert "pipeline-server" not in compose["services"]  # systemd instead of compose
+
+    again = ok(run_playbook(lab, hosts["sensor"], hosts["server"]))
+    assert again.changed == 0 and lab.take_calls() == []  # no reinstall of the same source
+
+    # New code on the sensor host restarts it; a new token alone (the rendered config lives
+    # inside the synced folder) only reloads the server.
+    agent_py = tmp_path / "sensor-host" / "internet-monitoring" / "pipeline" / "sensor" / "agent.py"
+    agent_py.write_text(agent_py.read_text() + "\n# upgraded\n")
+    hosts["server"]["pipeline_server_auth_sensors"] = [{"id": "pi-09", "token": "new-" * 8}]
+    ok(run_playbook(lab, hosts["sensor"], hosts["server"]))
+    assert sorted(lab.take_calls()) == ["sensor pip install", "sensor restart", "server reload"]
 
 
 def check_prometheus_config(lab: Lab) -> None:
