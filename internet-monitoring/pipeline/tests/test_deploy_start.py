@@ -157,8 +157,7 @@ def deliver_one_event(deployment: Deployment, ca: Path | None) -> tuple[ManagedP
     started = next(line for line in log.splitlines() if "sensor_agent_started" in line)
     assert "capabilities=chunks,heartbeats,epoch,heartbeat_stats,proto,batch,http_ack " in started
     assert log.count("config_key_ignored program=sensor key=time_sync.ntp_server") == 1
-    assert server.log_text().count("config_key_ignored program=server "
-                                   "key=dashboard.sample_path") == 1
+    assert "config_key_ignored" not in server.log_text()  # the server uses every platform key
     return server, agent
 
 
@@ -185,9 +184,8 @@ def rotate_token_by_reload(deployment: Deployment, server: ManagedProcess,
     assert agent.running and agent.starts == 1
     assert "sensor_reloaded credentials=token,tls" in agent.log_text()
     assert "sensor_reload_partial" not in agent.log_text()
-    for process, key in ((server, "program=server key=dashboard.sample_path"),
-                         (agent, "program=sensor key=time_sync.ntp_server")):
-        assert process.log_text().count(f"config_key_ignored {key}") == 1  # not per reload
+    assert agent.log_text().count("config_key_ignored program=sensor "
+                                  "key=time_sync.ntp_server") == 1  # not at every reload
 
 
 @pytest.mark.slow
