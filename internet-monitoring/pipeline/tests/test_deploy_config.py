@@ -57,7 +57,8 @@ PLATFORM_SERVER: dict[str, Any] = {
        for name, port in (("control", 8765), ("ingest", 8081), ("stream", 8766))},
     "auth": {"sensors": [{"id": "sensor-1", "token": "change-me"}]},
     "scheduler": {"max_chunks": 32, "max_bytes": 2097152, "max_in_flight": 32},
-    "dashboard": {"sample_path": "/srv/sample.json", "allow_origins": ["*"]},
+    # pipeline_server_dashboard_sample_path is optional (unset by default): no sample file
+    "dashboard": {"sample_path": "", "allow_origins": ["*"]},
 }
 PLATFORM_SERVER["stream"]["token"] = ""
 

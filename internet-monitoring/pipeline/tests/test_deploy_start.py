@@ -257,3 +257,21 @@ def test_tls_without_contents(lab: Lab) -> None:
         deployment.start_agent()  # healthy although monitoring.example.com is unreachable
     finally:
         deployment.stop()
+
+
+def test_files_the_platform_rendered_start_unchanged(tmp_path: Path) -> None:
+    """A host that ran the platform's own playbook has configs naming every TLS path, with
+    no file written and TLS off, and the old capabilities default: both start as they are."""
+    from pipeline.tests.test_deploy_config import PLATFORM_SENSOR, PLATFORM_SERVER
+
+    lab = make_lab(tmp_path)
+    for side, doc in ((lab.sensor_dir, PLATFORM_SENSOR), (lab.server_dir, PLATFORM_SERVER)):
+        (side / "config").mkdir(parents=True)
+        (side / "tls").mkdir()
+        name = "sensor.yml" if doc is PLATFORM_SENSOR else "server.yml"
+        (side / "config" / name).write_text(yaml.safe_dump(doc))
+    deployment = Deployment(lab, "http")
+    try:
+        deliver_one_event(deployment, None)
+    finally:
+        deployment.stop()
