@@ -59,7 +59,7 @@ def open_queue(config: SensorConfig, *, verify_on_open: bool = True) -> DurableQ
                           field="queue.path") from exc
     options: dict[str, Any] = {"retention_hours": settings.retention_hours,
                                "verify_on_open": verify_on_open}
-    for name in ("synchronous", "max_bytes", "slice_size"):
+    for name in ("synchronous", "max_bytes", "slice_size", "reserve_bytes"):
         value = getattr(settings, name, None)
         if value is not None:
             options[name] = value
