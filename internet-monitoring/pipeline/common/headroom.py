@@ -45,12 +45,17 @@ def reserve_path(database: str | os.PathLike[str]) -> Path:
 
 
 class Reserve:
-    """A file of ``size`` bytes held back for deletes and checkpoints (0 = none)."""
+    """A file of ``size`` bytes held back for deletes and checkpoints (0 = none).
+
+    It is put back only when the disk then still has ``size / 4`` free besides it: room
+    for the write-ahead log to take the next writes. Restoring it into the last free bytes
+    would only move the full disk from the deletes to the inserts."""
 
     def __init__(self, database: str | os.PathLike[str], size: int, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = reserve_path(database)
         self.size = size
+        self.slack = size // 4
         self._clock = clock
         self._next_attempt = float("-inf")
         self._lock = threading.Lock()
@@ -82,6 +87,12 @@ class Reserve:
 
     def _create(self) -> bool:
         """Write the file under a temporary name, fsync, rename: never half a reserve."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        if fs.f_bavail * fs.f_frsize < self.size + self.slack:
+            return False
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -197,8 +208,12 @@ class DiskHealth:
             if not self.full:
                 return
             self.full = False
+            now = self.clock()
+            last = self._last_logged.get("recovered")
+            if last is not None and now - last < self.log_interval_s:
+                return  # flapping at the edge of full: one line a minute is enough
+            self._last_logged["recovered"] = now
             suppressed = self._suppressed.pop(KIND_FULL, 0)
-            self._last_logged.pop(KIND_FULL, None)
         log.warning("%s_disk_recovered path=%s suppressed=%d", self.name, self.path, suppressed)
 
     def counts(self) -> dict[tuple[str, str], int]:

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from pipeline.common.chunking import (
     DEFAULT_SLICE,
@@ -80,6 +80,7 @@ _IN_BATCH = 500  # host parameters per IN (...) query, well under SQLite's limit
 DEFAULT_RESERVE_BYTES = 4 * 1024 * 1024
 PAGE_SIZE = 4096
 MIN_CHECKPOINT_PAGES = 16
+MAX_RECLAIM_STEPS = 256  # vacuum steps per attempt to put the reserve back
 
 _CHUNK_COLUMNS = (
     "sequence, event_id, chunk_index, chunk_count, payload, chunk_sha256, event_sha256, "
@@ -150,6 +151,7 @@ _INSERT_CHUNK = (f"INSERT INTO chunks ({_CHUNK_COLUMNS}) "
 
 # split, attributes JSON, created_at, logical ms, compressed bytes, id chosen by the caller
 _Prepared = tuple[SplitEvent, str, str, int, int, bool]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class DurableQueue:
     ) -> None:
         self._path = Path(path)
         self._reserve = Reserve(self._path, _check_reserve(reserve_bytes))
+        self._vacuum_pages = MIN_CHECKPOINT_PAGES
         self.health = DiskHealth("queue", str(self._path))
         self._synchronous = _check_synchronous(synchronous)
         self._retention_s = _check_retention(retention_hours)
@@ -297,17 +300,24 @@ class DurableQueue:
             raise QueueError(f"cannot open queue {self._path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            # Only takes effect on a new file: lets deletes hand pages back to the disk.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new file: lets deletes hand pages back to the disk. (On an existing
+                # file the pragma would write, and fail on a full disk.)
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise QueueError(f"queue {self._path} could not switch to WAL (mode {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            # Builds with SECURE_DELETE (Debian's) zero every freed page through the WAL:
+            # a delete would write as much as it frees, and fail on a full disk. FAST
+            # still clears the b-tree pages it touches, without writing freed pages.
+            conn.execute("PRAGMA secure_delete=FAST")
             if self._reserve.enabled:
                 wal_bytes = self._reserve.size // 4
                 conn.execute("PRAGMA wal_autocheckpoint="
                              f"{max(MIN_CHECKPOINT_PAGES, wal_bytes // PAGE_SIZE)}")
                 conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
+                self._vacuum_pages = max(MIN_CHECKPOINT_PAGES, wal_bytes // PAGE_SIZE)
             if max_pages is not None:
                 conn.execute(f"PRAGMA max_page_count={max_pages}")
         except sqlite3.Error as exc:
@@ -412,10 +422,9 @@ class DurableQueue:
                                  traceparent, now)
         drops = _DropTally()
         self._require_headroom()
-        with self._lock:
-            conn = self._require_conn()
-            with self._translate("enqueue"), self._write(conn):
-                queued = self._insert(conn, prepared, now, drops)
+        queued = self._retry_full(lambda: self._insert_one(prepared, now, drops))
+        if self.health.full:
+            self.health.recovered()
         if drops.events:
             self._log_drops(drops)
         return queued
@@ -433,13 +442,38 @@ class DurableQueue:
                                   e.attributes, e.traceparent, now) for e in events]
         drops = _DropTally()
         self._require_headroom()
-        with self._lock:
-            conn = self._require_conn()
-            with self._translate("enqueue"), self._write(conn):
-                out = [self._insert(conn, item, now, drops) for item in prepared]
+        out = self._retry_full(lambda: self._insert_all(prepared, now, drops))
+        if self.health.full:
+            self.health.recovered()
         if drops.events:
             self._log_drops(drops)
         return out
+
+    def _insert_one(self, prepared: _Prepared, now: float, drops: _DropTally
+                    ) -> EnqueuedEvent:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("enqueue"), self._write(conn):
+                return self._insert(conn, prepared, now, drops)
+
+    def _insert_all(self, prepared: list[_Prepared], now: float, drops: _DropTally
+                    ) -> list[EnqueuedEvent]:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("enqueue"), self._write(conn):
+                return [self._insert(conn, item, now, drops) for item in prepared]
+
+    def _retry_full(self, work: Callable[[], _T]) -> _T:
+        """An insert that found the disk full is tried once more after a TRUNCATE
+        checkpoint: a write-ahead log that could not grow is then empty, and the pages
+        the deletes freed inside the file take the data. The reserve is never used."""
+        try:
+            return work()
+        except QueueFull:
+            if not self._reserve.enabled:
+                raise
+        self._checkpoint("TRUNCATE")
+        return work()
 
     def _insert(self, conn: sqlite3.Connection, prepared: _Prepared, now: float,
                 drops: _DropTally) -> EnqueuedEvent:
@@ -525,7 +559,6 @@ class DurableQueue:
     def _require_headroom(self) -> None:
         """New events only while the reserve is in place: it is the deletes' room."""
         if self._reserve.ensure():
-            self.health.recovered()
             return
         error = QueueFull(f"queue {self._path}: the disk is full; new events are refused "
                           "until delivered ones are deleted and the reserve "
@@ -539,9 +572,13 @@ class DurableQueue:
         try:
             return work()
         except QueueFull:
-            if not self._reserve.release():
+            if not self._reserve.enabled:
                 raise
-        log.warning("queue_reserve_used path=%s operation=%s", self._path, operation)
+        # The reserve may already be gone (a concurrent delete took it): the checkpoint
+        # may still have made room.
+        freed = self._reserve.release()
+        log.warning("queue_reserve_used path=%s operation=%s freed=%d", self._path,
+                    operation, freed)
         self._checkpoint("TRUNCATE")
         return work()
 
@@ -550,15 +587,28 @@ class DurableQueue:
         reserve back; a no-op (one stat) while the reserve is in place."""
         if self._reserve.present():
             return
+        self._checkpoint("TRUNCATE")
+        for _ in range(MAX_RECLAIM_STEPS):
+            if self._reserve.ensure(force=True):
+                self.health.recovered()
+                return
+            if not self._vacuum_step():
+                return
+
+    def _vacuum_step(self) -> bool:
+        """Move a few pages off the end of the file and truncate it (each step fits in
+        the WAL's share of the reserve); False when nothing is left to give back."""
         with self._lock:
             conn = self._require_conn()
             try:
-                conn.execute("PRAGMA incremental_vacuum").fetchall()
+                if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) == 0:
+                    return False
+                conn.execute(f"PRAGMA incremental_vacuum({self._vacuum_pages})").fetchall()
             except sqlite3.Error as exc:
                 log.debug("queue_vacuum_failed path=%s error=%s", self._path, exc)
+                return False
         self._checkpoint("TRUNCATE")
-        if self._reserve.ensure(force=True):
-            self.health.recovered()
+        return True
 
     def _checkpoint(self, mode: str) -> None:
         with self._lock:
