@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -80,6 +81,7 @@ _IN_BATCH = 500  # host parameters per IN (...) query, well under SQLite's limit
 DEFAULT_RESERVE_BYTES = 4 * 1024 * 1024
 PAGE_SIZE = 4096
 MIN_CHECKPOINT_PAGES = 16
+_OPEN_NEEDS_BYTES = 256 * 1024
 MAX_RECLAIM_STEPS = 256  # vacuum steps per attempt to put the reserve back
 
 _CHUNK_COLUMNS = (
@@ -266,6 +268,7 @@ class DurableQueue:
         max_pages: int | None = None,
         verify_on_open: bool = True,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        open_with_reserve: bool = False,
     ) -> None:
         self._path = Path(path)
         self._reserve = Reserve(self._path, _check_reserve(reserve_bytes))
@@ -277,8 +280,24 @@ class DurableQueue:
         self._slice_size = _check_slice_size(slice_size)
         self._clock = clock
         self._lock = threading.Lock()
-        conn = self._open(_check_max_pages(max_pages))
-        self._conn: sqlite3.Connection | None = conn
+        self._conn: sqlite3.Connection | None = None
+        pages = _check_max_pages(max_pages)
+        try:
+            self._start(pages, verify_on_open)
+        except QueueError as exc:
+            if not _disk_short(self._path):
+                raise
+            # Opening needs a little disk (the WAL index, the WAL). The agent may spend
+            # the reserve on it: it is the process that will delete and make room.
+            if not (open_with_reserve and self._reserve.release()):
+                raise QueueFull(f"queue {self._path} cannot be opened: the disk is full"
+                                ) from exc
+            log.warning("queue_reserve_used path=%s operation=open", self._path)
+            self._start(pages, verify_on_open)
+
+    def _start(self, max_pages: int | None, verify_on_open: bool) -> None:
+        conn = self._open(max_pages)
+        self._conn = conn
         try:
             if verify_on_open:
                 self._quick_check()
@@ -322,6 +341,9 @@ class DurableQueue:
                 conn.execute(f"PRAGMA max_page_count={max_pages}")
         except sqlite3.Error as exc:
             conn.close()
+            if _is_disk_full(exc):
+                raise QueueFull(f"queue {self._path} cannot be opened: the disk is full"
+                                ) from exc
             raise QueueError(f"queue {self._path} is not a usable database: {exc}") from exc
         except BaseException:
             conn.close()
@@ -929,6 +951,15 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
     if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
         return True
     return "database or disk is full" in str(exc)
+
+
+def _disk_short(path: Path) -> bool:
+    """Less free space than SQLite needs to open a WAL database (index and log)."""
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < _OPEN_NEEDS_BYTES
 
 
 def _error_kind(exc: sqlite3.Error) -> str | None:

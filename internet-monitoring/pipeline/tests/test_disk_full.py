@@ -93,9 +93,13 @@ def test_sensor_queue_on_full_disk_recovers_once_the_server_has_everything(tmp_p
                     refused += 1
             assert len(sent) >= 20, f"only {len(sent)} events fitted on 2 MiB"
             assert queue.queue_depth() == len(sent), "a refused submit left chunks behind"
+            queue.close()  # as after a reboot: nobody holds the file open
             # 2. Server and agent start: everything is delivered and deleted, on a full disk.
             server.start()
             sensor.start()
+            _wait(lambda: "sensor_agent_started" in sensor.log_text(), 30, "the agent",
+                  sensor)
+            queue = DurableQueue(queue_path, reserve_bytes=QUEUE_RESERVE)
             _wait(lambda: queue.queue_depth() == 0, 60, "the queue to drain", sensor, server)
             _wait(lambda: len(server.events(SENSOR_ID)) >= len(sent), 30, "the server")
             _assert_exactly_once(server, sent)
