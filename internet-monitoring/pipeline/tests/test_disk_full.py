@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import random
 import re
@@ -20,12 +18,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from pipeline.common.errors import QueueFull
 from pipeline.sensor.queue import DurableQueue
-from pipeline.sim.processes import ManagedProcess, SensorProcess, ServerProcess
-from pipeline.tests.disk_support import fill, tmpfs
+from pipeline.sim.processes import SensorProcess, ServerProcess
+from pipeline.tests.disk_support import assert_exactly_once, fill, tmpfs, wait_for
 
 SENSOR_ID = "disk-1"
 TOKEN = "token-disk-1-" + "x" * 24
@@ -36,31 +32,6 @@ STORE_RESERVE = 256 * 1024
 
 def _event(rng: random.Random) -> bytes:
     return rng.randbytes(EVENT_BYTES)
-
-
-def _wait(predicate, timeout: float, what: str, *logs: ManagedProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}\n{p.log_text()[-3000:]}" for p in logs)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tails}")
-        time.sleep(0.25)
-
-
-def _stored(server: ServerProcess) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for event in server.events(SENSOR_ID):
-        assert event["event_id"] not in out, f"event {event['event_id']} stored twice"
-        out[event["event_id"]] = base64.b64decode(event["payload_base64"])
-    return out
-
-
-def _assert_exactly_once(server: ServerProcess, sent: dict[str, bytes]) -> None:
-    stored = _stored(server)
-    assert set(stored) == set(sent), (f"missing {len(set(sent) - set(stored))}, "
-                                      f"unexpected {len(set(stored) - set(sent))}")
-    for event_id, data in sent.items():
-        assert hashlib.sha256(stored[event_id]).digest() == hashlib.sha256(data).digest()
 
 
 def _metric(server: ServerProcess, name: str) -> float | None:
@@ -97,12 +68,12 @@ def test_sensor_queue_on_full_disk_recovers_once_the_server_has_everything(tmp_p
             # 2. Server and agent start: everything is delivered and deleted, on a full disk.
             server.start()
             sensor.start()
-            _wait(lambda: "sensor_agent_started" in sensor.log_text(), 30, "the agent",
+            wait_for(lambda: "sensor_agent_started" in sensor.log_text(), 30, "the agent",
                   sensor)
             queue = DurableQueue(queue_path, reserve_bytes=QUEUE_RESERVE)
-            _wait(lambda: queue.queue_depth() == 0, 60, "the queue to drain", sensor, server)
-            _wait(lambda: len(server.events(SENSOR_ID)) >= len(sent), 30, "the server")
-            _assert_exactly_once(server, sent)
+            wait_for(lambda: queue.queue_depth() == 0, 60, "the queue to drain", sensor, server)
+            wait_for(lambda: len(server.events(SENSOR_ID)) >= len(sent), 30, "the server")
+            assert_exactly_once(server, SENSOR_ID, sent)
             # 3. Without help, the queue accepts new events again and they are delivered.
             deadline = time.monotonic() + 30
             more: dict[str, bytes] = {}
@@ -114,9 +85,9 @@ def test_sensor_queue_on_full_disk_recovers_once_the_server_has_everything(tmp_p
                     assert time.monotonic() < deadline, "the queue never took new events"
                     time.sleep(0.5)
             sent.update(more)
-            _wait(lambda: len(server.events(SENSOR_ID)) >= len(sent), 60, "the new events")
-            _wait(lambda: queue.queue_depth() == 0, 30, "the queue to drain again")
-            _assert_exactly_once(server, sent)
+            wait_for(lambda: len(server.events(SENSOR_ID)) >= len(sent), 60, "the new events")
+            wait_for(lambda: queue.queue_depth() == 0, 30, "the queue to drain again")
+            assert_exactly_once(server, SENSOR_ID, sent)
             assert "queue_delete_failed" not in sensor.log_text()
         finally:
             queue.close()
@@ -143,7 +114,7 @@ def test_server_store_on_full_disk_refuses_then_resumes_when_space_is_freed(tmp_
                 data = _event(rng)
                 sent[queue.enqueue(data).event_id] = data
             sensor.start()
-            _wait(lambda: _metric(server, "pipeline_store_disk_full") == 1.0, 60,
+            wait_for(lambda: _metric(server, "pipeline_store_disk_full") == 1.0, 60,
                   "pipeline_store_disk_full to say so", server, sensor)
             time.sleep(3)  # let the checkpointer and the sensor's retries run into it
             assert queue.queue_depth() > 0, "everything fitted: the disk was never full"
@@ -154,9 +125,9 @@ def test_server_store_on_full_disk_refuses_then_resumes_when_space_is_freed(tmp_
             stored_while_full = len(server.events(SENSOR_ID))
             # Free the space: ingest resumes on its own and the queue drains.
             ballast.unlink()
-            _wait(lambda: queue.queue_depth() == 0, 90, "the queue to drain", server, sensor)
-            _wait(lambda: len(server.events(SENSOR_ID)) >= len(sent), 30, "the server")
-            _assert_exactly_once(server, sent)
+            wait_for(lambda: queue.queue_depth() == 0, 90, "the queue to drain", server, sensor)
+            wait_for(lambda: len(server.events(SENSOR_ID)) >= len(sent), 30, "the server")
+            assert_exactly_once(server, SENSOR_ID, sent)
             assert stored_while_full < len(sent)
             assert _metric(server, "pipeline_store_disk_full") == 0.0
             assert "store_disk_recovered" in server.log_text()

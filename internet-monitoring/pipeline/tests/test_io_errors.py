@@ -16,8 +16,6 @@ database there:
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import random
 import re
 import time
@@ -29,21 +27,17 @@ import pytest
 from pipeline.common.errors import QueueError, QueueFull
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.powerfs import PowerFS
-from pipeline.sim.processes import ManagedProcess, SensorProcess, ServerProcess, free_port
-from pipeline.tests.test_power_cut import fuse  # noqa: F401 - the fixture
+from pipeline.sim.processes import SensorProcess, ServerProcess, free_port
+from pipeline.tests.disk_support import assert_exactly_once, require_fuse, wait_for
 
 SENSOR_ID = "io-1"
 TOKEN = "token-io-1-" + "x" * 24
 EVENTS = 30
 
 
-def _wait(predicate, timeout: float, what: str, *logs: ManagedProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}\n{p.log_text()[-3000:]}" for p in logs)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tails}")
-        time.sleep(0.25)
+@pytest.fixture
+def fuse() -> None:
+    require_fuse()
 
 
 def _scrape(url: str) -> str:
@@ -59,16 +53,6 @@ def _sample(text: str, name: str, **labels: str) -> float:
         if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
             total += float(match.group(2))
     return total
-
-
-def _assert_exactly_once(server: ServerProcess, sent: dict[str, bytes]) -> None:
-    events = server.events(SENSOR_ID)
-    ids = [e["event_id"] for e in events]
-    assert len(ids) == len(set(ids)), "an event was stored twice"
-    assert set(ids) == set(sent), f"missing {len(set(sent) - set(ids))}"
-    for event in events:
-        data = base64.b64decode(event["payload_base64"])
-        assert hashlib.sha256(data).digest() == hashlib.sha256(sent[event["event_id"]]).digest()
 
 
 def _fill(queue: DurableQueue, rng: random.Random, count: int) -> dict[str, bytes]:
@@ -96,7 +80,7 @@ def test_store_write_and_fsync_errors_ack_nothing_and_delivery_completes_after(
             fs.fail("fsync", "EIO", count=None, match="server.db")
             sensor.start()
             metrics = server.http_base + "/metrics"
-            _wait(lambda: _sample(_scrape(metrics), "pipeline_store_write_errors_total",
+            wait_for(lambda: _sample(_scrape(metrics), "pipeline_store_write_errors_total",
                                   kind="io_error") >= 3, 30, "store I/O errors", server)
             time.sleep(1)
             assert server.events(SENSOR_ID) == [], "an event was stored without its fsync"
@@ -105,8 +89,8 @@ def test_store_write_and_fsync_errors_ack_nothing_and_delivery_completes_after(
             assert log_text.count("store_io_error") <= 2, "the I/O error log is not limited"
             assert "store_io_error" in log_text
             fs.clear()
-            _wait(lambda: queue.queue_depth() == 0, 60, "the queue to drain", server, sensor)
-            _assert_exactly_once(server, sent)
+            wait_for(lambda: queue.queue_depth() == 0, 60, "the queue to drain", server, sensor)
+            assert_exactly_once(server, SENSOR_ID, sent)
             # One-off faults (EIO and ENOSPC, writes and fsyncs) while a backlog drains.
             more = _fill(queue, rng, 300)
             sent.update(more)
@@ -115,9 +99,9 @@ def test_store_write_and_fsync_errors_ack_nothing_and_delivery_completes_after(
                 fs.fail(("fsync", "write")[index % 2], ("EIO", "ENOSPC")[index // 2 % 2],
                         count=1, match="server.db")
                 time.sleep(0.1)
-            _wait(lambda: queue.queue_depth() == 0, 90, "the queue to drain again",
+            wait_for(lambda: queue.queue_depth() == 0, 90, "the queue to drain again",
                   server, sensor)
-            _assert_exactly_once(server, sent)
+            assert_exactly_once(server, SENSOR_ID, sent)
             assert fs.status()["faults_injected"] > injected
         finally:
             queue.close()
@@ -152,17 +136,17 @@ def test_queue_write_and_fsync_errors_lose_nothing_and_the_queue_drains_after(
             fs.fail("fsync", "EIO", count=None, match="queue.db")
             server.start()
             sensor.start()
-            _wait(lambda: len(server.events(SENSOR_ID)) >= len(sent), 60, "delivery",
+            wait_for(lambda: len(server.events(SENSOR_ID)) >= len(sent), 60, "delivery",
                   server, sensor)
             scrape = f"http://127.0.0.1:{metrics_port}/metrics"
-            _wait(lambda: _sample(_scrape(scrape), "sensor_queue_write_errors_total",
+            wait_for(lambda: _sample(_scrape(scrape), "sensor_queue_write_errors_total",
                                   kind="io_error", operation="delete") >= 1, 30,
                   "the sensor's delete errors", sensor)
             assert queue.queue_depth() == len(sent), "a delete went through a failed fsync"
             assert "queue_io_error" in sensor.log_text()
             fs.clear()
-            _wait(lambda: queue.queue_depth() == 0, 90, "the queue to drain", sensor, server)
-            _assert_exactly_once(server, sent)
+            wait_for(lambda: queue.queue_depth() == 0, 90, "the queue to drain", sensor, server)
+            assert_exactly_once(server, SENSOR_ID, sent)
         finally:
             queue.close()
             sensor.terminate()

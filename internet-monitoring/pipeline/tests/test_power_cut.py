@@ -10,38 +10,19 @@ same check must find loss: proof that it can fail.
 from __future__ import annotations
 
 import errno
-import importlib.util
-import os
 
 import pytest
 
 from pipeline.sim.powercut import run_campaign
 from pipeline.sim.powerfs import PowerState
-from pipeline.tests.conftest import on_ci
+from pipeline.tests.disk_support import require_fuse
 
 CUTS = 50
 
 
 @pytest.fixture
 def fuse() -> None:
-    """powerfs needs /dev/fuse, root (to mount) and mfusepy; CI must have them."""
-    missing = [what for what, ok in (
-        ("/dev/fuse", os.path.exists("/dev/fuse")),
-        ("root", os.geteuid() == 0),
-        ("mfusepy (pip install -e '.[dev]')", importlib.util.find_spec("mfusepy") is not None),
-        ("libfuse2 (make tools)", _libfuse2()),
-    ) if not ok]
-    if missing:
-        message = "the power-cut tests need " + ", ".join(missing)
-        if on_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def _libfuse2() -> bool:
-    import ctypes.util
-
-    return ctypes.util.find_library("fuse") is not None
+    require_fuse()
 
 
 @pytest.mark.slow
