@@ -294,6 +294,8 @@ class DurableQueue:
                                 ) from exc
             log.warning("queue_reserve_used path=%s operation=open", self._path)
             self._start(pages, verify_on_open)
+        # In place from the start: its absence is what says the disk is full.
+        self._reserve.ensure(force=True)
 
     def _start(self, max_pages: int | None, verify_on_open: bool) -> None:
         conn = self._open(max_pages)
@@ -561,6 +563,8 @@ class DurableQueue:
             return 0
         deleted = self._with_room("delete", lambda: self._delete(wanted))
         self._reclaim()
+        if deleted and self.health.full and self._reserve.present():
+            self.health.recovered()  # freed pages take the next events
         return deleted
 
     def _delete(self, wanted: list[int]) -> int:

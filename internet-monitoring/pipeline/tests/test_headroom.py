@@ -4,13 +4,24 @@ program sees when the sensor's disk is full (``pipeline-sensor submit`` exits 75
 from __future__ import annotations
 
 import logging
+import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from pipeline.common.chunking import split_event
+from pipeline.common.errors import QueueFull, StorageFull
 from pipeline.common.headroom import KIND_FULL, KIND_IO, DiskHealth, Reserve, reserve_path
+from pipeline.common.messages import Chunk
+from pipeline.sensor.metrics import AgentCollector
+from pipeline.sensor.queue import DurableQueue
+from pipeline.server.store import SQLiteChunkStore
 from pipeline.tests.disk_support import fill, tmpfs
 
 
@@ -103,3 +114,86 @@ def test_submit_exits_75_while_the_disk_is_full_and_works_once_it_has_room(
                                   timeout=60)
         assert accepted.returncode == 0, accepted.stderr
         assert len(accepted.stdout.strip()) == 32
+
+
+class _Figures:
+    """The agent's side of the collector: counters at zero, a real queue."""
+
+    sensor_id = "pi-07"
+
+    def __init__(self, queue: DurableQueue) -> None:
+        self.queue = queue
+
+    def stats(self) -> dict[str, float]:
+        return dict.fromkeys(("retries", "posted", "acked", "in_flight", "clock_skew_ms",
+                              "connected", "connects", "connect_failures", "heartbeats"), 0)
+
+
+def test_sensor_metrics_say_the_disk_is_full_until_deletes_make_room(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        queue = DurableQueue(disk / "q.db", reserve_bytes=128 * 1024)
+        registry = CollectorRegistry()
+        registry.register(AgentCollector(_Figures(queue)))
+        sid = {"sensor_id": "pi-07"}
+        try:
+            assert registry.get_sample_value("sensor_disk_full", sid) == 0
+            sequences = []
+            with pytest.raises(QueueFull):
+                while True:
+                    sequences.extend(queue.enqueue(rng.randbytes(8000)).sequences)
+            assert registry.get_sample_value("sensor_disk_full", sid) == 1
+            assert registry.get_sample_value("sensor_queue_write_errors_total", {
+                **sid, "operation": "enqueue", "kind": "disk_full"}) >= 1
+            assert queue.delete(sequences) == len(sequences)
+            assert registry.get_sample_value("sensor_disk_full", sid) == 0
+            queue.enqueue(b"room again")
+        finally:
+            queue.close()
+
+
+def _chunks(rng: random.Random, first: int, count: int) -> list[Chunk]:
+    out = []
+    for sequence in range(first, first + count):
+        split = split_event(rng.randbytes(6000))
+        piece = split.pieces[0]
+        out.append(Chunk(sensor_id="pi-07", event_id=split.event_id, sequence=sequence,
+                         chunk_index=0, chunk_count=1, payload=piece.payload,
+                         chunk_sha256=piece.chunk_sha256, event_sha256=split.event_sha256,
+                         created_at="2026-12-05T00:00:00Z", logical_timestamp_ms=sequence))
+    return out
+
+
+def test_store_on_full_disk_keeps_control_state_refuses_ingest_and_resumes(
+        tmp_path: Path) -> None:
+    rng = random.Random(4)
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        ballast = disk / "ballast"
+        fill(ballast)
+        os.truncate(ballast, ballast.stat().st_size - 1024 * 1024)
+        store = SQLiteChunkStore(disk / "server.db", reserve_bytes=256 * 1024)
+        try:
+            sequence = 1
+            with pytest.raises(StorageFull):
+                while True:
+                    store.ingest(_chunks(rng, sequence, 8))
+                    sequence += 8
+            stored = store.event_count()
+            assert store.disk_full and stored > 0
+            # The reserve is handed over: control state still commits.
+            store.save_sensor_state("pi-07", {"windows": 3})
+            assert store.load_sensor_states()["pi-07"] == {"windows": 3}
+            # Ingest is refused before any statement while the reserve is in use.
+            with pytest.raises(StorageFull):
+                store.ingest(_chunks(rng, sequence, 1))
+            assert store.health.counts()[("ingest", KIND_FULL)] >= 2
+            ballast.unlink()
+            deadline = time.monotonic() + 10
+            while store.disk_full:  # the checkpointer thread restores the reserve
+                assert time.monotonic() < deadline, "the store never left the full state"
+                time.sleep(0.1)
+            outcomes = store.ingest(_chunks(rng, sequence, 8))
+            assert all(o.stored for o in outcomes)
+            assert store.event_count() == stored + 8
+        finally:
+            store.close()
