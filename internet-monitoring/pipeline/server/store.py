@@ -1340,19 +1340,28 @@ class SQLiteChunkStore:
     def _prune_loop(self, sql: str, older_than: float, batch: int) -> int:
         total = 0
         while True:
-            with self._lock:
-                self._check_open()
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    n = self._conn.execute(sql, (older_than, batch)).rowcount
-                    self._conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    self._rollback()
-                    self._storage_failed("prune", exc)
-                    raise _translate(exc, "prune failed") from exc
+            try:
+                n = self._prune_step(sql, older_than, batch)
+            except StorageFull:
+                # Retention is how a full disk gets room: with the reserve handed over
+                # (by this failure), try once more.
+                n = self._prune_step(sql, older_than, batch)
             total += max(n, 0)
             if n < batch:
                 return total
+
+    def _prune_step(self, sql: str, older_than: float, batch: int) -> int:
+        with self._lock:
+            self._check_open()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                n = int(self._conn.execute(sql, (older_than, batch)).rowcount)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._storage_failed("prune", exc)
+                raise _translate(exc, "prune failed") from exc
+        return n
 
     def _expire_partials(self, older_than: float, batch: int) -> int:
         now = self._clock()
