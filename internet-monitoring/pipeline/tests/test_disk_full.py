@@ -121,7 +121,8 @@ def test_server_store_on_full_disk_refuses_then_resumes_when_space_is_freed(tmp_
             log_text = server.log_text()
             full_lines = log_text.count("store_disk_full")
             assert 1 <= full_lines <= 4, f"{full_lines} full-disk lines in ~3 s"
-            assert "status=507" in log_text
+            assert "request_failed" not in log_text, "a log line per refused request"
+            assert _metric(server, 'pipeline_rejected_total{reason="storage_full"}') >= 1
             stored_while_full = len(server.events(SENSOR_ID))
             # Free the space: ingest resumes on its own and the queue drains.
             ballast.unlink()
