@@ -91,6 +91,9 @@ class Reserve:
             fs = os.statvfs(self.path.parent)
         except OSError:
             return False
+        for stale in self.path.parent.glob(f"{self.path.name}.*.tmp"):
+            _unlink(stale)  # left by a process killed while writing one: space it holds
+            fs = os.statvfs(self.path.parent)
         if fs.f_bavail * fs.f_frsize < self.size + self.slack:
             return False
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")

@@ -46,6 +46,14 @@ def test_reserve_is_created_whole_released_and_restored(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["q.db-reserve"]
 
 
+def test_a_half_written_reserve_left_by_a_killed_process_is_cleaned_up(tmp_path: Path
+                                                                       ) -> None:
+    stale = tmp_path / "q.db-reserve.999999.tmp"
+    stale.write_bytes(bytes(4096))
+    assert Reserve(tmp_path / "q.db", 8192).ensure()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.db-reserve"]
+
+
 def test_disabled_reserve_is_always_present(tmp_path: Path) -> None:
     reserve = Reserve(tmp_path / "q.db", 0)
     assert reserve.present() and reserve.ensure() and reserve.release() == 0
