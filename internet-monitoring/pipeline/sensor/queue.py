@@ -306,10 +306,38 @@ class DurableQueue:
             self._epoch = self._init_schema()
             if verify_on_open:
                 self._integrity_pass()
+                self._enable_incremental_vacuum()
         except BaseException:
             conn.close()
             self._conn = None
             raise
+
+    def _enable_incremental_vacuum(self) -> None:
+        """A queue file made before the reserve existed keeps freed pages inside the file,
+        so a full disk would not get them back: switch it to incremental auto-vacuum (a
+        VACUUM, once, by the agent at open) when the disk has room for the copy."""
+        conn = self._require_conn()
+        if not self._reserve.enabled or \
+                int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 0:
+            return
+        size = self._path.stat().st_size
+        try:
+            fs = os.statvfs(self._path.parent)
+        except OSError:
+            return
+        if fs.f_bavail * fs.f_frsize < 2 * size + 2 * self._reserve.size:
+            log.warning("queue_vacuum_deferred path=%s bytes=%d reason=disk_space",
+                        self._path, size)
+            return
+        started = time.monotonic()
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            log.warning("queue_vacuum_failed path=%s error=%s", self._path, exc)
+            return
+        log.info("queue_migrated path=%s auto_vacuum=incremental bytes=%d duration_ms=%.1f",
+                 self._path, size, (time.monotonic() - started) * 1000)
 
     # ------------------------------------------------------------------ opening
 

@@ -205,3 +205,24 @@ def test_store_on_full_disk_keeps_control_state_refuses_ingest_and_resumes(
             assert store.event_count() == stored + 8
         finally:
             store.close()
+
+
+def test_a_queue_file_from_before_the_reserve_is_switched_to_incremental_vacuum(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with DurableQueue(path, reserve_bytes=0) as queue:  # as older versions made them
+        queue._conn.execute("PRAGMA auto_vacuum=NONE")
+        queue._conn.execute("VACUUM")
+        kept = queue.enqueue(b"still queued")
+        queue.delete(queue.enqueue(b"delivered").sequences)
+        last = queue.last_sequence()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    conn.close()
+    with DurableQueue(path) as queue:  # the agent opens it (verify_on_open)
+        assert queue._conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert queue.last_sequence() == last, "sequences must never be reused"
+        assert [c.event_id for c in queue.read_window(0, 10, 1 << 20)] == [kept.event_id]
+        assert queue.enqueue(b"next").sequences[0] == last + 1
