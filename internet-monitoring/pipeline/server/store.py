@@ -591,8 +591,7 @@ class SQLiteChunkStore:
         over, so checkpoints, control state and retention can still write."""
         kind = _error_kind(exc)
         if kind is None:
-            log.warning("store_write_failed operation=%s error=%s", operation, exc)
-            return
+            return  # not the disk (a busy lock, a constraint): the caller reports it
         self.health.failed(operation, kind, exc)
         if kind == KIND_FULL:
             self._reserve.release()
