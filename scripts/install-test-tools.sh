@@ -2,8 +2,8 @@
 # Installs the system tools the test suite drives for real, when they are missing:
 # headless Chromium (dashboard test), promtool (alert-rule tests), curl (the README's and
 # docs/dashboard.md's commands are run as written), unshare and ip (the README's commands
-# run in a private network namespace) and systemd-analyze (the shipped units' verify and
-# security tests).
+# run in a private network namespace), systemd-analyze (the shipped units' verify and
+# security tests) and FUSE (power-cut and I/O-error tests).
 # Needs root and apt-get; elsewhere it says what is missing and the tests that need a
 # tool skip locally (under CI=true they fail instead).
 set -u
@@ -16,6 +16,10 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# Power-cut and I/O-error tests: a FUSE file system (mfusepy needs libfuse 2; fusermount
+# from fuse3 unmounts it).
+command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install-test-tools: installing ${missing[*]}"

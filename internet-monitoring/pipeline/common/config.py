@@ -157,9 +157,13 @@ class StoreConfig:
     engine: Literal["sqlite", "postgres"] = "sqlite"
     dsn: str = field(default="", repr=False)
     synchronous: Synchronous = "FULL"
+    # Disk held back so checkpoints, control state and retention work on a full disk.
+    reserve_bytes: int = 64 * MIB
 
     def validate(self, at: str) -> None:
         _check_positive(at, "retention_hours", self.retention_hours)
+        if self.reserve_bytes < 0:
+            _fail(_key(at, "reserve_bytes"), "must be 0 (off) or a number of bytes")
         if self.engine == "sqlite":
             _check_not_empty(at, "path", self.path)
         elif not self.dsn:
@@ -489,11 +493,15 @@ class SensorQueueConfig:
     max_bytes: int | None = 512 * MIB
     synchronous: Synchronous = "FULL"
     slice_size: int = 128 * KIB
+    # Disk held back so deletes and checkpoints work on a full disk (docs/reliability-disk.md).
+    reserve_bytes: int = 4 * MIB
 
     def validate(self, at: str) -> None:
         _check_positive(at, "retention_hours", self.retention_hours)
         if self.max_bytes is not None:
             _check_positive(at, "max_bytes", self.max_bytes)
+        if self.reserve_bytes < 0:
+            _fail(_key(at, "reserve_bytes"), "must be 0 (off) or a number of bytes")
         if not MIN_SLICE_SIZE <= self.slice_size <= MAX_SLICE_SIZE:
             _fail(_key(at, "slice_size"),
                   f"must be between {MIN_SLICE_SIZE} and {MAX_SLICE_SIZE} bytes (64-256 KiB)")

@@ -30,8 +30,8 @@ boundary with ``raise ... from``.
     ├── NotFound                        404  not_found
     ├── ConfigError                     —    bad_config (start-up only)
     ├── AlreadyRunning                  —    already_running (start-up only: file locked)
-    ├── StoreError                      503  store_unavailable
-    │   └── StorageFull                 507  storage_full
+    ├── StoreError                      503  store_unavailable (Retry-After 5)
+    │   └── StorageFull                 507  storage_full (Retry-After 10)
     └── QueueError                      500  queue_error
         ├── QueueFull                   507  queue_full
         └── EventTooLarge               413  event_too_large
@@ -180,11 +180,13 @@ class StoreError(PipelineError):
     http_status = 503
     close_code = 1011
     code = "store_unavailable"
+    retry_after: float | None = 5.0  # sent as Retry-After: senders back off, then retry
 
 
 class StorageFull(StoreError):
     http_status = 507
     code = "storage_full"
+    retry_after = 10.0
 
 
 class QueueError(PipelineError):

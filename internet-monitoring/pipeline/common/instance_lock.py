@@ -60,8 +60,13 @@ class InstanceLock:
             raise AlreadyRunning(f"{self.path} ({self.key}) is in use by {who} "
                                  f"(lock file {self.lock_path}); stop it first or "
                                  f"point {self.key} at another file", field=self.key) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            # The pid only names the holder; the flock is the lock. A full disk must not
+            # stop the agent that is about to make room (docs/reliability-disk.md).
+            pass
         self._fd = fd
 
     def release(self) -> None:

@@ -844,9 +844,16 @@ class SensorAgent:
                 if time.monotonic() - last_prune >= PRUNE_INTERVAL_S:
                     last_prune = time.monotonic()
                     await asyncio.to_thread(self.queue.prune, self._clock())
+                # A full disk clears by itself once deletes made room: put the reserve back.
+                await asyncio.to_thread(self._restore_headroom)
             except QueueError as exc:
                 log.warning("sensor_tick_failed error=%s", exc)
             await asyncio.sleep(TICK_S)
+
+    def _restore_headroom(self) -> None:
+        restore = getattr(self.queue, "restore_headroom", None)
+        if restore is not None and getattr(self.queue, "disk_full", False):
+            restore()
 
     async def _tick(self) -> None:
         released = self.dispatcher.on_tick(self._clock())

@@ -16,20 +16,22 @@ reconnects with them); other changed keys are logged as needing a restart.
 and a message naming the key (also a ``token_file`` that cannot be read when no ``token``
 is set); a queue that cannot be opened, or that another agent already runs on (its
 ``<queue>.lock`` is held), exits with status 1. ``submit`` takes no lock: test programs
-submit while the agent runs.
+submit while the agent runs. A ``submit`` refused because the queue's disk is full exits
+with 75 (EX_TEMPFAIL: try again later, docs/reliability-disk.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.common.errors import ConfigError, PipelineError, QueueFull
 from pipeline.common.instance_lock import InstanceLock
 from pipeline.common.logs import setup_logging
 from pipeline.common.placeholders import is_placeholder
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: the disk is full for now; submit again later
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +197,8 @@ async def _run_locked(config: SensorConfig, config_path: Path | None) -> int:
     from pipeline.sensor.agent import SensorAgent
     from pipeline.sensor.submit import open_queue
 
-    queue = await asyncio.to_thread(open_queue, config)
+    queue = await asyncio.to_thread(functools.partial(open_queue, config,
+                                                      open_with_reserve=True))
     try:
         agent = SensorAgent(config, queue)
         loop = asyncio.get_running_loop()
@@ -278,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("config_error key=%s message=%s", exc.field or "-", exc.message)
         sys.stderr.write(f"pipeline-sensor: configuration error: {exc.message}\n")
         return EXIT_CONFIG
+    except QueueFull as exc:
+        sys.stderr.write(f"pipeline-sensor: {exc.message}\n")
+        return EXIT_TEMPFAIL
     except PipelineError as exc:
         log.error("sensor_failed error=%s message=%s", exc.code, exc.message)
         sys.stderr.write(f"pipeline-sensor: {exc.message}\n")

@@ -19,6 +19,11 @@ exact values with ``registry.get_sample_value``)::
     sensor_control_connects_total{sensor_id}        counter  control connections made
     sensor_control_connect_failures_total{sensor_id} counter failed connection attempts
     sensor_heartbeats_sent_total{sensor_id}         counter  heartbeats sent
+    sensor_disk_full{sensor_id}                     gauge    1 while new events are refused for
+                                                             lack of disk (the queue's reserve
+                                                             is in use)
+    sensor_queue_write_errors_total{sensor_id, operation, kind}  counter  queue writes that
+                                                             failed: kind disk_full / io_error
 
 "this run" counters restart at 0 with the agent process; "file" figures live in the queue
 file and survive restarts. ``sensor_queue_depth``, ``sensor_chunk_retry_total`` and
@@ -71,6 +76,7 @@ class AgentCollector(Collector):
         sid = agent.sensor_id
         stats = agent.stats()
         queue = agent.queue
+        disk_full = bool(getattr(queue, "disk_full", False))  # a stat: no SQLite read
         try:
             depth = queue.queue_depth()
             nbytes = queue.total_bytes()
@@ -120,6 +126,15 @@ class AgentCollector(Collector):
         yield counter("sensor_control_connect_failures", "Failed control connection attempts",
                       stats["connect_failures"])
         yield counter("sensor_heartbeats_sent", "Heartbeats sent", stats["heartbeats"])
+        yield gauge("sensor_disk_full", "1 while the queue refuses new events for lack of disk",
+                    1.0 if disk_full else 0.0)
+        errors = CounterMetricFamily("sensor_queue_write_errors",
+                                     "Queue writes that failed, by operation and kind",
+                                     labels=["sensor_id", "operation", "kind"])
+        health = getattr(queue, "health", None)
+        for (operation, kind), count in sorted(health.counts().items() if health else ()):
+            errors.add_metric([sid, operation, kind], count)
+        yield errors
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -37,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from pipeline.common.chunking import (
     DEFAULT_SLICE,
@@ -56,6 +57,7 @@ from pipeline.common.errors import (
     QueueError,
     QueueFull,
 )
+from pipeline.common.headroom import KIND_FULL, KIND_IO, DiskHealth, Reserve
 from pipeline.common.messages import (
     MAX_ATTRIBUTE_VALUE,
     MAX_ATTRIBUTES,
@@ -76,6 +78,11 @@ REASON_RETENTION = "retention"
 REASON_INTEGRITY = "integrity"
 _MAX_CREATED_AT = 64
 _IN_BATCH = 500  # host parameters per IN (...) query, well under SQLite's limit
+DEFAULT_RESERVE_BYTES = 4 * 1024 * 1024
+PAGE_SIZE = 4096
+MIN_CHECKPOINT_PAGES = 16
+_OPEN_NEEDS_BYTES = 256 * 1024
+MAX_RECLAIM_STEPS = 256  # vacuum steps per attempt to put the reserve back
 
 _CHUNK_COLUMNS = (
     "sequence, event_id, chunk_index, chunk_count, payload, chunk_sha256, event_sha256, "
@@ -146,6 +153,7 @@ _INSERT_CHUNK = (f"INSERT INTO chunks ({_CHUNK_COLUMNS}) "
 
 # split, attributes JSON, created_at, logical ms, compressed bytes, id chosen by the caller
 _Prepared = tuple[SplitEvent, str, str, int, int, bool]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -238,6 +246,14 @@ class DurableQueue:
     reports a full disk, which tests use to exercise ``QueueFull``. ``verify_on_open=False``
     skips the O(n) open-time checks, for short-lived writers such as ``submit`` when the
     agent already runs them.
+
+    ``reserve_bytes`` of disk are held back in ``<path>-reserve`` (``common/headroom.py``)
+    so that deleting acknowledged chunks never fails for lack of space: new events are
+    refused (``QueueFull``) while the reserve is missing; a delete that finds the disk
+    full removes it, and once deletes have made room the freed pages are handed back to
+    the file system (incremental vacuum, TRUNCATE checkpoint) and the reserve comes back.
+    The WAL is checkpointed every ``reserve_bytes / 4``, so a checkpoint always fits in
+    the reserve. 0 turns all of this off.
     """
 
     def __init__(
@@ -251,26 +267,77 @@ class DurableQueue:
         clock: Callable[[], float] = time.time,
         max_pages: int | None = None,
         verify_on_open: bool = True,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        open_with_reserve: bool = False,
     ) -> None:
         self._path = Path(path)
+        self._reserve = Reserve(self._path, _check_reserve(reserve_bytes))
+        self._vacuum_pages = MIN_CHECKPOINT_PAGES
+        self.health = DiskHealth("queue", str(self._path))
         self._synchronous = _check_synchronous(synchronous)
         self._retention_s = _check_retention(retention_hours)
         self._max_bytes = _check_max_bytes(max_bytes)
         self._slice_size = _check_slice_size(slice_size)
         self._clock = clock
         self._lock = threading.Lock()
-        conn = self._open(_check_max_pages(max_pages))
-        self._conn: sqlite3.Connection | None = conn
+        self._conn: sqlite3.Connection | None = None
+        pages = _check_max_pages(max_pages)
+        try:
+            self._start(pages, verify_on_open)
+        except QueueError as exc:
+            if not _disk_short(self._path):
+                raise
+            # Opening needs a little disk (the WAL index, the WAL). The agent may spend
+            # the reserve on it: it is the process that will delete and make room.
+            if not (open_with_reserve and self._reserve.release()):
+                raise QueueFull(f"queue {self._path} cannot be opened: the disk is full"
+                                ) from exc
+            log.warning("queue_reserve_used path=%s operation=open", self._path)
+            self._start(pages, verify_on_open)
+        # In place from the start: its absence is what says the disk is full.
+        self._reserve.ensure(force=True)
+
+    def _start(self, max_pages: int | None, verify_on_open: bool) -> None:
+        conn = self._open(max_pages)
+        self._conn = conn
         try:
             if verify_on_open:
                 self._quick_check()
             self._epoch = self._init_schema()
             if verify_on_open:
                 self._integrity_pass()
+                self._enable_incremental_vacuum()
         except BaseException:
             conn.close()
             self._conn = None
             raise
+
+    def _enable_incremental_vacuum(self) -> None:
+        """A queue file made before the reserve existed keeps freed pages inside the file,
+        so a full disk would not get them back: switch it to incremental auto-vacuum (a
+        VACUUM, once, by the agent at open) when the disk has room for the copy."""
+        conn = self._require_conn()
+        if not self._reserve.enabled or \
+                int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 0:
+            return
+        size = self._path.stat().st_size
+        try:
+            fs = os.statvfs(self._path.parent)
+        except OSError:
+            return
+        if fs.f_bavail * fs.f_frsize < 2 * size + 2 * self._reserve.size:
+            log.warning("queue_vacuum_deferred path=%s bytes=%d reason=disk_space",
+                        self._path, size)
+            return
+        started = time.monotonic()
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            log.warning("queue_vacuum_failed path=%s error=%s", self._path, exc)
+            return
+        log.info("queue_migrated path=%s auto_vacuum=incremental bytes=%d duration_ms=%.1f",
+                 self._path, size, (time.monotonic() - started) * 1000)
 
     # ------------------------------------------------------------------ opening
 
@@ -282,14 +349,31 @@ class DurableQueue:
             raise QueueError(f"cannot open queue {self._path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new file: lets deletes hand pages back to the disk. (On an existing
+                # file the pragma would write, and fail on a full disk.)
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise QueueError(f"queue {self._path} could not switch to WAL (mode {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            # Builds with SECURE_DELETE (Debian's) zero every freed page through the WAL:
+            # a delete would write as much as it frees, and fail on a full disk. FAST
+            # still clears the b-tree pages it touches, without writing freed pages.
+            conn.execute("PRAGMA secure_delete=FAST")
+            if self._reserve.enabled:
+                wal_bytes = self._reserve.size // 4
+                conn.execute("PRAGMA wal_autocheckpoint="
+                             f"{max(MIN_CHECKPOINT_PAGES, wal_bytes // PAGE_SIZE)}")
+                conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
+                self._vacuum_pages = max(MIN_CHECKPOINT_PAGES, wal_bytes // PAGE_SIZE)
             if max_pages is not None:
                 conn.execute(f"PRAGMA max_page_count={max_pages}")
         except sqlite3.Error as exc:
             conn.close()
+            if _is_disk_full(exc):
+                raise QueueFull(f"queue {self._path} cannot be opened: the disk is full"
+                                ) from exc
             raise QueueError(f"queue {self._path} is not a usable database: {exc}") from exc
         except BaseException:
             conn.close()
@@ -353,7 +437,7 @@ class DurableQueue:
 
     def _translate(self, operation: str) -> _Translate:
         """Turn sqlite3 errors into the package's QueueError family."""
-        return _Translate(self._path, operation)
+        return _Translate(self._path, operation, self.health)
 
     # ------------------------------------------------------------------ properties
 
@@ -389,10 +473,10 @@ class DurableQueue:
         prepared = self._prepare(data, event_id, created_at, logical_timestamp_ms, attributes,
                                  traceparent, now)
         drops = _DropTally()
-        with self._lock:
-            conn = self._require_conn()
-            with self._translate("enqueue"), self._write(conn):
-                queued = self._insert(conn, prepared, now, drops)
+        self._require_headroom()
+        queued = self._retry_full(lambda: self._insert_one(prepared, now, drops))
+        if self.health.full:
+            self.health.recovered()
         if drops.events:
             self._log_drops(drops)
         return queued
@@ -409,13 +493,39 @@ class DurableQueue:
         prepared = [self._prepare(e.data, e.event_id, e.created_at, e.logical_timestamp_ms,
                                   e.attributes, e.traceparent, now) for e in events]
         drops = _DropTally()
-        with self._lock:
-            conn = self._require_conn()
-            with self._translate("enqueue"), self._write(conn):
-                out = [self._insert(conn, item, now, drops) for item in prepared]
+        self._require_headroom()
+        out = self._retry_full(lambda: self._insert_all(prepared, now, drops))
+        if self.health.full:
+            self.health.recovered()
         if drops.events:
             self._log_drops(drops)
         return out
+
+    def _insert_one(self, prepared: _Prepared, now: float, drops: _DropTally
+                    ) -> EnqueuedEvent:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("enqueue"), self._write(conn):
+                return self._insert(conn, prepared, now, drops)
+
+    def _insert_all(self, prepared: list[_Prepared], now: float, drops: _DropTally
+                    ) -> list[EnqueuedEvent]:
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("enqueue"), self._write(conn):
+                return [self._insert(conn, item, now, drops) for item in prepared]
+
+    def _retry_full(self, work: Callable[[], _T]) -> _T:
+        """An insert that found the disk full is tried once more after a TRUNCATE
+        checkpoint: a write-ahead log that could not grow is then empty, and the pages
+        the deletes freed inside the file take the data. The reserve is never used."""
+        try:
+            return work()
+        except QueueFull:
+            if not self._reserve.enabled:
+                raise
+        self._checkpoint("TRUNCATE")
+        return work()
 
     def _insert(self, conn: sqlite3.Connection, prepared: _Prepared, now: float,
                 drops: _DropTally) -> EnqueuedEvent:
@@ -479,12 +589,94 @@ class DurableQueue:
         wanted = sorted({_check_sequence(s) for s in sequences})
         if not wanted:
             return 0
+        deleted = self._with_room("delete", lambda: self._delete(wanted))
+        self._reclaim()
+        if deleted and self.health.full and self._reserve.present():
+            self.health.recovered()  # freed pages take the next events
+        return deleted
+
+    def _delete(self, wanted: list[int]) -> int:
         with self._lock:
             conn = self._require_conn()
             with self._translate("delete"), self._write(conn):
                 cursor = conn.executemany("DELETE FROM chunks WHERE sequence = ?",
                                           [(s,) for s in wanted])
                 return max(int(cursor.rowcount), 0)
+
+    # ------------------------------------------------------------------ headroom
+
+    @property
+    def disk_full(self) -> bool:
+        """True while new events are refused for lack of disk space (the gauge)."""
+        return self.health.full or not self._reserve.present()
+
+    def _require_headroom(self) -> None:
+        """New events only while the reserve is in place: it is the deletes' room."""
+        if self._reserve.ensure():
+            return
+        error = QueueFull(f"queue {self._path}: the disk is full; new events are refused "
+                          "until delivered ones are deleted and the reserve "
+                          f"({self._reserve.size} bytes) is back")
+        self.health.failed("enqueue", KIND_FULL, "reserve missing")
+        raise error
+
+    def _with_room(self, operation: str, work: Callable[[], int]) -> int:
+        """Run a write that frees space; if the disk is too full even for that, give it
+        the reserve and try once more."""
+        try:
+            return work()
+        except QueueFull:
+            if not self._reserve.enabled:
+                raise
+        # The reserve may already be gone (a concurrent delete took it): the checkpoint
+        # may still have made room.
+        freed = self._reserve.release()
+        log.warning("queue_reserve_used path=%s operation=%s freed=%d", self._path,
+                    operation, freed)
+        self._checkpoint("TRUNCATE")
+        return work()
+
+    def _reclaim(self) -> None:
+        """With the reserve gone, hand free pages back to the disk and try to put the
+        reserve back; a no-op (one stat) while the reserve is in place."""
+        if self._reserve.present():
+            return
+        self._checkpoint("TRUNCATE")
+        for _ in range(MAX_RECLAIM_STEPS):
+            if self._reserve.ensure(force=True):
+                self.health.recovered()
+                return
+            if not self._vacuum_step():
+                return
+
+    def _vacuum_step(self) -> bool:
+        """Move a few pages off the end of the file and truncate it (each step fits in
+        the WAL's share of the reserve); False when nothing is left to give back."""
+        with self._lock:
+            conn = self._require_conn()
+            try:
+                if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) == 0:
+                    return False
+                conn.execute(f"PRAGMA incremental_vacuum({self._vacuum_pages})").fetchall()
+            except sqlite3.Error as exc:
+                log.debug("queue_vacuum_failed path=%s error=%s", self._path, exc)
+                return False
+        self._checkpoint("TRUNCATE")
+        return True
+
+    def _checkpoint(self, mode: str) -> None:
+        with self._lock:
+            conn = self._require_conn()
+            try:
+                conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            except sqlite3.Error as exc:
+                self.health.failed("checkpoint", _error_kind(exc), exc)
+
+    def restore_headroom(self) -> bool:
+        """Timer hook (the agent's tick): reclaim space and put the reserve back if the disk
+        has room again. True when new events are accepted."""
+        self._reclaim()
+        return not self.disk_full
 
     def quarantine(self, sequence: int, reason: str) -> bool:
         """Move one chunk to quarantine; False when no such chunk is queued."""
@@ -519,26 +711,33 @@ class DurableQueue:
         total = _DropTally()
         while True:
             step = _DropTally()
-            with self._lock:
-                conn = self._require_conn()
-                with self._translate("prune"), self._write(conn):
-                    rows = conn.execute(
-                        "SELECT event_id FROM chunks WHERE enqueued_at < ? "
-                        "ORDER BY enqueued_at LIMIT ?", (cutoff, batch)).fetchall()
-                    for event_id in dict.fromkeys(str(r[0]) for r in rows):
-                        step.add(*_delete_event(conn, event_id))
-                    if step.events:
-                        _record_drops(conn, REASON_RETENTION, step)
+            self._with_room("prune", lambda: self._prune_step(cutoff, batch, step))
             if not step.events:
                 break
             total.chunks += step.chunks
             total.events += step.events
             total.bytes += step.bytes
         if total.events:
+            self._reclaim()
             log.warning("queue_pruned reason=%s events=%d chunks=%d bytes=%d retention_hours=%g",
                         REASON_RETENTION, total.events, total.chunks, total.bytes,
                         self._retention_s / 3600)
         return total.as_dict()
+
+    def _prune_step(self, cutoff: float, batch: int, step: _DropTally) -> int:
+        """One prune transaction; ``step`` is reset first, so a retry counts once."""
+        step.chunks = step.events = step.bytes = 0
+        with self._lock:
+            conn = self._require_conn()
+            with self._translate("prune"), self._write(conn):
+                rows = conn.execute(
+                    "SELECT event_id FROM chunks WHERE enqueued_at < ? "
+                    "ORDER BY enqueued_at LIMIT ?", (cutoff, batch)).fetchall()
+                for event_id in dict.fromkeys(str(r[0]) for r in rows):
+                    step.add(*_delete_event(conn, event_id))
+                if step.events:
+                    _record_drops(conn, REASON_RETENTION, step)
+        return step.events
 
     # ------------------------------------------------------------------ reading
 
@@ -706,13 +905,15 @@ class _Transaction:
 
 
 class _Translate:
-    """Re-raise sqlite3 errors as QueueFull (disk full) or QueueError; others pass through."""
+    """Re-raise sqlite3 errors as QueueFull (disk full) or QueueError; others pass through.
+    Write failures are recorded in ``health`` (metrics, rate-limited log lines)."""
 
-    __slots__ = ("_path", "_operation")
+    __slots__ = ("_path", "_operation", "_health")
 
-    def __init__(self, path: Path, operation: str) -> None:
+    def __init__(self, path: Path, operation: str, health: DiskHealth) -> None:
         self._path = path
         self._operation = operation
+        self._health = health
 
     def __enter__(self) -> None:
         return None
@@ -721,8 +922,10 @@ class _Translate:
                  traceback: object) -> bool:
         if not isinstance(exc, sqlite3.Error):
             return False
-        if _is_disk_full(exc):
-            log.error("queue_full path=%s operation=%s error=%s", self._path, self._operation, exc)
+        kind = _error_kind(exc)
+        if kind is not None:
+            self._health.failed(self._operation, kind, exc)
+        if kind == KIND_FULL:
             raise QueueFull(f"queue {self._path} is full: {exc}") from exc
         raise QueueError(f"queue {self._path} {self._operation} failed: {exc}") from exc
 
@@ -780,6 +983,25 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
     if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
         return True
     return "database or disk is full" in str(exc)
+
+
+def _disk_short(path: Path) -> bool:
+    """Less free space than SQLite needs to open a WAL database (index and log)."""
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < _OPEN_NEEDS_BYTES
+
+
+def _error_kind(exc: sqlite3.Error) -> str | None:
+    """``disk_full``, ``io_error`` (EIO and the like: SQLITE_IOERR) or None (not the disk)."""
+    if _is_disk_full(exc):
+        return KIND_FULL
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        return KIND_IO
+    return KIND_IO if "disk I/O error" in str(exc) else None
 
 
 def _iso_utc(timestamp: float) -> str:
@@ -900,6 +1122,13 @@ def _check_max_pages(value: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"queue.max_pages must be a positive integer, got {value!r}",
                           field="queue.max_pages")
+    return value
+
+
+def _check_reserve(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"queue.reserve_bytes must be a non-negative integer, got {value!r}",
+                          field="queue.reserve_bytes")
     return value
 
 

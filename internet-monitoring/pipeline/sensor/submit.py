@@ -46,8 +46,10 @@ def _resolve_config(config: SensorConfig | str | Path) -> SensorConfig:
     return config
 
 
-def open_queue(config: SensorConfig, *, verify_on_open: bool = True) -> DurableQueue:
-    """Open the queue file named by ``config.queue`` (creating its directory)."""
+def open_queue(config: SensorConfig, *, verify_on_open: bool = True,
+               open_with_reserve: bool = False) -> DurableQueue:
+    """Open the queue file named by ``config.queue`` (creating its directory).
+    ``open_with_reserve``: the agent may use the disk reserve to open on a full disk."""
     from pipeline.sensor.queue import DurableQueue
 
     settings = config.queue
@@ -58,8 +60,9 @@ def open_queue(config: SensorConfig, *, verify_on_open: bool = True) -> DurableQ
         raise ConfigError(f"queue.path {path}: cannot create directory: {exc}",
                           field="queue.path") from exc
     options: dict[str, Any] = {"retention_hours": settings.retention_hours,
-                               "verify_on_open": verify_on_open}
-    for name in ("synchronous", "max_bytes", "slice_size"):
+                               "verify_on_open": verify_on_open,
+                               "open_with_reserve": open_with_reserve}
+    for name in ("synchronous", "max_bytes", "slice_size", "reserve_bytes"):
         value = getattr(settings, name, None)
         if value is not None:
             options[name] = value

@@ -54,7 +54,7 @@ from pipeline.server.gate import GATE_KEY, security_middleware
 from pipeline.server.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
 from pipeline.server.listeners import GuardedSite, reload_ssl_context
-from pipeline.server.metrics import ServerMetrics
+from pipeline.server.metrics import ServerMetrics, StoreHealthCollector
 from pipeline.server.read_api import ReadContext, add_read_routes, build_dashboard
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.security import SecurityManager, add_security_routes
@@ -135,6 +135,7 @@ class PipelineServer:
         self.metrics = ServerMetrics(self.registry,
                                      snapshot_fields=config.metrics.snapshot_fields)
         self.metrics.set_heartbeat_interval(config.heartbeat.interval_s)
+        self.registry.register(StoreHealthCollector(lambda: getattr(self, "store", None)))
         # An injected tracer (tests: in-memory exporter) is the caller's to shut down.
         self._own_tracing = tracing is None
         self.tracing = tracing if tracing is not None else setup_tracing(config.tracing,
@@ -226,7 +227,8 @@ class PipelineServer:
             raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
                               field="store.path") from exc
         return SQLiteChunkStore(path, synchronous=self.config.store.synchronous,
-                                max_event_bytes=self.config.limits.max_event_bytes)
+                                max_event_bytes=self.config.limits.max_event_bytes,
+                                reserve_bytes=self.config.store.reserve_bytes)
 
     async def _restore_watermarks(self) -> None:
         """The store's offsets are the truth; saved session state may lag behind them."""

@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from pipeline.common.errors import PipelineError, StoreError
+from pipeline.common.errors import PipelineError, StorageFull, StoreError
 from pipeline.common.messages import Chunk
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,9 @@ class GroupCommitter:
         try:
             running = self._start(loop, chunks)
         except PipelineError as exc:
-            log.warning("group_commit_failed chunks=%d error=%s", len(chunks), exc.code)
+            # Refused before any statement (a full disk): the store logs that, rate-limited.
+            log.log(logging.DEBUG if isinstance(exc, StorageFull) else logging.WARNING,
+                    "group_commit_failed chunks=%d error=%s", len(chunks), exc.code)
             self._fail(batch, exc)
             if previous is not None:
                 self._run_hook(previous)

@@ -42,6 +42,7 @@ from pipeline.common.errors import (
     Forbidden,
     NotFound,
     PipelineError,
+    StorageFull,
     StoreError,
     Unauthenticated,
 )
@@ -100,8 +101,11 @@ async def error_middleware(request: web.Request,
         if retry_after is not None:
             headers = {"Retry-After": str(min(3600, max(1, math.ceil(retry_after))))}
         if exc.http_status >= 500:
-            log.warning("request_failed path=%s status=%d error=%s", request.path,
-                        exc.http_status, exc.code)
+            # A full disk refuses every sensor's retry: the store says it once a minute
+            # (store_disk_full) and pipeline_rejected_total{reason="storage_full"} counts.
+            level = logging.DEBUG if isinstance(exc, StorageFull) else logging.WARNING
+            log.log(level, "request_failed path=%s status=%d error=%s", request.path,
+                    exc.http_status, exc.code)
         if isinstance(exc, AuthError):
             headers = {**(headers or {}), "WWW-Authenticate": www_authenticate(exc)}
         response = error_response(exc.http_status, exc.to_json(), headers)

@@ -44,6 +44,11 @@ Operator extras::
                                                          heartbeats
     pipeline_snapshot_value{sensor_id, field} gauge      allow-listed numeric fields of the
                                                          sensor's latest snapshot
+    pipeline_store_disk_full                  gauge      1 while ingest is refused for lack of
+                                                         disk (the store's reserve is in use)
+    pipeline_store_write_errors_total{operation, kind}
+                                              counter    store writes that failed (kind
+                                                         disk_full or io_error)
 
 The ``pipeline_sensor_*_total`` and ``sensor_chunk_retry_total`` series are gauges that
 mirror counters the sensor keeps (capability ``heartbeat_stats``): they only grow while the
@@ -57,9 +62,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import AbstractSet, Any, Iterable, Mapping, Sequence
+from typing import AbstractSet, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pipeline.common.messages import Heartbeat
 from pipeline.server.snapshot_cache import decode_json_payload
@@ -250,6 +257,29 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StoreHealthCollector(Collector):
+    """The store's disk state, read at scrape time (``store`` returns the open store or
+    None): a flag and in-memory counts, no SQLite read."""
+
+    def __init__(self, store: Callable[[], Any]) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._store()
+        health = getattr(store, "health", None)
+        full = GaugeMetricFamily("pipeline_store_disk_full",
+                                 "1 while ingest is refused for lack of disk")
+        full.add_metric([], 1.0 if store is not None and getattr(store, "disk_full", False)
+                        else 0.0)
+        yield full
+        errors = CounterMetricFamily("pipeline_store_write_errors",
+                                     "Store writes that failed, by operation and kind",
+                                     labels=["operation", "kind"])
+        for (operation, kind), count in sorted(health.counts().items() if health else ()):
+            errors.add_metric([operation, kind], count)
+        yield errors
 
 
 def snapshot_numbers(document: Any, paths: Iterable[str]) -> dict[str, float]:

@@ -55,6 +55,7 @@ from pipeline.common.errors import (
     StorageFull,
     StoreError,
 )
+from pipeline.common.headroom import KIND_FULL, KIND_IO, DiskHealth, Reserve
 from pipeline.common.messages import Chunk
 from pipeline.server.offsets import OffsetBook, OffsetKey, OffsetTracker
 
@@ -294,6 +295,16 @@ def _is_storage_full(exc: sqlite3.Error) -> bool:
     return "database or disk is full" in str(exc)
 
 
+def _error_kind(exc: sqlite3.Error) -> str | None:
+    """``disk_full``, ``io_error`` (SQLITE_IOERR: EIO, a failed fsync) or None."""
+    if _is_storage_full(exc):
+        return KIND_FULL
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and (code & 0xFF) == sqlite3.SQLITE_IOERR:
+        return KIND_IO
+    return KIND_IO if "disk I/O error" in str(exc) else None
+
+
 def _translate(exc: sqlite3.Error, what: str) -> StoreError:
     """Map a sqlite3 error to the package's tree (the caller raises it ``from exc``)."""
     if _is_storage_full(exc):
@@ -442,14 +453,20 @@ class SQLiteChunkStore:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                  max_pages: int | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 reserve_bytes: int = 0) -> None:
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS_MODES:
             raise ConfigError(f"store synchronous must be one of {_SYNCHRONOUS_MODES}",
                               field="synchronous")
         if max_event_bytes < 1:
             raise ConfigError("max_event_bytes must be positive", field="max_event_bytes")
+        if reserve_bytes < 0:
+            raise ConfigError("store.reserve_bytes must not be negative",
+                              field="store.reserve_bytes")
         self.path = Path(path)
+        self._reserve = Reserve(self.path, reserve_bytes)
+        self.health = DiskHealth("store", str(self.path))
         self._max_event_bytes = max_event_bytes
         self._clock = clock
         # A plain Lock, not an RLock: a prepared ingest releases it from another thread.
@@ -473,6 +490,8 @@ class SQLiteChunkStore:
             raise _translate(exc, f"cannot open store {self.path}") from exc
         if mode != "FULL" and mode != "EXTRA":
             log.warning("store_durability_reduced path=%s synchronous=%s", self.path, mode)
+        if not self._reserve.ensure(force=True):
+            self.health.failed("open", KIND_FULL, "reserve cannot be created")
         self.checkpoints = 0  # background WAL checkpoints that copied frames
         self._wal_frames = 0  # WAL length last seen by the checkpointer
         self._checkpoint_stop = threading.Event()
@@ -526,11 +545,13 @@ class SQLiteChunkStore:
             return
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_INTERVAL_S):
+                self._restore_headroom()
                 try:
                     _busy, log_frames, copied = conn.execute(
                         "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:
-                    log.warning("store_checkpoint_failed path=%s error=%s", self.path, exc)
+                    # Rate-limited: on a full disk this fails every interval.
+                    self._storage_failed("checkpoint", exc)
                     continue
                 if copied > 0:
                     self.checkpoints += 1
@@ -553,10 +574,46 @@ class SQLiteChunkStore:
             busy, log_frames, copied = self._conn.execute(
                 "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
-            log.warning("store_checkpoint_failed path=%s error=%s", self.path, exc)
+            self._storage_failed("checkpoint", exc)
             return
         if not busy and copied == log_frames:
             self._wal_frames = 0
+
+    # -- headroom (common/headroom.py) ----------------------------------------------
+
+    @property
+    def disk_full(self) -> bool:
+        """True while ingest is refused for lack of disk (the reserve is in use)."""
+        return self.health.full or not self._reserve.present()
+
+    def _storage_failed(self, operation: str, exc: sqlite3.Error) -> None:
+        """Count and (rate-limited) log a failed write; on a full disk hand the reserve
+        over, so checkpoints, control state and retention can still write."""
+        kind = _error_kind(exc)
+        if kind is None:
+            return  # not the disk (a busy lock, a constraint): the caller reports it
+        self.health.failed(operation, kind, exc)
+        if kind == KIND_FULL:
+            self._reserve.release()
+
+    def _restore_headroom(self) -> None:
+        """Checkpointer thread: once the disk has room for the reserve again, ingest
+        resumes (attempts at most once a second while the disk is full)."""
+        if self._reserve.present():
+            if self.health.full:
+                self.health.recovered()
+            return
+        if self._reserve.ensure():
+            self.health.recovered()
+
+    def _require_headroom(self) -> None:
+        """New data only while the reserve is in place: ``StorageFull`` (507 with
+        Retry-After) otherwise, before any statement runs."""
+        if self._reserve.present():
+            return
+        self.health.failed("ingest", KIND_FULL, "reserve in use")
+        raise StorageFull(f"store {self.path.name}: the disk is full; ingest resumes once"
+                          " space is freed")
 
     def _load_offsets(self) -> None:
         """Rebuild trackers: persisted watermark and ranges, plus chunk rows above them."""
@@ -598,6 +655,7 @@ class SQLiteChunkStore:
         ``abort_ingest``, which may run in another thread. ``blocking=False`` returns None
         instead of waiting when another store call holds the lock.
         """
+        self._require_headroom()
         if not self._enter_split(blocking):
             return None
         with self._split_statements("ingest failed", chunks=len(chunks)):
@@ -639,6 +697,7 @@ class SQLiteChunkStore:
         except sqlite3.Error as exc:
             self._rollback()
             self._lock.release()
+            self._storage_failed(what.split()[0], exc)
             error = _translate(exc, what)
             log.error("store_write_failed what=%r chunks=%d error=%s", what, chunks,
                       error.code)
@@ -670,6 +729,7 @@ class SQLiteChunkStore:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self._storage_failed("begin", exc)
             raise _translate(exc, "ingest failed") from exc
 
     def commit_ingest(self, prepared: PreparedIngest) -> list[ChunkOutcome]:
@@ -679,6 +739,7 @@ class SQLiteChunkStore:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
+                self._storage_failed("ingest", exc)
                 error = _translate(exc, "ingest failed")
                 log.error("store_write_failed what=%r chunks=%d error=%s", "ingest failed",
                           len(prepared.items), error.code)
@@ -1125,7 +1186,19 @@ class SQLiteChunkStore:
     # -- control state ---------------------------------------------------------------
 
     def _write(self, statements: Iterable[tuple[str, Sequence[Any]]], what: str) -> None:
-        """Run statements in one short durable transaction."""
+        """Run statements in one short durable transaction. On a full disk the reserve is
+        handed over and the transaction tried once more: control state must not be lost
+        to a disk that new data filled."""
+        statements = list(statements)
+        try:
+            self._write_once(statements, what)
+        except StorageFull:
+            if not self._reserve.present() and self.health.full:
+                self._write_once(statements, what)
+                return
+            raise
+
+    def _write_once(self, statements: Sequence[tuple[str, Sequence[Any]]], what: str) -> None:
         with self._lock:
             self._check_open()
             try:
@@ -1136,6 +1209,7 @@ class SQLiteChunkStore:
                 self._maybe_reset_wal()
             except sqlite3.Error as exc:
                 self._rollback()
+                self._storage_failed(what.split()[0], exc)
                 raise _translate(exc, what) from exc
             except BaseException:
                 self._rollback()
@@ -1194,6 +1268,7 @@ class SQLiteChunkStore:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
+                self._storage_failed(prepared.what.split()[0], exc)
                 raise _translate(exc, prepared.what) from exc
             except BaseException:
                 self._rollback()
@@ -1264,18 +1339,28 @@ class SQLiteChunkStore:
     def _prune_loop(self, sql: str, older_than: float, batch: int) -> int:
         total = 0
         while True:
-            with self._lock:
-                self._check_open()
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    n = self._conn.execute(sql, (older_than, batch)).rowcount
-                    self._conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    self._rollback()
-                    raise _translate(exc, "prune failed") from exc
+            try:
+                n = self._prune_step(sql, older_than, batch)
+            except StorageFull:
+                # Retention is how a full disk gets room: with the reserve handed over
+                # (by this failure), try once more.
+                n = self._prune_step(sql, older_than, batch)
             total += max(n, 0)
             if n < batch:
                 return total
+
+    def _prune_step(self, sql: str, older_than: float, batch: int) -> int:
+        with self._lock:
+            self._check_open()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                n = int(self._conn.execute(sql, (older_than, batch)).rowcount)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._storage_failed("prune", exc)
+                raise _translate(exc, "prune failed") from exc
+        return n
 
     def _expire_partials(self, older_than: float, batch: int) -> int:
         now = self._clock()
@@ -1301,6 +1386,7 @@ class SQLiteChunkStore:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
+                self._storage_failed("prune", exc)
                 raise _translate(exc, "prune failed") from exc
         return len(rows)
 

@@ -45,7 +45,7 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0,
 def server_config(tmp_path: Path, **sections: dict[str, Any]) -> ServerConfig:
     """Ephemeral ports, a store in ``tmp_path``, two sensors; ``sections`` update the doc."""
     doc: dict[str, Any] = {
-        "store": {"path": str(tmp_path / "server.db")},
+        "store": {"path": str(tmp_path / "server.db"), "reserve_bytes": 1024 * 1024},
         "control": {"port": 0},
         "ingest": {"port": 0},
         "stream": {"port": 0},
