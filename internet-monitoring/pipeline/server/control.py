@@ -400,8 +400,14 @@ class ControlManager:
         for item in items:
             if self.send_body(item.sensor_id, item.request):
                 sent += 1
-                log.debug("chunk_request sensor_id=%s window_id=%s since=%d", item.sensor_id,
-                          item.request.window_id, item.request.since_sequence)
+                if isinstance(item.request, ChunkAck):
+                    log.debug("chunk_reack sensor_id=%s window_id=%s sequences=%d",
+                              item.sensor_id, item.request.window_id,
+                              len(item.request.committed_sequences))
+                else:
+                    log.debug("chunk_request sensor_id=%s window_id=%s since=%d",
+                              item.sensor_id, item.request.window_id,
+                              item.request.since_sequence)
         return sent
 
     def _hold_ack(self, sensor_id: str, ack: ChunkAck) -> None:

@@ -366,10 +366,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 when ready, else 503 whatever the cause: load balancers and orchestrators read
+    only 503 as "not ready" (a full disk's 507 would be taken for a broken server)."""
     ctx = _ctx(request)
-    if not ctx.listeners_up():
-        raise StoreError("listeners are not up")
-    await ctx.in_store_thread(ctx.store.check_writable)
+    try:
+        if not ctx.listeners_up():
+            raise StoreError("listeners are not up")
+        await ctx.in_store_thread(ctx.store.check_writable)
+    except StoreError as exc:
+        log.warning("not_ready error=%s", exc.code)
+        return error_response(503, exc.to_json())
     return web.json_response({"status": "ready"})
 
 

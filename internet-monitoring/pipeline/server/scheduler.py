@@ -14,14 +14,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
-from pipeline.common.messages import ChunkRequest
+from pipeline.common.messages import ChunkAck, ChunkRequest
 from pipeline.server.session import SensorSession, WindowPolicy
 
 
 @dataclass(frozen=True)
 class Outgoing:
+    """A body for one sensor: a window request, or a re-ack from a recovery round."""
+
     sensor_id: str
-    request: ChunkRequest
+    request: ChunkRequest | ChunkAck
 
 
 class RequestScheduler:
@@ -73,8 +75,8 @@ class RequestScheduler:
         out: list[Outgoing] = []
         total = 0
         for sensor_id, session in self.sessions.items():
-            # Only windows have timers: a fleet of idle sessions costs one test each.
-            if session.windows:
+            # Only windows and re-acks have timers: idle sessions cost one test each.
+            if session.windows or session.ledger.suspects:
                 out.extend(Outgoing(sensor_id, r) for r in session.on_tick(now))
                 active = session.active_windows()
             else:

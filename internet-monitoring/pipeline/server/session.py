@@ -22,18 +22,35 @@ Window life cycle (one table, as h11 keeps its transitions)::
     heartbeat queue_depth == 0              every window -> SETTLED (forgotten)
     heartbeat with a new queue epoch        every window -> SETTLED; offsets of the new
                                             epoch start at 0
+    backlog reported, no chunk committed    recovery round (at most one per heartbeat and
+    for stall_windows x window_timeout_s    window_timeout_s): committed sequences whose
+                                            acks went out on a connection that dropped
+                                            are acked AGAIN under the window they came
+                                            with, then unsettled windows are re-requested
+                                            (same id, backoff), each behind its re-ack
     connect                                 first window asks since_sequence=0, so chunks
                                             whose acks died with the last connection are
                                             re-sent (and answered as duplicates + acked)
     disconnect                              ACTIVE -> QUIET
 
 Acks are produced only from ``on_committed``, which the shell calls after the store's
-transaction is durable (invariant 2).
+transaction is durable (invariant 2), and re-sent from the ack ledger, which holds only
+sequences that passed through ``on_committed``.
+
+Why re-acks: a 1.0 sensor deletes a chunk only when an ack lists it, and never re-sends a
+chunk under another window id. An ack lost with a control connection (or read after the
+sensor gave up on it) therefore strands the chunk in its queue for ever, while the server
+holds it. The ledger remembers, per window, the sequences acked since the sensor last
+reported an empty queue (bounded: ``ack_ledger_sequences``, oldest windows dropped first;
+a window is dropped after ``reack_rounds`` re-acks). Rounds are paced by heartbeats: a
+1.0 agent reads control messages only between windows, so a second round before it has
+even reported back would only queue up behind the first.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Sequence
 
@@ -94,6 +111,100 @@ class WindowPolicy:
     window_timeout_s: float = 10.0
     quiet_s: float = 1.0
     rerequest_max_s: float = 60.0
+    # Recovery rounds start after this many window timeouts without a commit: a 1.0 agent
+    # stuck in one hung POST (ingest timeout + backoff) must not be asked to re-send the
+    # window it is still working through, which only makes duplicates.
+    stall_windows: float = 3.0
+    # Committed sequences remembered per sensor for re-acks, and how often each window's
+    # sequences are re-acked before they are forgotten (see the module docstring).
+    ack_ledger_sequences: int = 4096
+    reack_rounds: int = 4
+
+
+class _LedgerWindow:
+    __slots__ = ("ranges", "count", "rounds", "suspect")
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []  # inclusive [start, end], mostly one per window
+        self.count = 0
+        self.rounds = 0
+        self.suspect = False  # some of its acks went out on a connection that then dropped
+
+    def add(self, seq: int) -> bool:
+        ranges = self.ranges
+        if ranges and ranges[-1][1] + 1 == seq:
+            ranges[-1][1] = seq
+        elif any(start <= seq <= end for start, end in ranges):
+            return False
+        else:
+            ranges.append([seq, seq])
+        self.count += 1
+        return True
+
+    def sequences(self) -> tuple[int, ...]:
+        return tuple(seq for start, end in sorted(self.ranges)
+                     for seq in range(start, end + 1))
+
+
+class AckLedger:
+    """Sequences acked per window, oldest window first, at most ``max_sequences`` in all.
+
+    An ack queued on a live connection reaches the sensor (TCP delivers it, the agent
+    reads it sooner or later); only a connection that drops can lose it. So only windows
+    whose acks went out on a connection that later dropped are *suspect* and re-acked:
+    no needless acks on a healthy control channel. Ranges, not sets: a window's sequences
+    are mostly contiguous, so a sensor's ledger costs a few small lists."""
+
+    __slots__ = ("max_sequences", "_windows", "_count", "suspects")
+
+    def __init__(self, max_sequences: int = 4096) -> None:
+        self.max_sequences = max_sequences
+        self._windows: OrderedDict[str, _LedgerWindow] = OrderedDict()
+        self._count = 0
+        self.suspects = 0  # windows marked suspect
+
+    def __len__(self) -> int:
+        return self._count
+
+    def connection_lost(self) -> None:
+        """Acks queued so far may have died with the connection."""
+        for entry in self._windows.values():
+            entry.suspect = True
+        self.suspects = len(self._windows)
+
+    def add(self, window_id: str, seq: int) -> None:
+        if self.max_sequences <= 0:
+            return
+        entry = self._windows.get(window_id)
+        if entry is None:
+            entry = self._windows[window_id] = _LedgerWindow()
+        if entry.add(seq):
+            self._count += 1
+        while self._count > self.max_sequences and self._windows:
+            _, dropped = self._windows.popitem(last=False)
+            self._drop(dropped)
+
+    def _drop(self, entry: _LedgerWindow) -> None:
+        self._count -= entry.count
+        self.suspects -= entry.suspect
+
+    def clear(self) -> None:
+        self._windows.clear()
+        self._count = 0
+        self.suspects = 0
+
+    def round(self, max_rounds: int) -> list[ChunkAck]:
+        """Suspect windows' acks again; a window re-acked ``max_rounds`` times is dropped."""
+        out: list[ChunkAck] = []
+        for window_id in [w for w, e in self._windows.items() if e.suspect]:
+            entry = self._windows[window_id]
+            out.append(ChunkAck(window_id=window_id, committed_sequences=entry.sequences(),
+                                reset_window=False))
+            entry.rounds += 1
+            if entry.rounds >= max_rounds:
+                del self._windows[window_id]
+                self._drop(entry)
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,20 +229,30 @@ class SensorSession:
     windows: dict[str, Window] = field(default_factory=dict)
     last_heartbeat: Heartbeat | None = None
     last_heartbeat_at: float | None = None
+    ledger: AckLedger = field(default_factory=AckLedger)
+    reack_rounds_sent: int = 0
+    _last_progress: float = 0.0
+    _last_round_at: float = float("-inf")
+    _reported_since_round: bool = True
     _counter: int = 0
     _fresh_connection: bool = False
     _changed: bool = False
 
     # -- inputs ----------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        self.ledger.max_sequences = self.policy.ack_ledger_sequences
+
     def on_connect(self, now: float, epoch: str | None = None) -> None:
         self.connected = True
         self._fresh_connection = True
+        self._last_progress = now
         if epoch is not None:
             self._switch_epoch(epoch)
 
     def on_disconnect(self, now: float) -> None:
         self.connected = False
+        self.ledger.connection_lost()
         for window in self.windows.values():
             if window.status is WindowStatus.ACTIVE:
                 window.status = WindowStatus.QUIET
@@ -143,18 +264,23 @@ class SensorSession:
         self.last_heartbeat = heartbeat
         self.last_heartbeat_at = now
         self.backlog = heartbeat.queue_depth
-        if heartbeat.queue_depth == 0 and self.windows:
-            self.windows.clear()
-            self._changed = True
+        self._reported_since_round = True
+        if heartbeat.queue_depth == 0:
+            self.ledger.clear()  # the sensor holds nothing: nothing to ack again
+            if self.windows:
+                self.windows.clear()
+                self._changed = True
 
     def on_committed(self, items: Sequence[Committed], watermark: int, now: float) -> list[ChunkAck]:
         """Chunks made durable: returns the acks to send, one per window."""
         if watermark > self.watermark:
             self.watermark = watermark
         self.backlog = max(0, self.backlog - len(items))
+        self._last_progress = now
         by_window: dict[str, list[int]] = {}
         for item in items:
             by_window.setdefault(item.window_id, []).append(item.sequence)
+            self.ledger.add(item.window_id, item.sequence)
             window = self.windows.get(item.window_id)
             if window is not None:
                 self._count(window, item.nbytes, now)
@@ -172,9 +298,8 @@ class SensorSession:
             self.backlog = max(self.backlog, 1)
             self._changed = True
 
-    def on_tick(self, now: float) -> list[ChunkRequest]:
-        """Advance timers; returns re-requests (same window ids) to send."""
-        stuck = False
+    def on_tick(self, now: float) -> list[ChunkRequest | ChunkAck]:
+        """Advance timers; returns re-acks and re-requests (same window ids) to send."""
         for window in list(self.windows.values()):
             idle = now - window.last_activity
             if window.status is WindowStatus.QUIET:
@@ -187,7 +312,6 @@ class SensorSession:
                 # Nothing came: either the sensor had nothing free to send, or what it
                 # sent was lost. A first request is kept for one re-request; a re-request
                 # that brings nothing proves the sensor holds nothing under this id.
-                stuck = stuck or (window.requests == 1 and self.backlog > 0)
                 if window.requests == 1:
                     window.status = WindowStatus.EMPTY
                 else:
@@ -197,9 +321,37 @@ class SensorSession:
                 window.status = WindowStatus.QUIET  # under-filled: the queue ran dry
                 self.backlog = 0
                 self._changed = True
-        if stuck and self.connected:
-            return self._rerequest_unsettled(now)
+        if self._round_due(now):
+            return self._recovery_round(now)
         return []
+
+    def _round_due(self, now: float) -> bool:
+        """A backlog the server cannot account for: the sensor reports chunks, none came
+        for window_timeout_s, and it has reported since the last round."""
+        timeout = self.policy.window_timeout_s
+        return (self.connected and self.backlog > 0 and self._reported_since_round
+                and now - self._last_progress >= timeout * self.policy.stall_windows
+                and now - self._last_round_at >= timeout
+                and (self.ledger.suspects > 0 or any(w.status is not WindowStatus.ACTIVE
+                                                     for w in self.windows.values())))
+
+    def _recovery_round(self, now: float) -> list[ChunkRequest | ChunkAck]:
+        """Re-ack what the ledger holds, then re-request unsettled windows, each behind
+        its own re-ack so the sensor deletes what the server has before re-sending."""
+        self._last_round_at = now
+        self._reported_since_round = False
+        self.reack_rounds_sent += 1
+        out: list[ChunkRequest | ChunkAck] = []
+        rerequests = self._rerequest_unsettled(now)
+        acks = {a.window_id: a for a in self.ledger.round(self.policy.reack_rounds)}
+        again = {r.window_id for r in rerequests}
+        out.extend(a for wid, a in acks.items() if wid not in again)
+        for request in rerequests:
+            ack = acks.get(request.window_id)
+            if ack is not None:
+                out.append(ack)
+            out.append(request)
+        return out
 
     # -- window issuing (the scheduler grants the budget) ----------------------------
 
@@ -290,6 +442,7 @@ class SensorSession:
             self.epoch = epoch
             self.watermark = 0
             self.windows.clear()
+            self.ledger.clear()
             self._changed = True
 
 

@@ -194,12 +194,17 @@ class LinkFaults:
     upstream: DirectionFaults = field(default_factory=DirectionFaults)
     downstream: DirectionFaults = field(default_factory=DirectionFaults)
     reset_at_connect_p: float = 0.0
+    # The chance that a connection hangs: what the client sends still reaches the server,
+    # but nothing comes back (a stuck middlebox). The client sees a timeout, the server
+    # may well have stored the request: the case that makes duplicates and lost answers.
+    hang_p: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("upstream", "downstream"):
             if not isinstance(getattr(self, name), DirectionFaults):
                 raise _bad(name, "expected DirectionFaults")
         _check_probability("reset_at_connect_p", self.reset_at_connect_p)
+        _check_probability("hang_p", self.hang_p)
 
     @classmethod
     def symmetric(cls, *, reset_at_connect_p: float = 0.0,
@@ -323,6 +328,13 @@ class FaultPlan:
             return ConnectionFate(reset=True, reason="reset_at_connect")
         return ConnectionFate(reset=False)
 
+    def decide_hang(self, conn_index: int) -> bool:
+        """Whether the ``conn_index``-th connection hangs (its answers are swallowed).
+        Drawn from its own generator, so adding hangs reshuffles no other decision."""
+        if not self.faults.hang_p:
+            return False
+        return _rng(self.seed, "hang", conn_index).random() < self.faults.hang_p
+
     def decide_segment(self, conn_index: int, segment_index: int, nbytes: int, now_s: float,
                        *, direction: Direction = Direction.UPSTREAM) -> SegmentAction:
         """What happens to one segment of ``nbytes`` read at plan time ``now_s``.
@@ -435,6 +447,7 @@ class LinkSession:
         self.origin_s = origin_s
         self.conn_index = conn_index
         self.stalled = False
+        self.hung = plan.decide_hang(conn_index)
         self.reset_reason: str | None = None
         self._dirs = {d: _DirectionState() for d in Direction}
 
@@ -465,6 +478,8 @@ class LinkSession:
         if action.reset:
             self.reset_reason = action.reason
             return Step(StepKind.RESET, reason=action.reason)
+        if self.hung and direction is Direction.DOWNSTREAM:
+            return Step(StepKind.DISCARD, reason="hang")
         if action.blackhole or self.stalled:
             self.stalled = True
             return Step(StepKind.DISCARD, reason="blackhole" if action.blackhole else "stalled")

@@ -11,7 +11,8 @@ Overridable parameters (``Profile.with_overrides`` / ``parse_overrides``):
   ``bandwidth_burst_bytes``, ``reset_mid_stream_p``, ``fragment_max_bytes``,
   ``close_after_bytes``, ``slow_close_ms``; one direction only: the same names prefixed
   with ``upstream_`` or ``downstream_``;
-* ``reset_at_connect_p``;
+* ``reset_at_connect_p``; ``hang_p`` (the chance that a connection hangs: requests reach
+  the server, answers never come back);
 * partitions: ``partition_every_s``, ``partition_duration_s``, ``partition_first_s``,
   (default: one period in), ``partition_count`` (0 = until the horizon) and explicit ``partitions``; ``blackholes``
   (windows as ``[(start_s, duration_s), ...]`` or the string ``"start:duration,..."``);
@@ -172,7 +173,7 @@ def override_names() -> tuple[str, ...]:
     """Every parameter ``with_overrides`` accepts."""
     names = list(DIRECTION_PARAMS)
     names += [f"{side}_{p}" for side in ("upstream", "downstream") for p in DIRECTION_PARAMS]
-    names.append("reset_at_connect_p")
+    names += ["reset_at_connect_p", "hang_p"]
     names += list(_PROFILE_FIELDS)
     return tuple(names)
 
@@ -200,9 +201,9 @@ def _classify(key: str, value: Any, sides: dict[str, dict[str, Any]], link: dict
         _checked(key, lambda: DirectionFaults(**{param: coerced}))
         for side in targets:
             sides[side][param] = coerced
-    elif key == "reset_at_connect_p":
+    elif key in ("reset_at_connect_p", "hang_p"):
         coerced = _number(key, value)
-        _checked(key, lambda: LinkFaults(reset_at_connect_p=coerced))
+        _checked(key, lambda: LinkFaults(**{key: coerced}))
         link[key] = coerced
     elif key in _PROFILE_FIELDS:
         top[key] = _PROFILE_FIELDS[key](key, value)

@@ -56,6 +56,7 @@ class ProxyStats:
     bytes_upstream: int = 0
     bytes_downstream: int = 0
     blackholed_bytes: int = 0
+    hangs: int = 0
 
 
 def _is_loopback(host: str) -> bool:
@@ -169,6 +170,8 @@ class _ProxiedConnection:
                 self.reset(f"peer_error:{type(exc).__name__}", injected=False)
                 return
             now = loop.time()
+            if not data and self.session.hung and direction is Direction.DOWNSTREAM:
+                return  # a hung link passes no FIN either: the client waits for its timeout
             if not data:
                 release = self.session.on_eof(direction, now)
                 if release is None:
@@ -181,7 +184,7 @@ class _ProxiedConnection:
                 self.reset(step.reason or "reset", injected=True)
                 return
             if step.kind is StepKind.DISCARD:
-                if step.reason in ("blackhole", "stalled"):
+                if step.reason in ("blackhole", "stalled", "hang"):
                     self.proxy._stats.blackholed_bytes += len(data)
                 continue
             await queue.put(_Segment(step.release_at_s, data[:step.nbytes], step.fragments,
@@ -226,7 +229,9 @@ class _ProxiedConnection:
 
     def _eof_delivered(self, direction: Direction) -> None:
         self._eofs_delivered.add(direction)
-        if len(self._eofs_delivered) == len(Direction):
+        if self.session.hung and direction is Direction.UPSTREAM:
+            self.close("hang_client_gone")  # the client gave up; nothing more can cross
+        elif len(self._eofs_delivered) == len(Direction):
             self.close("eof_both_ways")
 
     async def run(self) -> None:
@@ -441,6 +446,8 @@ class FaultProxy:
             await _wait_closed(writer)
             return
         session = LinkSession(self._plan, index, self._plan_origin)
+        if session.hung:
+            self._stats.hangs += 1
         conn = _ProxiedConnection(self, index, session, (reader, writer), upstream)
         if self._closing or self._plan.partitioned(self.plan_time()):
             # Stopped or partitioned while we were connecting to the target.

@@ -311,7 +311,8 @@ def format_report(report: Report) -> str:
                             f"{faults.get('resets_at_connect', 0):,}, mid-stream "
                             f"{faults.get('resets_mid_stream', 0):,}, partition "
                             f"{faults.get('resets_partition', 0):,})"),
-        ("black-holed bytes", f"{faults.get('blackholed_bytes', 0):,}"),
+        ("black-holed bytes", f"{faults.get('blackholed_bytes', 0):,}  (hung connections "
+                              f"{faults.get('hangs', 0):,})"),
         ("kills (SIGKILL)", f"sensors {f.kills.get('sensors', 0)}, "
                             f"server {f.kills.get('server', 0)}"),
         ("goodput", "-" if report.goodput_mb_s is None else

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.common.messages import Heartbeat
+from pipeline.common.messages import ChunkAck, ChunkRequest, Heartbeat
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.session import Committed, SensorSession, WindowPolicy, WindowStatus
 
@@ -80,12 +80,20 @@ def test_stuck_chunks_rerequested_with_same_window_id():
     s = connected(depth=3)
     a = s.issue_window(now=0)
     s.on_committed([Committed(2, a.window_id, 1), Committed(3, a.window_id, 1)], watermark=0, now=0.1)
-    s.on_tick(now=2)  # A goes quiet
+    s.on_tick(now=1.2)  # A goes quiet
+    s.on_disconnect(now=1.3)  # the acks of 2 and 3 may have died with the connection
+    s.on_connect(now=1.5)
     s.on_heartbeat(hb(1), now=3)  # sensor still holds one chunk
     b = s.issue_window(now=3)
     assert b is not None
     assert s.on_tick(now=4) == []
-    rerequests = s.on_tick(now=8.1)  # B got nothing for window_timeout
+    # B got nothing for window_timeout, and nothing was committed for three of them.
+    assert s.on_tick(now=16.4) == []
+    out = s.on_tick(now=16.6)
+    # A's committed chunks are acked again right before A is re-requested.
+    assert isinstance(out[0], ChunkAck) and out[0].window_id == a.window_id
+    assert out[0].committed_sequences == (2, 3)
+    rerequests = [r for r in out if isinstance(r, ChunkRequest)]
     # Every unsettled window is asked again under its own id (B too: its POSTs may be lost).
     assert [r.window_id for r in rerequests] == [a.window_id, b.window_id]
     assert rerequests[0].since_sequence == a.since_sequence
@@ -101,8 +109,8 @@ def test_rerequest_that_yields_nothing_settles_window():
     s.on_tick(now=2)
     s.on_heartbeat(hb(1), now=3)
     s.issue_window(now=3)
-    assert s.on_tick(now=8.1)  # re-request of A
-    s.on_tick(now=20)
+    assert s.on_tick(now=15.2)  # re-request of A
+    s.on_tick(now=30)
     assert a.window_id not in s.windows
 
 
