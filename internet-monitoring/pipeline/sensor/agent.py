@@ -54,6 +54,7 @@ from pipeline.common.messages import (
 )
 from pipeline.common.aio import wait_event
 from pipeline.common.logs import bind_log_context, reset_log_context
+from pipeline.common.runtime_metrics import register_task_gauge
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
 from pipeline.sensor.batching import (
@@ -921,6 +922,7 @@ class SensorAgent:
         listen = getattr(metrics, "listen", None) if metrics is not None else None
         if not listen:
             return
+        register_task_gauge(self.registry, asyncio.get_running_loop())
         server = SensorMetricsServer(self.registry, listen)
         await server.start()
         self._metrics_server = server

@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.common.config import ServerConfig, TlsConfig
 from pipeline.common.errors import ConfigError, PipelineError
+from pipeline.common.runtime_metrics import register_task_gauge
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.auth import TokenAuthenticator, hash_token
 from pipeline.server.control import ControlManager, control_server
@@ -181,6 +182,7 @@ class PipelineServer:
                     for name in ("control", "ingest", "stream")}
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         loop = asyncio.get_running_loop()
+        register_task_gauge(self.registry, loop)
         self.store = await loop.run_in_executor(self._store_thread, self._open_store)
         store = self.store
         try:

@@ -37,7 +37,7 @@ from pipeline.common.config import exact_capabilities
 from pipeline.common.errors import ConfigError
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.faults import FaultPlan
-from pipeline.sim.processes import ProcessError, SensorProcess, ServerProcess
+from pipeline.sim.processes import ProcessError, SensorProcess, ServerProcess, free_port
 from pipeline.sim.profiles import Profile
 from pipeline.sim.proxy import FaultProxy, ProxyStats
 from pipeline.sim.report import QueueLeftovers, ServerEvent
@@ -79,6 +79,7 @@ class FleetOptions:
     server_env: Mapping[str, str] = field(default_factory=dict)
     id_prefix: str = "sim"
     capabilities: tuple[str, ...] | None = None  # sensor capabilities; None = their defaults
+    sensor_metrics: bool = False  # give each sensor a loopback /metrics (soak: task counts)
 
     def __post_init__(self) -> None:
         if self.sensors < 1:
@@ -259,6 +260,7 @@ class Fleet:
                 else f"embedded ({options.server_module})"
         self.proxies: dict[str, tuple[FaultProxy, FaultProxy]] = {}
         self.sensors: dict[str, SimSensor] = {}
+        self.metrics_urls: dict[str, str] = {}  # sensor id -> its /metrics (sensor_metrics)
         self._probes: dict[str, DurableQueue] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -292,18 +294,31 @@ class Fleet:
                 sensor_dir, sid, self.tokens[sid],
                 control_url=control.url("ws", self._control_target.path),
                 ingest_url=ingest.url("http", self._ingest_target.path),
-                extra_config=self._sensor_config())
+                extra_config=self._sensor_config(sid))
             self.sensors[sid] = (InProcessSensor(process) if self.options.in_process
                                  else ProcessSensor(process))
         await asyncio.gather(*(s.start() for s in self.sensors.values()))
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
         self._session = aiohttp.ClientSession(timeout=timeout)
 
-    def _sensor_config(self) -> dict[str, Any]:
+    def _sensor_config(self, sensor_id: str) -> dict[str, Any]:
         config = dict(SIM_SENSOR_CONFIG)
         if self.options.capabilities is not None:
             config.update(exact_capabilities(self.options.capabilities))
+        if self.options.sensor_metrics:
+            listen = f"127.0.0.1:{free_port()}"  # kept across restarts of the sensor
+            config["metrics"] = {"listen": listen}
+            self.metrics_urls[sensor_id] = f"http://{listen}/metrics"
         return config
+
+    def sensor_pid(self, sensor_id: str) -> int | None:
+        """The sensor's process id (None for in-process agents or while it is down)."""
+        sensor = self.sensors.get(sensor_id)
+        process = getattr(sensor, "process", None)
+        return process.pid if process is not None and process.running else None
+
+    def server_pid(self) -> int | None:
+        return self.server.pid if self.server is not None and self.server.running else None
 
     def unique_proxies(self) -> list[FaultProxy]:
         seen: dict[int, FaultProxy] = {}

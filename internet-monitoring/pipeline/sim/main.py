@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import signal
 import sys
@@ -49,6 +50,7 @@ from pipeline.sim.profiles import (
 )
 from pipeline.sim.report import Report, format_comparison, format_report, goodput_ratio
 from pipeline.sim.runner import SimSettings, Simulation
+from pipeline.sim.soak import SoakSettings, parse_duration
 from pipeline.sim.workload import SizeSpec, WorkloadSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--events", type=int, default=100, help="events per sensor (100)")
     add("--event-size", default="1k-8k",
         help="event size in bytes, or a range: 2000, 2k, 1m, 500-64k (1k-8k)")
-    add("--rate", type=float, default=0.0,
+    add("--rate", type=float, default=None,
         help="events per second per sensor (default: spread over --duration)")
     add("--duration", type=float, default=None,
         help="seconds over which each sensor submits its events (default: the profile's "
@@ -118,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: a temporary directory)")
     add("--keep-workdir", action="store_true", help="keep the workdir even when the run passes")
     add("--report", default=None, metavar="FILE", help="write the report as JSON")
+    add("--soak", default=None, metavar="DURATION",
+        help="soak mode: submit at --rate (default 1 event/s per sensor) for DURATION "
+             "(90, 90s, 30m, 2h) with link flaps at random intervals, sample resident "
+             "memory, open descriptors and asyncio tasks of every process, and fail on "
+             "growth after warm-up")
+    add("--soak-sample-every", type=float, default=5.0, metavar="S",
+        help="soak: seconds between samples (5)")
+    add("--soak-warmup", type=float, default=None, metavar="S",
+        help="soak: seconds excluded from the growth check (default: a quarter of the "
+             "soak, at most 300)")
+    add("--soak-fault-every", type=float, default=15.0, metavar="S",
+        help="soak: mean seconds between link flaps, exponential (15; 0 = none)")
+    add("--max-rss-growth", type=float, default=0.25, metavar="FRACTION",
+        help="soak: resident memory growth allowed after warm-up, as a fraction of the "
+             "post-warm-up baseline, at least 16 MiB (0.25)")
+    add("--max-fd-growth", type=int, default=16, help="soak: open descriptors (16)")
+    add("--max-task-growth", type=int, default=32, help="soak: asyncio tasks (32)")
     add("--quiet", action="store_true", help="no progress lines")
     add("--log-level", default="WARNING", type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -207,10 +226,27 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.server_url is None and (args.token or args.control_url or args.read_token):
         raise ConfigError("--token, --control-url and --read-token go with --server-url",
                           field="server_url")
+    if args.soak is not None:
+        if args.in_process or args.compare or args.server_url:
+            raise ConfigError("--soak samples processes it starts: not with --in-process, "
+                              "--compare or --server-url", field="soak")
+        if args.rate is not None and args.rate <= 0:  # 0 would mean "as fast as possible"
+            raise ConfigError("--soak needs --rate > 0 (events per second per sensor)",
+                              field="rate")
+
+
+def soak_settings(args: argparse.Namespace) -> SoakSettings | None:
+    if args.soak is None:
+        return None
+    return SoakSettings(duration_s=parse_duration(args.soak),
+                        sample_every_s=args.soak_sample_every, warmup_s=args.soak_warmup,
+                        fault_every_s=args.soak_fault_every,
+                        max_rss_growth=args.max_rss_growth, max_fd_growth=args.max_fd_growth,
+                        max_task_growth=args.max_task_growth)
 
 
 def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
-                 workload: WorkloadSpec) -> SimSettings:
+                 workload: WorkloadSpec, soak: SoakSettings | None = None) -> SimSettings:
     kill_sensors = (args.kill_sensors_every if args.kill_sensors_every is not None
                     else profile.kill_sensors_every_s)
     kill_server = (args.kill_server_every if args.kill_server_every is not None
@@ -224,7 +260,8 @@ def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
                          server_url=args.server_url, control_url=args.control_url,
                          token=args.token, read_token=args.read_token,
                          server_module=args.server_module,
-                         capabilities=_capabilities(args.capabilities))
+                         capabilities=_capabilities(args.capabilities),
+                         sensor_metrics=soak is not None)
     parameters = {
         "profile": dataclasses.asdict(profile), "set": list(args.set),
         "event_size": args.event_size, "interval_s": workload.interval_s,
@@ -237,7 +274,7 @@ def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
                        kill_fraction=args.kill_fraction, restart_delay_s=args.restart_delay,
                        drain_timeout_s=args.drain_timeout, settle_s=args.settle,
                        faults_for_s=args.faults_for,
-                       parameters=parameters)
+                       parameters=parameters, soak=soak)
 
 
 def _capabilities(text: str | None) -> tuple[str, ...] | None:
@@ -304,8 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_args(args)
         profile = _profile(args.profile, args.set)
         duration = args.duration if args.duration is not None else profile.duration_hint_s
-        workload = WorkloadSpec.paced(args.events, SizeSpec.parse(args.event_size),
-                                      rate=args.rate, duration_s=duration, seed=args.seed)
+        soak = soak_settings(args)
+        events, rate = args.events, args.rate or 0.0
+        if soak is not None:
+            rate = args.rate or 1.0
+            events = max(1, math.ceil(rate * soak.duration_s))
+            duration = soak.duration_s
+        workload = WorkloadSpec.paced(events, SizeSpec.parse(args.event_size),
+                                      rate=rate, duration_s=duration, seed=args.seed)
         workdir, created = _workdir(args)
     except ConfigError as exc:
         sys.stderr.write(f"pipeline-sim: {exc.message}\n")
@@ -315,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare is not None:
             runs.append(settings_for(args, get_profile(args.compare),
                                      workdir / f"baseline-{args.compare}", workload))
-        runs.append(settings_for(args, profile, workdir / f"run-{profile.name}", workload))
+        runs.append(settings_for(args, profile, workdir / f"run-{profile.name}", workload,
+                                 soak))
         reports = asyncio.run(_run_all(runs, args.quiet))
     except ConfigError as exc:
         sys.stderr.write(f"pipeline-sim: {exc.message}\n")

@@ -24,6 +24,7 @@ by the hosts' clock offset).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -144,21 +145,23 @@ class Report:
     latency: Latency
     samples: Mapping[str, Sequence[str]]
     per_sensor: Mapping[str, Mapping[str, int]]
+    soak: Any = None  # pipeline.sim.soak.SoakResult of a --soak run
 
     @property
     def ok(self) -> bool:
         """Nothing missing, duplicated, corrupted or unexpected, and every queue drained
         (chunks left behind mean a drain that never finished, even if their events made
-        it: the sensor would hold and re-send them)."""
+        it: the sensor would hold and re-send them); a soak also needs flat resources."""
         return not (self.missing or self.duplicated or self.corrupted or self.unexpected
-                    or self.left_in_queues_chunks)
+                    or self.left_in_queues_chunks) and (self.soak is None or self.soak.ok)
 
     @property
     def delivered_pct(self) -> float:
         return 100.0 * self.delivered_exactly_once / self.generated if self.generated else 100.0
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
+        doc = asdict(dataclasses.replace(self, soak=None))
+        doc["soak"] = self.soak.to_json() if self.soak is not None else None
         doc["facts"] = {**doc["facts"], "kills": dict(self.facts.kills),
                         "faults": dict(self.facts.faults),
                         "counters": dict(self.facts.counters),
@@ -332,7 +335,12 @@ def format_report(report: Report) -> str:
     width = max(len(label) for label, _ in rows)
     head = (f"pipeline-sim: profile {f.profile}, seed {f.seed}, {f.sensors} sensors x "
             f"{f.events_per_sensor} events ({f.mode}, server {f.server})")
-    return "\n".join([head] + [f"  {label:<{width}}  {value}" for label, value in rows]) + "\n"
+    lines = [head] + [f"  {label:<{width}}  {value}" for label, value in rows]
+    if report.soak is not None:
+        from pipeline.sim.soak import format_soak  # the soak section only when soaking
+
+        lines.append(format_soak(report.soak))
+    return "\n".join(lines) + "\n"
 
 
 def _cpu(cpu_s: Mapping[str, float], delivered_bytes: int) -> str:

@@ -36,6 +36,7 @@ from pipeline.sim.fleet import Fleet, FleetOptions
 from pipeline.sim.processes import ProcessError
 from pipeline.sim.profiles import Profile
 from pipeline.sim.report import Report, RunFacts, ServerEvent, build_report
+from pipeline.sim.soak import SoakMonitor, SoakSettings, Watched, flap_links
 from pipeline.sim.workload import Workload, WorkloadSpec, derive_seed
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class SimSettings:
     progress_interval_s: float = 1.0
     faults_for_s: float = 0.0  # > 0: links turn clean after this many seconds
     parameters: dict[str, Any] = field(default_factory=dict)  # recorded in the report
+    soak: SoakSettings | None = None  # sample every process and judge growth
 
     def __post_init__(self) -> None:
         for name in ("kill_sensors_every_s", "kill_server_every_s", "restart_delay_s",
@@ -223,6 +225,25 @@ class Simulation:
                     raise ProcessError(f"cannot read events back from the server: {exc}") from exc
                 await asyncio.sleep(1.0)
 
+    def _start_soak(self, fleet: Fleet, stop: asyncio.Event,
+                    tasks: list[asyncio.Task[None]]) -> SoakMonitor | None:
+        """Soak mode: sample every process and flap links until ``stop``."""
+        s = self.settings
+        if s.soak is None:
+            return None
+        watched = []
+        if fleet.server is not None:
+            watched.append(Watched("server", fleet.server_pid, fleet.http_base + "/metrics"))
+        for sid in fleet.sensor_ids:
+            watched.append(Watched(sid, lambda sid=sid: fleet.sensor_pid(sid),
+                                   fleet.metrics_urls.get(sid)))
+        monitor = SoakMonitor(s.soak, watched)
+        tasks.append(asyncio.create_task(monitor.run(stop), name="sim-soak-monitor"))
+        tasks.append(asyncio.create_task(
+            flap_links(s.soak, fleet.proxies, stop, monitor.result,
+                       derive_seed(s.fleet.seed, "soak")), name="sim-soak-flaps"))
+        return monitor
+
     def _counters(self, fleet: Fleet) -> dict[str, float]:
         ours = set(fleet.sensor_ids)
 
@@ -280,7 +301,13 @@ class Simulation:
             if s.faults_for_s:
                 crashers.append(asyncio.create_task(self._clear_faults_later(fleet),
                                                     name="sim-clear-faults"))
+            soak_stop = asyncio.Event()
+            monitor = self._start_soak(fleet, soak_stop, crashers)
             submit_watch = asyncio.create_task(asyncio.to_thread(workload.join))
+            if monitor is not None:
+                # Resources are judged while the load and the faults last, not during drain.
+                crashers.append(asyncio.create_task(_set_after(submit_watch, soak_stop),
+                                                    name="sim-soak-end"))
             drain, tail = await self._monitor(fleet, workload, started)
             await submit_watch
             submit_s = max(r.enqueued_at for r in workload.records()) - wall_started \
@@ -305,6 +332,8 @@ class Simulation:
                 kills=fleet.kills(), faults=fleet.proxy_stats(), counters=self._counters(fleet),
                 workload_errors=tuple(workload.errors), parameters=dict(s.parameters))
             report = build_report(workload.records(), stored, leftovers, facts)
+            if monitor is not None:
+                report = dataclasses.replace(report, soak=monitor.finish())
             if not report.ok:
                 log.warning("sim_failed profile=%s missing=%d duplicated=%d corrupted=%d "
                             "left_in_queues=%d workdir=%s", s.profile.name, report.missing,
@@ -318,6 +347,13 @@ class Simulation:
             for task in crashers:
                 task.cancel()
             await asyncio.gather(*crashers, return_exceptions=True)
+
+
+async def _set_after(task: "asyncio.Future[Any]", event: asyncio.Event) -> None:
+    try:
+        await asyncio.shield(task)
+    finally:
+        event.set()
 
 
 def _cpu_seconds() -> dict[str, float]:
