@@ -450,6 +450,24 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """Limits on what the server keeps in memory, so its resident size stays within a
+    budget whatever the store size (docs/reliability.md has the budget and figures)."""
+
+    sqlite_cache_kib: int = 16 * 1024       # SQLite page cache of each store connection
+    slice_cache_kib: int = 16 * 1024        # gzip slices of incomplete events
+    read_page_max_kib: int = 8 * 1024       # event bytes in one read-API page (>= 1 event)
+    snapshot_payload_max_kib: int = 1024    # larger latest-event payloads are not cached
+    ack_ledger_sequences: int = 4096        # per sensor, for re-acks (0 = no re-acks)
+
+    def validate(self, at: str) -> None:
+        for name in ("sqlite_cache_kib", "read_page_max_kib"):
+            _check_positive(at, name, getattr(self, name))
+        for name in ("slice_cache_kib", "snapshot_payload_max_kib", "ack_ledger_sequences"):
+            _check_non_negative(at, name, getattr(self, name))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -463,6 +481,7 @@ class ServerConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,9 +514,11 @@ class SensorQueueConfig:
     slice_size: int = 128 * KIB
     # Disk held back so deletes and checkpoints work on a full disk (docs/reliability-disk.md).
     reserve_bytes: int = 4 * MIB
+    cache_kib: int = 2 * 1024  # SQLite page cache of the queue's connection
 
     def validate(self, at: str) -> None:
         _check_positive(at, "retention_hours", self.retention_hours)
+        _check_positive(at, "cache_kib", self.cache_kib)
         if self.max_bytes is not None:
             _check_positive(at, "max_bytes", self.max_bytes)
         if self.reserve_bytes < 0:
@@ -1003,7 +1024,7 @@ def load_sensor_config(path: str | Path | None,
 __all__ = [
     "AuthConfig", "BackoffConfig", "ControlConfig", "DashboardConfig",
     "DashboardSensorConfig", "HeartbeatConfig", "IngestConfig",
-    "LimitsConfig", "LoggingConfig", "MetricsConfig", "SchedulerConfig", "SensorAuthConfig",
+    "LimitsConfig", "LoggingConfig", "MemoryConfig", "MetricsConfig", "SchedulerConfig", "SensorAuthConfig",
     "SensorConfig",
     "SensorControlConfig", "SensorIngestConfig", "SensorMetricsConfig", "SensorQueueConfig",
     "SensorTlsConfig", "ServerConfig", "StoreConfig", "StreamConfig", "SubmitConfig",

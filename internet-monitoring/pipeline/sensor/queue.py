@@ -269,8 +269,10 @@ class DurableQueue:
         verify_on_open: bool = True,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
         open_with_reserve: bool = False,
+        cache_kib: int = 2048,
     ) -> None:
         self._path = Path(path)
+        self._cache_kib = max(1, int(cache_kib))  # bounded page cache (memory budget)
         self._reserve = Reserve(self._path, _check_reserve(reserve_bytes))
         self._vacuum_pages = MIN_CHECKPOINT_PAGES
         self.health = DiskHealth("queue", str(self._path))
@@ -357,6 +359,8 @@ class DurableQueue:
             if str(mode).lower() != "wal":
                 raise QueueError(f"queue {self._path} could not switch to WAL (mode {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+            conn.execute("PRAGMA mmap_size=0")
             # Builds with SECURE_DELETE (Debian's) zero every freed page through the WAL:
             # a delete would write as much as it frees, and fail on a full disk. FAST
             # still clears the b-tree pages it touches, without writing freed pages.

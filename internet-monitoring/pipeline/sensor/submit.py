@@ -62,7 +62,7 @@ def open_queue(config: SensorConfig, *, verify_on_open: bool = True,
     options: dict[str, Any] = {"retention_hours": settings.retention_hours,
                                "verify_on_open": verify_on_open,
                                "open_with_reserve": open_with_reserve}
-    for name in ("synchronous", "max_bytes", "slice_size", "reserve_bytes"):
+    for name in ("synchronous", "max_bytes", "slice_size", "reserve_bytes", "cache_kib"):
         value = getattr(settings, name, None)
         if value is not None:
             options[name] = value

@@ -94,7 +94,8 @@ def window_policy(config: ServerConfig) -> WindowPolicy:
     s = config.scheduler
     return WindowPolicy(max_chunks=s.max_chunks, max_bytes=s.max_bytes,
                         max_in_flight=s.max_in_flight, windows_per_sensor=s.windows_per_sensor,
-                        window_timeout_s=s.window_timeout_s, quiet_s=s.quiet_s)
+                        window_timeout_s=s.window_timeout_s, quiet_s=s.quiet_s,
+                        ack_ledger_sequences=config.memory.ack_ledger_sequences)
 
 
 class _SensorBatch:
@@ -150,7 +151,8 @@ class PipelineServer:
         self.stream_hub: StreamHub | None = None
         self.scheduler = RequestScheduler(window_policy(config),
                                           global_max_windows=config.scheduler.global_max_windows)
-        self.snapshots = SnapshotCache()
+        self.snapshots = SnapshotCache(
+            max_payload_bytes=config.memory.snapshot_payload_max_kib * 1024)
         self.store: SQLiteChunkStore | None = None
         self.reader: EventReader | None = None
         self.feed: DashboardFeed | None = None
@@ -228,9 +230,12 @@ class PipelineServer:
         except OSError as exc:
             raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
                               field="store.path") from exc
+        memory = self.config.memory
         return SQLiteChunkStore(path, synchronous=self.config.store.synchronous,
                                 max_event_bytes=self.config.limits.max_event_bytes,
-                                reserve_bytes=self.config.store.reserve_bytes)
+                                reserve_bytes=self.config.store.reserve_bytes,
+                                cache_kib=memory.sqlite_cache_kib,
+                                slice_cache_bytes=memory.slice_cache_kib * 1024)
 
     async def _restore_watermarks(self) -> None:
         """The store's offsets are the truth; saved session state may lag behind them."""
@@ -256,7 +261,8 @@ class PipelineServer:
             read_token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
             metrics_enabled=cfg.metrics.enabled, listeners_up=self.listeners_up,
             tracing=self.tracing,
-            configured_sensors=self.authenticator.sensor_ids)
+            configured_sensors=self.authenticator.sensor_ids,
+            read_page_max_bytes=cfg.memory.read_page_max_kib * 1024)
         ingest_app = ingest_server(ctx, middlewares=middlewares)
         add_dashboard_routes(ingest_app, self._dashboard)
         assert self.reader is not None and self.feed is not None

@@ -53,12 +53,16 @@ class Snapshot:
     updated_at: float
     payload: bytes
     arrival: int = 0
+    payload_omitted: bool = False  # larger than the cache's limit: read it from the store
 
     @classmethod
-    def from_event(cls, event: EventLike, updated_at: float, arrival: int = 0) -> "Snapshot":
+    def from_event(cls, event: EventLike, updated_at: float, arrival: int = 0,
+                   max_payload_bytes: int | None = None) -> "Snapshot":
+        omitted = max_payload_bytes is not None and len(event.data) > max_payload_bytes
         return cls(sensor_id=event.sensor_id, event_id=event.event_id,
                    logical_timestamp_ms=int(event.logical_timestamp_ms),
-                   updated_at=updated_at, payload=bytes(event.data), arrival=arrival)
+                   updated_at=updated_at, payload=b"" if omitted else bytes(event.data),
+                   arrival=arrival, payload_omitted=omitted)
 
     def newer_than(self, other: "Snapshot") -> bool:
         return ((self.logical_timestamp_ms, self.arrival)
@@ -70,8 +74,9 @@ class Snapshot:
         return json.dumps({"type": "snapshot", "snapshot": self.to_json()})
 
     def to_json(self) -> dict[str, Any]:
-        """Exactly the protocol.md snapshot object."""
-        return {
+        """Exactly the protocol.md snapshot object (plus ``payload_omitted: true`` when
+        the event was too large to keep in memory; receivers ignore unknown fields)."""
+        doc: dict[str, Any] = {
             "sensor_id": self.sensor_id,
             "event_id": self.event_id,
             "logical_timestamp_ms": self.logical_timestamp_ms,
@@ -79,6 +84,9 @@ class Snapshot:
             "payload_base64": base64.b64encode(self.payload).decode("ascii"),
             "payload_json": decode_json_payload(self.payload),
         }
+        if self.payload_omitted:
+            doc["payload_omitted"] = True
+        return doc
 
 
 @dataclass(frozen=True)
@@ -114,23 +122,29 @@ class Subscription:
 
 
 class SnapshotCache:
-    def __init__(self, max_pending: int = 256) -> None:
+    """The latest snapshot per sensor. ``max_payload_bytes`` bounds each one's payload
+    (memory.snapshot_payload_max_kib): with one large event per sensor the cache would
+    otherwise hold sensors x event size, plus the encoded stream frame of each."""
+
+    def __init__(self, max_pending: int = 256, max_payload_bytes: int | None = None) -> None:
         self._latest: dict[str, Snapshot] = {}
         self._subscribers: set[Subscription] = set()
         self._arrivals = 0
         self.max_pending = max_pending
+        self.max_payload_bytes = max_payload_bytes
 
     # -- filling ------------------------------------------------------------------------
 
     def warm(self, events: Iterable[tuple[EventLike, float]]) -> int:
         """Load ``(event, completed_at)`` pairs from the store; returns how many were kept."""
         for event, at in events:
-            self._offer(Snapshot.from_event(event, at, self._next_arrival()))
+            self._offer(Snapshot.from_event(event, at, self._next_arrival(),
+                                            self.max_payload_bytes))
         return len(self._latest)
 
     def update(self, event: EventLike, now: float) -> Snapshot:
         """A newly completed event: cache it if latest and publish it to every subscriber."""
-        snapshot = Snapshot.from_event(event, now, self._next_arrival())
+        snapshot = Snapshot.from_event(event, now, self._next_arrival(), self.max_payload_bytes)
         self._offer(snapshot)
         for sub in list(self._subscribers):
             if not sub.offer(snapshot):

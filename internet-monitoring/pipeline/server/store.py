@@ -453,6 +453,7 @@ class SQLiteChunkStore:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                  max_pages: int | None = None,
+                 cache_kib: int = CACHE_KIB, slice_cache_bytes: int = SLICE_CACHE_BYTES,
                  clock: Callable[[], float] = time.time,
                  reserve_bytes: int = 0) -> None:
         mode = synchronous.upper()
@@ -472,7 +473,8 @@ class SQLiteChunkStore:
         # A plain Lock, not an RLock: a prepared ingest releases it from another thread.
         self._lock = threading.Lock()
         self._book = OffsetBook()
-        self._slices = SliceCache(SLICE_CACHE_BYTES)
+        self._cache_kib = max(1, int(cache_kib))
+        self._slices = SliceCache(slice_cache_bytes)
         # Slices stored earlier in the batch being prepared (under the lock): an event whose
         # chunks share one transaction completes from them; published to _slices on COMMIT.
         self._batch_slices = SliceCache(BATCH_SLICES_UNBOUNDED)
@@ -511,7 +513,8 @@ class SQLiteChunkStore:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # The ingest probes hit random keys (event ids) in every UNIQUE index: a page cache
         # that holds those indexes keeps the cost per chunk flat as the tables grow.
-        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+        conn.execute("PRAGMA mmap_size=0")  # no mapped file pages counted against us
         conn.execute("BEGIN IMMEDIATE")
         try:
             found = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -1139,6 +1142,32 @@ class SQLiteChunkStore:
                           " row_id > ? ORDER BY row_id LIMIT ?",
                           (sensor_id, after, max(0, limit)))
         return [_row_to_event(r) for r in rows]
+
+    def events_page(self, sensor_id: str, *, after: int, limit: int,
+                    max_bytes: int) -> tuple[list[StoredEvent], bool]:
+        """Like ``events`` but with at most ``max_bytes`` of event data (at least one
+        event), read row by row so a page of large events never sits in memory at once.
+        Returns the events and whether the byte cap cut the page short."""
+        out: list[StoredEvent] = []
+        total = 0
+        with self._lock:
+            self._check_open()
+            try:
+                cursor = self._conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND"
+                    " row_id > ? ORDER BY row_id LIMIT ?", (sensor_id, after, max(0, limit)))
+                try:
+                    for row in cursor:
+                        event = _row_to_event(row)
+                        if out and total + len(event.data) > max_bytes:
+                            return out, True
+                        out.append(event)
+                        total += len(event.data)
+                finally:
+                    cursor.close()
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read failed") from exc
+        return out, False
 
     def get_event(self, sensor_id: str, event_id: str) -> StoredEvent | None:
         rows = self._read(f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND"

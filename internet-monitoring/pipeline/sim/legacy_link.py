@@ -52,6 +52,7 @@ class LinkSettings:
     heartbeat_interval_s: float = 30.0
     ingest_timeout_s: float = 10.0
     ping_interval_s: float = 20.0
+    window_timeout_s: float = 10.0
 
 
 @dataclass
@@ -118,8 +119,9 @@ async def run_link(workdir: Path, settings: LinkSettings) -> LinkResult:
     queue_path = workdir / f"{SENSOR_ID}.db"
     expected = await asyncio.to_thread(fill_queue, queue_path, SENSOR_ID, settings.events,
                                        settings.size, settings.seed)
+    scheduler = {**PLATFORM_SCHEDULER, "window_timeout_s": settings.window_timeout_s}
     server = ServerProcess(workdir / "server", {SENSOR_ID: TOKEN},
-                           extra_config={"scheduler": PLATFORM_SCHEDULER,
+                           extra_config={"scheduler": scheduler,
                                          "heartbeat": {"interval_s": settings.heartbeat_interval_s}})
     await asyncio.to_thread(server.start)
     one_way = DirectionFaults(reset_mid_stream_p=settings.reset_mid_stream_p)
@@ -219,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=defaults.heartbeat_interval_s)
     parser.add_argument("--ingest-timeout", type=float, default=defaults.ingest_timeout_s)
     parser.add_argument("--ping-interval", type=float, default=defaults.ping_interval_s)
+    parser.add_argument("--window-timeout", type=float, default=defaults.window_timeout_s,
+                        help="the server's scheduler.window_timeout_s (10)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     settings = LinkSettings(events=args.events, size=args.size,
@@ -228,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             timeout_s=args.timeout, checkpoint_s=args.checkpoint,
                             heartbeat_interval_s=args.heartbeat_interval,
                             ingest_timeout_s=args.ingest_timeout,
-                            ping_interval_s=args.ping_interval)
+                            ping_interval_s=args.ping_interval,
+                            window_timeout_s=args.window_timeout)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="legacy-link-"))
     workdir.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run_link(workdir, settings))

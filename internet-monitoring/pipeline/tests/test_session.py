@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pipeline.common.messages import ChunkAck, ChunkRequest, Heartbeat
 from pipeline.server.scheduler import RequestScheduler
-from pipeline.server.session import Committed, SensorSession, WindowPolicy, WindowStatus
+from pipeline.server.session import (
+    AckLedger,
+    Committed,
+    SensorSession,
+    WindowPolicy,
+    WindowStatus,
+)
 
 POLICY = WindowPolicy(max_chunks=4, max_bytes=10_000, max_in_flight=8, windows_per_sensor=2,
                       window_timeout_s=5.0, quiet_s=1.0)
@@ -173,3 +179,82 @@ def test_request_sensor_forces_a_window():
     sess.on_heartbeat(hb(0), now=0)
     assert sched.request_sensor("a", now=1) is not None
     assert sched.request_sensor("unknown", now=1) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Re-acks for deployed 1.0 sensors (issue 12): the ack ledger and recovery rounds
+
+
+def test_ledger_keeps_ranges_per_window_and_drops_oldest_beyond_its_cap():
+    ledger = AckLedger(max_sequences=5)
+    for seq in (1, 2, 3):
+        ledger.add("A", seq)
+    ledger.add("A", 2)  # a duplicate is not counted twice
+    ledger.add("B", 7)
+    ledger.add("B", 9)
+    assert len(ledger) == 5
+    ledger.connection_lost()
+    assert {a.window_id: a.committed_sequences for a in ledger.round(max_rounds=9)} == {
+        "A": (1, 2, 3), "B": (7, 9)}
+    ledger.add("C", 10)  # over the cap: A (oldest) goes
+    assert len(ledger) == 3
+    assert [a.window_id for a in ledger.round(max_rounds=9)] == ["B"]  # C is not suspect
+
+
+def test_ledger_windows_are_forgotten_after_their_rounds():
+    ledger = AckLedger()
+    ledger.add("A", 1)
+    ledger.connection_lost()
+    assert len(ledger.round(max_rounds=2)) == 1
+    assert len(ledger.round(max_rounds=2)) == 1
+    assert ledger.round(max_rounds=2) == [] and len(ledger) == 0 and ledger.suspects == 0
+
+
+def _stranded(depth: int = 2) -> tuple[SensorSession, str]:
+    """Chunks 1 and 2 committed under A, then the control connection dropped (their acks
+    may be lost with it); the sensor reconnects and reports them still queued."""
+    s = connected(depth=depth)
+    a = s.issue_window(now=0)
+    s.on_committed([Committed(1, a.window_id, 1), Committed(2, a.window_id, 1)],
+                   watermark=2, now=0.5)
+    s.on_disconnect(now=1)
+    s.on_connect(now=1)
+    s.on_heartbeat(hb(depth), now=1)
+    return s, a.window_id
+
+
+def test_lost_acks_are_sent_again_under_their_window_once_the_sensor_stalls():
+    s, window_id = _stranded()
+    assert s.on_tick(now=15.9) == []  # less than stall_windows x window_timeout_s (15 s)
+    out = s.on_tick(now=16.1)
+    acks = [m for m in out if isinstance(m, ChunkAck)]
+    assert [(a.window_id, a.committed_sequences) for a in acks] == [(window_id, (1, 2))]
+    # Paced: no second round before the sensor reported again.
+    assert s.on_tick(now=40) == []
+    s.on_heartbeat(hb(2), now=41)
+    assert any(isinstance(m, ChunkAck) for m in s.on_tick(now=41))
+
+
+def test_no_reack_while_the_control_channel_stayed_up():
+    """An ack queued on a live connection reaches the sensor: nothing is suspect."""
+    s = connected(depth=2)
+    a = s.issue_window(now=0)
+    s.on_committed([Committed(1, a.window_id, 1)], watermark=1, now=0.5)
+    s.on_heartbeat(hb(1), now=20)
+    assert not any(isinstance(m, ChunkAck) for m in s.on_tick(now=40))
+
+
+def test_progress_or_an_empty_queue_stops_the_rounds():
+    s, _ = _stranded()
+    s.on_committed([Committed(3, "other", 1)], watermark=3, now=10)
+    assert s.on_tick(now=16.1) == []  # something arrived 6 s ago: not stalled
+    s.on_heartbeat(hb(0), now=17)  # the sensor holds nothing: ledger and windows cleared
+    assert len(s.ledger) == 0
+    assert s.on_tick(now=60) == []
+
+
+def test_recovery_round_puts_each_windows_reack_before_its_rerequest():
+    s, window_id = _stranded(depth=3)
+    out = s.on_tick(now=16.1)
+    kinds = [(type(m).__name__, m.window_id) for m in out]
+    assert kinds.index(("ChunkAck", window_id)) < kinds.index(("ChunkRequest", window_id))
