@@ -24,6 +24,7 @@ exact values with ``registry.get_sample_value``)::
                                                              is in use)
     sensor_queue_write_errors_total{sensor_id, operation, kind}  counter  queue writes that
                                                              failed: kind disk_full / io_error
+    pipeline_asyncio_tasks                          gauge    tasks alive on the agent's loop
 
 "this run" counters restart at 0 with the agent process; "file" figures live in the queue
 file and survive restarts. ``sensor_queue_depth``, ``sensor_chunk_retry_total`` and

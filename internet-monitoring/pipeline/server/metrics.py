@@ -35,6 +35,8 @@ Operator extras::
     pipeline_heartbeat_age_seconds{sensor_id} gauge      seconds since the last heartbeat
     pipeline_heartbeat_interval_seconds       gauge      the configured heartbeat interval
     pipeline_clock_skew_ms{sensor_id}         gauge      clock skew reported by the sensor
+    pipeline_asyncio_tasks                    gauge      tasks alive on the server's loop
+                                                         (common.runtime_metrics; soak checks)
     pipeline_sensor_dropped_total{sensor_id}  gauge      chunks the sensor's queue dropped
                                                          (size/age limits), from heartbeats;
                                                          by reason on the sensor's own
