@@ -67,3 +67,23 @@ def test_legacy_sensor_drains_with_control_on_the_bad_link_too(tmp_path: Path) -
     assert doc["sensor"]["posts"] == EVENTS
     assert doc["server_duplicates"] <= faults["ingest_hangs"] + faults["ingest_resets_mid_stream"]
     assert doc["sensor"]["mismatched_acks"] == 0
+
+
+def test_our_own_sensor_with_every_capability_drains_through_the_same_faults(
+        tmp_path: Path) -> None:
+    """Same for ``pipeline-sensor`` with its default capabilities (batch, http_ack, proto,
+    epoch, ...): two sensors, control and ingest behind proxies that reset and hang."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.sim", "--profile", "clean",
+         "--set", "reset_at_connect_p=0.2", "--set", "reset_mid_stream_p=0.1",
+         "--set", "hang_p=0.2", "--sensors", "2", "--events", "100", "--event-size", "20k",
+         "--duration", "20", "--drain-timeout", str(BOUND_S), "--quiet",
+         "--workdir", str(tmp_path / "work"), "--report", str(report)],
+        capture_output=True, text=True, timeout=BOUND_S + 90)
+    doc = json.loads(report.read_text())
+    faults = doc["facts"]["faults"]
+    assert faults["hangs"] > 0 and faults["resets"] > 0, faults
+    assert proc.returncode == 0 and doc["ok"], proc.stdout
+    assert doc["delivered_exactly_once"] == 200 and doc["left_in_queues_chunks"] == 0
+    assert doc["facts"]["drain"] == "complete"
