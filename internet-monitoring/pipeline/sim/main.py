@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--events", type=int, default=100, help="events per sensor (100)")
     add("--event-size", default="1k-8k",
         help="event size in bytes, or a range: 2000, 2k, 1m, 500-64k (1k-8k)")
-    add("--rate", type=float, default=None,
+    add("--rate", type=float, default=0.0,
         help="events per second per sensor (default: spread over --duration)")
     add("--duration", type=float, default=None,
         help="seconds over which each sensor submits its events (default: the profile's "
@@ -230,8 +230,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.in_process or args.compare or args.server_url:
             raise ConfigError("--soak samples processes it starts: not with --in-process, "
                               "--compare or --server-url", field="soak")
-        if args.rate is not None and args.rate <= 0:  # 0 would mean "as fast as possible"
-            raise ConfigError("--soak needs --rate > 0 (events per second per sensor)",
+        if args.rate < 0:
+            raise ConfigError("--rate must be >= 0 (with --soak, 0 = one event per second)",
                               field="rate")
 
 
@@ -342,9 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = _profile(args.profile, args.set)
         duration = args.duration if args.duration is not None else profile.duration_hint_s
         soak = soak_settings(args)
-        events, rate = args.events, args.rate or 0.0
+        events, rate = args.events, args.rate
         if soak is not None:
-            rate = args.rate or 1.0
+            rate = args.rate or 1.0  # a soak is paced: "as fast as possible" ends at once
             events = max(1, math.ceil(rate * soak.duration_s))
             duration = soak.duration_s
         workload = WorkloadSpec.paced(events, SizeSpec.parse(args.event_size),
