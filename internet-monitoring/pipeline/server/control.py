@@ -401,9 +401,10 @@ class ControlManager:
             if self.send_body(item.sensor_id, item.request):
                 sent += 1
                 if isinstance(item.request, ChunkAck):
-                    log.debug("chunk_reack sensor_id=%s window_id=%s sequences=%d",
-                              item.sensor_id, item.request.window_id,
-                              len(item.request.committed_sequences))
+                    count = len(item.request.committed_sequences)
+                    self.metrics.on_reack(item.sensor_id, count)
+                    log.info("chunk_reack sensor_id=%s window_id=%s sequences=%d",
+                             item.sensor_id, item.request.window_id, count)
                 else:
                     log.debug("chunk_request sensor_id=%s window_id=%s since=%d",
                               item.sensor_id, item.request.window_id,

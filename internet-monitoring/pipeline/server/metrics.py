@@ -32,6 +32,8 @@ Operator extras::
                                                          for their sensor's next connection
     pipeline_acks_unsent_total{sensor_id}     counter    held acks given up (over the hold cap;
                                                          the sensor re-sends, answered duplicate)
+    pipeline_chunks_reacked_total{sensor_id}  counter    committed sequences acked again in a
+                                                         recovery round (session.AckLedger)
     pipeline_heartbeat_age_seconds{sensor_id} gauge      seconds since the last heartbeat
     pipeline_heartbeat_interval_seconds       gauge      the configured heartbeat interval
     pipeline_clock_skew_ms{sensor_id}         gauge      clock skew reported by the sensor
@@ -127,6 +129,9 @@ class ServerMetrics:
         self.acks_unsent = Counter("pipeline_acks_unsent_total",
                                    "Held acks given up (sequences) over the hold cap",
                                    ["sensor_id"], registry=r)
+        self.reacked = Counter("pipeline_chunks_reacked_total",
+                               "Committed sequences acked again (their first ack may have "
+                               "died with a control connection)", ["sensor_id"], registry=r)
         self.heartbeat_interval = Gauge("pipeline_heartbeat_interval_seconds",
                                         "Configured heartbeat interval", registry=r)
         self.sensor_dropped = Gauge("pipeline_sensor_dropped_total",
@@ -197,6 +202,9 @@ class ServerMetrics:
 
     def on_ack_unsent(self, sensor_id: str, sequences: int = 1) -> None:
         self.acks_unsent.labels(sensor_id).inc(sequences)
+
+    def on_reack(self, sensor_id: str, sequences: int) -> None:
+        self.reacked.labels(sensor_id).inc(sequences)
 
     def set_heartbeat_interval(self, seconds: float) -> None:
         self.heartbeat_interval.set(seconds)

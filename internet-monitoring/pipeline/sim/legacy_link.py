@@ -68,6 +68,7 @@ class LinkResult:
     corrupt: int = 0
     queue_depth: int = -1
     server_duplicates: float = 0.0
+    server_reacked: float = 0.0
     proxy: dict[str, int] = field(default_factory=dict)
     sensor: dict[str, int] = field(default_factory=dict)
 
@@ -150,9 +151,9 @@ async def run_link(workdir: Path, settings: LinkSettings) -> LinkResult:
         await asyncio.to_thread(agent.terminate)
         result.sensor = _sensor_stats(agent.log_text())
         try:
-            result.server_duplicates = _metric(
-                await asyncio.to_thread(_get_text, server.http_base + "/metrics"),
-                "server_ingest_duplicate_total")
+            metrics = await asyncio.to_thread(_get_text, server.http_base + "/metrics")
+            result.server_duplicates = _metric(metrics, "server_ingest_duplicate_total")
+            result.server_reacked = _metric(metrics, "pipeline_chunks_reacked_total")
             stored = await asyncio.to_thread(server.events, SENSOR_ID)
             _check(expected, stored, result)
         finally:
