@@ -130,6 +130,17 @@ class LegacyQueue:
                                (sequence,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def present(self, sequences: Iterable[int]) -> set[int]:
+        """Which of ``sequences`` are still queued."""
+        seqs = [int(s) for s in sequences]
+        found: set[int] = set()
+        for start in range(0, len(seqs), 500):
+            part = seqs[start:start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(int(r[0]) for r in self._db.execute(
+                f"SELECT sequence FROM chunks WHERE sequence IN ({marks})", part))
+        return found
+
     def delete(self, sequences: Iterable[int]) -> int:
         seqs = [(s,) for s in sequences]
         if not seqs:
@@ -360,7 +371,7 @@ class LegacyAgent:
         body = doc.get("body")
         check_body(body_type, body)  # ProtocolError drops the connection
         if body_type == "chunk_ack":
-            queued = {s for s in body["committed_sequences"] if self.queue.body(int(s)) is not None}
+            queued = self.queue.present(body["committed_sequences"])
             deletable = self.windows.on_ack(body, queued)
             self.acked += self.queue.delete(deletable)
             if deletable:

@@ -88,6 +88,7 @@ def test_queue_file_numbers_chunks_and_deletes_for_good(tmp_path: Path) -> None:
                              "logical_timestamp_ms", "clock_skew_ms"}
         assert queue.delete([1, 2, 99]) == 2
         assert queue.depth() == 7
+        assert queue.present([2, 3, 99]) == {3}
     finally:
         queue.close()
     reopened = LegacyQueue(path)
