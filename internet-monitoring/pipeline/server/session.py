@@ -22,12 +22,13 @@ Window life cycle (one table, as h11 keeps its transitions)::
     heartbeat queue_depth == 0              every window -> SETTLED (forgotten)
     heartbeat with a new queue epoch        every window -> SETTLED; offsets of the new
                                             epoch start at 0
+    heartbeat with a backlog after the      committed sequences whose acks went out on a
+    control connection dropped              connection that dropped are acked AGAIN, once,
+                                            under the window they came with
     backlog reported, no chunk committed    recovery round (at most one per heartbeat and
-    for stall_windows x window_timeout_s    window_timeout_s): committed sequences whose
-                                            acks went out on a connection that dropped
-                                            are acked AGAIN under the window they came
-                                            with, then unsettled windows are re-requested
-                                            (same id, backoff), each behind its re-ack
+    for stall_windows x window_timeout_s    window_timeout_s): unsettled windows are
+                                            re-requested (same id, backoff), each right
+                                            behind the acks of what the server has of it
     connect                                 first window asks since_sequence=0, so chunks
                                             whose acks died with the last connection are
                                             re-sent (and answered as duplicates + acked)
@@ -42,9 +43,12 @@ chunk under another window id. An ack lost with a control connection (or read af
 sensor gave up on it) therefore strands the chunk in its queue for ever, while the server
 holds it. The ledger remembers, per window, the sequences acked since the sensor last
 reported an empty queue (bounded: ``ack_ledger_sequences``, oldest windows dropped first;
-a window is dropped after ``reack_rounds`` re-acks). Rounds are paced by heartbeats: a
-1.0 agent reads control messages only between windows, so a second round before it has
-even reported back would only queue up behind the first.
+a window is dropped after ``reack_rounds`` re-acks). Re-acks cost no upload, so they go
+out as soon as the sensor, connected again, reports a backlog; re-requests make the
+sensor upload again, so they wait until it has stalled for longer than one hung POST
+lasts, and come at most once per heartbeat: a 1.0 agent reads control messages only
+between windows, and a second round before it has even reported back would only queue up
+behind the first.
 """
 
 from __future__ import annotations
@@ -194,17 +198,28 @@ class AckLedger:
         self.suspects = 0
 
     def round(self, max_rounds: int) -> list[ChunkAck]:
-        """Suspect windows' acks again; a window re-acked ``max_rounds`` times is dropped."""
+        """Suspect windows' acks again, once (they are suspect again only if the connection
+        carrying these drops too); a window re-acked ``max_rounds`` times is dropped."""
         out: list[ChunkAck] = []
         for window_id in [w for w, e in self._windows.items() if e.suspect]:
             entry = self._windows[window_id]
             out.append(ChunkAck(window_id=window_id, committed_sequences=entry.sequences(),
                                 reset_window=False))
+            entry.suspect = False
+            self.suspects -= 1
             entry.rounds += 1
             if entry.rounds >= max_rounds:
                 del self._windows[window_id]
                 self._drop(entry)
         return out
+
+    def ack_for(self, window_id: str) -> ChunkAck | None:
+        """The window's acks (to go right before a re-request of it)."""
+        entry = self._windows.get(window_id)
+        if entry is None:
+            return None
+        return ChunkAck(window_id=window_id, committed_sequences=entry.sequences(),
+                        reset_window=False)
 
 
 @dataclass(frozen=True)
@@ -234,6 +249,7 @@ class SensorSession:
     _last_progress: float = 0.0
     _last_round_at: float = float("-inf")
     _reported_since_round: bool = True
+    _reported_since_reack: bool = True
     _counter: int = 0
     _fresh_connection: bool = False
     _changed: bool = False
@@ -265,6 +281,7 @@ class SensorSession:
         self.last_heartbeat_at = now
         self.backlog = heartbeat.queue_depth
         self._reported_since_round = True
+        self._reported_since_reack = True
         if heartbeat.queue_depth == 0:
             self.ledger.clear()  # the sensor holds nothing: nothing to ack again
             if self.windows:
@@ -321,33 +338,41 @@ class SensorSession:
                 window.status = WindowStatus.QUIET  # under-filled: the queue ran dry
                 self.backlog = 0
                 self._changed = True
-        if self._round_due(now):
-            return self._recovery_round(now)
-        return []
+        out: list[ChunkRequest | ChunkAck] = []
+        if self._reack_due(now):
+            out.extend(self._reack(now))
+        if self._rerequest_due(now):
+            out.extend(self._recovery_round(now))
+        return out
 
-    def _round_due(self, now: float) -> bool:
+    def _reack_due(self, now: float) -> bool:
+        """Acks that may have died with a dropped connection, and the sensor (connected
+        again) still reports a backlog: ack them again at once, on the new connection."""
+        return (self.connected and self.backlog > 0 and self.ledger.suspects > 0
+                and self._reported_since_reack)
+
+    def _reack(self, now: float) -> list[ChunkAck]:
+        self._reported_since_reack = False
+        self.reack_rounds_sent += 1
+        return self.ledger.round(self.policy.reack_rounds)
+
+    def _rerequest_due(self, now: float) -> bool:
         """A backlog the server cannot account for: the sensor reports chunks, none came
-        for window_timeout_s, and it has reported since the last round."""
+        for stall_windows x window_timeout_s, and it has reported since the last round."""
         timeout = self.policy.window_timeout_s
         return (self.connected and self.backlog > 0 and self._reported_since_round
                 and now - self._last_progress >= timeout * self.policy.stall_windows
                 and now - self._last_round_at >= timeout
-                and (self.ledger.suspects > 0 or any(w.status is not WindowStatus.ACTIVE
-                                                     for w in self.windows.values())))
+                and any(w.status is not WindowStatus.ACTIVE for w in self.windows.values()))
 
     def _recovery_round(self, now: float) -> list[ChunkRequest | ChunkAck]:
-        """Re-ack what the ledger holds, then re-request unsettled windows, each behind
-        its own re-ack so the sensor deletes what the server has before re-sending."""
+        """Re-request unsettled windows, each right behind the acks of what the server
+        already has of it, so the sensor deletes those before it re-sends anything."""
         self._last_round_at = now
         self._reported_since_round = False
-        self.reack_rounds_sent += 1
         out: list[ChunkRequest | ChunkAck] = []
-        rerequests = self._rerequest_unsettled(now)
-        acks = {a.window_id: a for a in self.ledger.round(self.policy.reack_rounds)}
-        again = {r.window_id for r in rerequests}
-        out.extend(a for wid, a in acks.items() if wid not in again)
-        for request in rerequests:
-            ack = acks.get(request.window_id)
+        for request in self._rerequest_unsettled(now):
+            ack = self.ledger.ack_for(request.window_id)
             if ack is not None:
                 out.append(ack)
             out.append(request)

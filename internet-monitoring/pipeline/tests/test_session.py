@@ -92,7 +92,10 @@ def test_stuck_chunks_rerequested_with_same_window_id():
     s.on_heartbeat(hb(1), now=3)  # sensor still holds one chunk
     b = s.issue_window(now=3)
     assert b is not None
-    assert s.on_tick(now=4) == []
+    # The acks of 2 and 3 may have died with the connection: sent again at once.
+    assert [(m.window_id, m.committed_sequences) for m in s.on_tick(now=4)] == \
+        [(a.window_id, (2, 3))]
+    s.on_heartbeat(hb(1), now=10)
     # B got nothing for window_timeout, and nothing was committed for three of them.
     assert s.on_tick(now=16.4) == []
     out = s.on_tick(now=16.6)
@@ -196,17 +199,21 @@ def test_ledger_keeps_ranges_per_window_and_drops_oldest_beyond_its_cap():
     ledger.connection_lost()
     assert {a.window_id: a.committed_sequences for a in ledger.round(max_rounds=9)} == {
         "A": (1, 2, 3), "B": (7, 9)}
+    assert ledger.round(max_rounds=9) == []  # re-acked once per lost connection
     ledger.add("C", 10)  # over the cap: A (oldest) goes
     assert len(ledger) == 3
-    assert [a.window_id for a in ledger.round(max_rounds=9)] == ["B"]  # C is not suspect
+    ledger.connection_lost()
+    assert [a.window_id for a in ledger.round(max_rounds=9)] == ["B", "C"]
+    assert ledger.ack_for("C") is not None and ledger.ack_for("A") is None
 
 
 def test_ledger_windows_are_forgotten_after_their_rounds():
     ledger = AckLedger()
     ledger.add("A", 1)
+    for _ in range(2):
+        ledger.connection_lost()
+        assert len(ledger.round(max_rounds=2)) == 1
     ledger.connection_lost()
-    assert len(ledger.round(max_rounds=2)) == 1
-    assert len(ledger.round(max_rounds=2)) == 1
     assert ledger.round(max_rounds=2) == [] and len(ledger) == 0 and ledger.suspects == 0
 
 
@@ -223,16 +230,22 @@ def _stranded(depth: int = 2) -> tuple[SensorSession, str]:
     return s, a.window_id
 
 
-def test_lost_acks_are_sent_again_under_their_window_once_the_sensor_stalls():
+def test_acks_lost_with_a_connection_are_sent_again_at_once_on_the_next():
     s, window_id = _stranded()
-    assert s.on_tick(now=15.9) == []  # less than stall_windows x window_timeout_s (15 s)
-    out = s.on_tick(now=16.1)
-    acks = [m for m in out if isinstance(m, ChunkAck)]
-    assert [(a.window_id, a.committed_sequences) for a in acks] == [(window_id, (1, 2))]
-    # Paced: no second round before the sensor reported again.
-    assert s.on_tick(now=40) == []
+    out = s.on_tick(now=1.1)
+    assert [(a.window_id, a.committed_sequences) for a in out] == [(window_id, (1, 2))]
+    assert all(isinstance(m, ChunkAck) for m in out)  # no upload asked for
+    # Once per lost connection: the next heartbeat does not repeat them...
+    s.on_committed([Committed(3, "other", 1)], watermark=3, now=30)  # (data flows)
+    s.on_heartbeat(hb(2), now=31)
+    assert not any(isinstance(m, ChunkAck) and m.window_id == window_id
+                   for m in s.on_tick(now=31))
+    # ...unless that connection drops too.
+    s.on_disconnect(now=40)
+    s.on_connect(now=41)
     s.on_heartbeat(hb(2), now=41)
-    assert any(isinstance(m, ChunkAck) for m in s.on_tick(now=41))
+    assert [m.window_id for m in s.on_tick(now=41) if isinstance(m, ChunkAck)] == \
+        [window_id, "other"]
 
 
 def test_no_reack_while_the_control_channel_stayed_up():
@@ -244,17 +257,20 @@ def test_no_reack_while_the_control_channel_stayed_up():
     assert not any(isinstance(m, ChunkAck) for m in s.on_tick(now=40))
 
 
-def test_progress_or_an_empty_queue_stops_the_rounds():
+def test_no_reack_when_the_sensor_reports_an_empty_queue():
     s, _ = _stranded()
-    s.on_committed([Committed(3, "other", 1)], watermark=3, now=10)
-    assert s.on_tick(now=16.1) == []  # something arrived 6 s ago: not stalled
-    s.on_heartbeat(hb(0), now=17)  # the sensor holds nothing: ledger and windows cleared
+    s.on_heartbeat(hb(0), now=1.05)  # it holds nothing: ledger and windows cleared
     assert len(s.ledger) == 0
     assert s.on_tick(now=60) == []
 
 
-def test_recovery_round_puts_each_windows_reack_before_its_rerequest():
+def test_rerequests_wait_for_a_stall_and_follow_their_windows_acks():
     s, window_id = _stranded(depth=3)
-    out = s.on_tick(now=16.1)
+    s.on_tick(now=1.1)  # the re-ack round
+    s.on_committed([Committed(3, "other", 1)], watermark=3, now=10)
+    assert s.on_tick(now=16.1) == []  # something arrived 6 s ago: not stalled
+    s.on_heartbeat(hb(1), now=20)
+    out = s.on_tick(now=25.1)  # nothing for 15 s (3 x window_timeout_s): re-request
     kinds = [(type(m).__name__, m.window_id) for m in out]
     assert kinds.index(("ChunkAck", window_id)) < kinds.index(("ChunkRequest", window_id))
+    assert s.on_tick(now=45) == []  # paced: the sensor has not reported since
