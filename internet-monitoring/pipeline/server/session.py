@@ -126,13 +126,15 @@ class WindowPolicy:
 
 
 class _LedgerWindow:
-    __slots__ = ("ranges", "count", "rounds", "suspect")
+    __slots__ = ("ranges", "count", "rounds", "suspect", "acked_at", "generation")
 
     def __init__(self) -> None:
         self.ranges: list[list[int]] = []  # inclusive [start, end], mostly one per window
         self.count = 0
         self.rounds = 0
         self.suspect = False  # some of its acks went out on a connection that then dropped
+        self.acked_at = 0.0   # when its last ack (or re-ack) was queued ...
+        self.generation = 0   # ... on which control connection of the sensor
 
     def add(self, seq: int) -> bool:
         ranges = self.ranges
@@ -176,7 +178,10 @@ class AckLedger:
             entry.suspect = True
         self.suspects = len(self._windows)
 
-    def add(self, window_id: str, seq: int) -> None:
+    def add(self, window_id: str, seq: int, now: float = 0.0, generation: int = 0,
+            *, suspect: bool = False) -> None:
+        """``seq`` was acked under ``window_id`` at ``now`` on connection ``generation``
+        (``suspect``: not sent on any connection yet, held for the next one)."""
         if self.max_sequences <= 0:
             return
         entry = self._windows.get(window_id)
@@ -184,6 +189,10 @@ class AckLedger:
             entry = self._windows[window_id] = _LedgerWindow()
         if entry.add(seq):
             self._count += 1
+        entry.acked_at, entry.generation = now, generation
+        if suspect and not entry.suspect:
+            entry.suspect = True
+            self.suspects += 1
         while self._count > self.max_sequences and self._windows:
             _, dropped = self._windows.popitem(last=False)
             self._drop(dropped)
@@ -197,7 +206,16 @@ class AckLedger:
         self._count = 0
         self.suspects = 0
 
-    def round(self, max_rounds: int) -> list[ChunkAck]:
+    def confirm(self, before: float, generation: int) -> int:
+        """The sensor has read every ack queued on connection ``generation`` before
+        ``before``: forget those windows. Returns how many were dropped."""
+        gone = [w for w, e in self._windows.items()
+                if e.generation == generation and e.acked_at < before and not e.suspect]
+        for window_id in gone:
+            self._drop(self._windows.pop(window_id))
+        return len(gone)
+
+    def round(self, max_rounds: int, now: float = 0.0, generation: int = 0) -> list[ChunkAck]:
         """Suspect windows' acks again, once (they are suspect again only if the connection
         carrying these drops too); a window re-acked ``max_rounds`` times is dropped."""
         out: list[ChunkAck] = []
@@ -207,6 +225,7 @@ class AckLedger:
                                 reset_window=False))
             entry.suspect = False
             self.suspects -= 1
+            entry.acked_at, entry.generation = now, generation
             entry.rounds += 1
             if entry.rounds >= max_rounds:
                 del self._windows[window_id]
@@ -250,6 +269,12 @@ class SensorSession:
     _last_round_at: float = float("-inf")
     _reported_since_round: bool = True
     _reported_since_reack: bool = True
+    # Control connections of this sensor, counted; when each window was last (re)requested
+    # on which one: a chunk POSTed under a window proves the sensor read everything queued
+    # on that connection before the request, acks included (one ordered stream).
+    _generation: int = 0
+    _requested: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _confirmed_before: float = float("-inf")
     _counter: int = 0
     _fresh_connection: bool = False
     _changed: bool = False
@@ -263,6 +288,8 @@ class SensorSession:
         self.connected = True
         self._fresh_connection = True
         self._last_progress = now
+        self._generation += 1
+        self._confirmed_before = float("-inf")
         if epoch is not None:
             self._switch_epoch(epoch)
 
@@ -297,12 +324,27 @@ class SensorSession:
         by_window: dict[str, list[int]] = {}
         for item in items:
             by_window.setdefault(item.window_id, []).append(item.sequence)
-            self.ledger.add(item.window_id, item.sequence)
+            self.ledger.add(item.window_id, item.sequence, now, self._generation,
+                            suspect=not self.connected)
+            self._confirm_read(item.window_id)
             window = self.windows.get(item.window_id)
             if window is not None:
                 self._count(window, item.nbytes, now)
         return [ChunkAck(window_id=wid, committed_sequences=tuple(seqs), reset_window=False)
                 for wid, seqs in by_window.items()]
+
+    def _confirm_read(self, window_id: str) -> None:
+        requested = self._requested.get(window_id)
+        if requested is None or requested[0] != self._generation \
+                or requested[1] <= self._confirmed_before:
+            return
+        self._confirmed_before = requested[1]
+        self.ledger.confirm(requested[1], self._generation)
+
+    def _note_request(self, window_id: str, now: float) -> None:
+        self._requested[window_id] = (self._generation, now)
+        if len(self._requested) > 2 * len(self.windows) + 16:
+            self._requested = {w: r for w, r in self._requested.items() if w in self.windows}
 
     def _count(self, window: Window, nbytes: int, now: float) -> None:
         window.received += 1
@@ -354,7 +396,7 @@ class SensorSession:
     def _reack(self, now: float) -> list[ChunkAck]:
         self._reported_since_reack = False
         self.reack_rounds_sent += 1
-        return self.ledger.round(self.policy.reack_rounds)
+        return self.ledger.round(self.policy.reack_rounds, now, self._generation)
 
     def _rerequest_due(self, now: float) -> bool:
         """A backlog the server cannot account for: the sensor reports chunks, none came
@@ -407,6 +449,7 @@ class SensorSession:
                         issued_at=now, last_activity=now)
         self.windows[window_id] = window
         self._changed = True
+        self._note_request(window_id, now)
         return self._request_for(window)
 
     # -- persistence -----------------------------------------------------------------
@@ -458,6 +501,7 @@ class SensorSession:
             delay = min(self.policy.window_timeout_s * 2 ** min(window.requests, 6),
                         self.policy.rerequest_max_s)
             window.next_rerequest_at = now + delay
+            self._note_request(window.window_id, now)
             out.append(self._request_for(window))
         self._changed = self._changed or bool(out)
         return out

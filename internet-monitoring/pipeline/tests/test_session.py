@@ -274,3 +274,28 @@ def test_rerequests_wait_for_a_stall_and_follow_their_windows_acks():
     kinds = [(type(m).__name__, m.window_id) for m in out]
     assert kinds.index(("ChunkAck", window_id)) < kinds.index(("ChunkRequest", window_id))
     assert s.on_tick(now=45) == []  # paced: the sensor has not reported since
+
+
+def test_acks_the_sensor_has_provably_read_are_never_repeated():
+    """A chunk POSTed under a window requested after an ack proves the sensor read that
+    ack (one ordered stream): after a disconnect only the unproven ones are re-acked."""
+    s = connected(depth=10)
+    a = s.issue_window(now=0)
+    s.on_committed([Committed(1, a.window_id, 1), Committed(2, a.window_id, 1)],
+                   watermark=2, now=1)  # acks of 1, 2 queued at t=1
+    b = s.issue_window(now=2)  # requested after them
+    s.on_committed([Committed(3, b.window_id, 1)], watermark=3, now=3)  # the sensor read it
+    assert [w for w in s.ledger._windows] == [b.window_id]
+    s.on_disconnect(now=4)
+    s.on_connect(now=5)
+    s.on_heartbeat(hb(7), now=5)
+    assert [(m.window_id, m.committed_sequences) for m in s.on_tick(now=5)] == \
+        [(b.window_id, (3,))]
+
+
+def test_acks_made_while_disconnected_are_suspect():
+    s = connected(depth=3)
+    a = s.issue_window(now=0)
+    s.on_disconnect(now=1)
+    s.on_committed([Committed(1, a.window_id, 1)], watermark=1, now=2)  # held by the shell
+    assert s.ledger.suspects == 1
