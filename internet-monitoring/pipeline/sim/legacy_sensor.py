@@ -311,9 +311,9 @@ class LegacyAgent:
             pass
 
     async def _session(self, http: aiohttp.ClientSession) -> None:
-        ws = await http.ws_connect(self.settings.control_url, heartbeat=self.settings.ping_interval_s,
-                                   headers={"X-Sensor-ID": self.settings.sensor_id, **self.auth},
-                                   timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0))
+        ws = await http.ws_connect(self.settings.control_url,
+                                   heartbeat=self.settings.ping_interval_s,
+                                   headers={"X-Sensor-ID": self.settings.sensor_id, **self.auth})
         self.connects += 1
         log.info("legacy_connected sensor_id=%s depth=%d", self.settings.sensor_id,
                  self.queue.depth())
