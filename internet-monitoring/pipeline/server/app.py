@@ -261,14 +261,14 @@ class PipelineServer:
             read_token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
             metrics_enabled=cfg.metrics.enabled, listeners_up=self.listeners_up,
             tracing=self.tracing,
-            configured_sensors=self.authenticator.sensor_ids,
-            read_page_max_bytes=cfg.memory.read_page_max_kib * 1024)
+            configured_sensors=self.authenticator.sensor_ids)
         ingest_app = ingest_server(ctx, middlewares=middlewares)
         add_dashboard_routes(ingest_app, self._dashboard)
         assert self.reader is not None and self.feed is not None
         add_read_routes(ingest_app, ReadContext(
             reader=self.reader, feed=self.feed,
-            allow_origins=tuple(cfg.dashboard.allow_origins), sample=self._sample))
+            allow_origins=tuple(cfg.dashboard.allow_origins), sample=self._sample,
+            page_max_bytes=cfg.memory.read_page_max_kib * 1024))
         hub = StreamHub(snapshots=self.snapshots, metrics=self.metrics,
                         token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
                         allowed_origins=tuple(cfg.stream.allowed_origins))

@@ -125,6 +125,38 @@ class EventReader:
             (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
         return [_row_to_event(r) for r in rows]
 
+    def events_capped(self, q: EventQuery, max_bytes: int | None
+                      ) -> tuple[list[StoredEvent], bool]:
+        """``events`` holding at most ``max_bytes`` of event data (at least one event),
+        read row by row so a page of large events never sits in memory at once; with
+        whether the cap cut the page short. ``None``: no cap."""
+        if max_bytes is None:
+            return self.events(q), False
+        direction = "DESC" if q.order == "desc" else "ASC"
+        out: list[StoredEvent] = []
+        total = 0
+        with self._lock:
+            if self._closed:
+                raise StoreError("store reader is closed")
+            try:
+                cursor = self._conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND row_id > ?"
+                    " AND row_id < ? AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?"
+                    f" ORDER BY row_id {direction} LIMIT ?",
+                    (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
+                try:
+                    for row in cursor:
+                        event = _row_to_event(row)
+                        if out and total + len(event.data) > max_bytes:
+                            return out, True
+                        out.append(event)
+                        total += len(event.data)
+                finally:
+                    cursor.close()
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read failed") from exc
+        return out, False
+
     def count_in_range(self, sensor_id: str, since_ms: int, until_ms: int) -> int:
         """How many events a range holds (an index count: no row is read or decoded)."""
         rows = self._rows("SELECT COUNT(*) FROM events INDEXED BY events_latest"

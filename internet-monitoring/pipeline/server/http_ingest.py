@@ -153,7 +153,6 @@ class IngestContext:
     metrics_enabled: bool = True
     listeners_up: Callable[[], bool] = lambda: True
     configured_sensors: frozenset[str] = frozenset()
-    read_page_max_bytes: int | None = None  # memory.read_page_max_kib (None: count only)
     tracing: Tracing = field(default_factory=Tracing)
 
     async def in_store_thread(self, fn: Callable[..., Any], *args: Any) -> Any:

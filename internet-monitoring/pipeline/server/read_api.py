@@ -56,6 +56,8 @@ class ReadContext:
     feed: DashboardFeed
     allow_origins: tuple[str, ...] = ("*",)
     sample: dict[str, Any] | None = None
+    # memory.read_page_max_kib: event bytes in one page of events (at least one event)
+    page_max_bytes: int | None = None
 
 
 READ_KEY: web.AppKey[ReadContext] = web.AppKey("read_context", ReadContext)
@@ -166,9 +168,12 @@ async def list_events(request: web.Request) -> web.Response:
         until_ms=_time_param(request, "until", MAX_TS_MS), order=order,  # type: ignore[arg-type]
         after=_int_param(request, "after", 0, 0, 2**63 - 1),
         before=_int_param(request, "before", MAX_TS_MS, 1, MAX_TS_MS), limit=limit)
-    events = await _in_thread(request.app[READ_KEY].reader.events, query)
+    read = request.app[READ_KEY]
+    # Bounded by bytes too: a page of 500 large events would otherwise be read, decoded
+    # and encoded in memory all at once.
+    events, cut = await _in_thread(read.reader.events_capped, query, read.page_max_bytes)
     docs = [event_to_json(e) for e in events]
-    full = len(docs) == limit
+    full = len(docs) == limit or (cut and bool(docs))
     next_cursor = docs[-1]["cursor"] if full else None
     return web.json_response({
         "sensor_id": sensor_id, "order": order, "events": docs,

@@ -1143,32 +1143,6 @@ class SQLiteChunkStore:
                           (sensor_id, after, max(0, limit)))
         return [_row_to_event(r) for r in rows]
 
-    def events_page(self, sensor_id: str, *, after: int, limit: int,
-                    max_bytes: int) -> tuple[list[StoredEvent], bool]:
-        """Like ``events`` but with at most ``max_bytes`` of event data (at least one
-        event), read row by row so a page of large events never sits in memory at once.
-        Returns the events and whether the byte cap cut the page short."""
-        out: list[StoredEvent] = []
-        total = 0
-        with self._lock:
-            self._check_open()
-            try:
-                cursor = self._conn.execute(
-                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND"
-                    " row_id > ? ORDER BY row_id LIMIT ?", (sensor_id, after, max(0, limit)))
-                try:
-                    for row in cursor:
-                        event = _row_to_event(row)
-                        if out and total + len(event.data) > max_bytes:
-                            return out, True
-                        out.append(event)
-                        total += len(event.data)
-                finally:
-                    cursor.close()
-            except sqlite3.Error as exc:
-                raise _translate(exc, "read failed") from exc
-        return out, False
-
     def get_event(self, sensor_id: str, event_id: str) -> StoredEvent | None:
         rows = self._read(f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND"
                           " event_id = ?", (sensor_id, event_id))
