@@ -30,7 +30,7 @@ SHORT_RUNS: dict[str, tuple[list[str], list[str]]] = {
     "python -m bench.memory": ([sys.executable, "-m", "bench.memory"], ["--quick"]),
     "pipeline-sim": (
         [sys.executable, "-m", "pipeline.sim"],
-        ["--sensors", "1", "--soak", "20s", "--soak-warmup", "4", "--soak-sample-every", "1",
+        ["--sensors", "1", "--soak", "16s", "--soak-warmup", "4", "--soak-sample-every", "1",
          "--quiet"]),
 }
 

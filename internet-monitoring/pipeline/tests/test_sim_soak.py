@@ -95,7 +95,7 @@ def test_short_real_soak_samples_every_process_and_passes(tmp_path: Path) -> Non
     report = tmp_path / "soak.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.sim", "--profile", "lossy", "--sensors", "2",
-         "--soak", "36s", "--rate", "2", "--soak-sample-every", "1.5", "--soak-warmup", "9",
+         "--soak", "24s", "--rate", "2", "--soak-sample-every", "1", "--soak-warmup", "6",
          "--soak-fault-every", "4", "--quiet", "--workdir", str(tmp_path / "work"),
          "--report", str(report)],
         capture_output=True, text=True, timeout=150)
@@ -106,6 +106,6 @@ def test_short_real_soak_samples_every_process_and_passes(tmp_path: Path) -> Non
     assert soak["link_flaps"] >= 1
     assert set(soak["samples"]) == {"server", "sim-000", "sim-001"}
     for name, samples in soak["samples"].items():
-        assert len(samples) >= 15, name
+        assert len(samples) >= 12, name
         assert all(s["rss_bytes"] and s["fds"] and s["tasks"] for s in samples[2:]), name
     assert "soak (resources per process" in proc.stdout and "verdict PASS" in proc.stdout
