@@ -31,8 +31,7 @@ README = REPO / "README.md"
 OUR_DOCS = ("README.md", "docs/design.md", "docs/simulator.md", "docs/performance.md",
             "docs/protocol.md")
 # Written on other branches of the same issue set; the README links them already.
-PENDING_DOCS = {"docs/deployment.md", "docs/tls-proxy.md", "docs/dashboard.md",
-                "docs/reliability.md"}
+PENDING_DOCS = {"docs/tls-proxy.md"}
 FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
