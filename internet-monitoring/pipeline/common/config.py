@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -394,6 +395,44 @@ class LimitsConfig:
             _check_positive(at, name, getattr(self, name))
 
 
+LISTENER_NAMES = ("control", "ingest", "stream")
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """A TLS-terminating reverse proxy in front of the listeners (docs/tls-proxy.md).
+
+    Requests whose TCP peer is in ``trusted_proxies`` (addresses or CIDRs) carry the client
+    certificate the proxy verified and the client's real address in the named headers;
+    from every other peer those headers are ignored and counted as forgery attempts.
+    ``require_client_cert`` lists the listeners on which a client certificate (forwarded,
+    or presented directly when the listener has ``tls.client_ca``) is mandatory."""
+
+    trusted_proxies: tuple[str, ...] = ()
+    require_client_cert: tuple[Literal["control", "ingest", "stream"], ...] = ()
+    client_cert_header: str = "X-Client-Cert"
+    client_verify_header: str = "X-Client-Verify"
+    client_address_header: str = "X-Real-IP"
+
+    def validate(self, at: str) -> None:
+        for i, entry in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                _fail(_key(at, f"trusted_proxies[{i}]"),
+                      f"must be an IP address or CIDR, e.g. 127.0.0.1 or 10.0.0.0/24, "
+                      f"got {entry[:64]!r}")
+        for name in ("client_cert_header", "client_verify_header", "client_address_header"):
+            if not _HEADER_NAME_RE.fullmatch(getattr(self, name)):
+                _fail(_key(at, name), "must be an HTTP header name (letters, digits, -)")
+        if self.require_client_cert and not self.trusted_proxies:
+            _fail(_key(at, "require_client_cert"),
+                  "needs proxy.trusted_proxies: without a trusted proxy no forwarded client "
+                  "certificate is ever accepted (for direct mutual TLS set "
+                  "<listener>.tls.client_ca instead)")
+
+
 @dataclass(frozen=True)
 class DashboardSensorConfig:
     """Labels the UXI payload shows for one sensor (``dashboard.sensors.<id>``)."""
@@ -482,6 +521,7 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1024,7 +1064,8 @@ def load_sensor_config(path: str | Path | None,
 __all__ = [
     "AuthConfig", "BackoffConfig", "ControlConfig", "DashboardConfig",
     "DashboardSensorConfig", "HeartbeatConfig", "IngestConfig",
-    "LimitsConfig", "LoggingConfig", "MemoryConfig", "MetricsConfig", "SchedulerConfig", "SensorAuthConfig",
+    "LimitsConfig", "LoggingConfig", "MemoryConfig", "MetricsConfig", "ProxyConfig",
+    "SchedulerConfig", "SensorAuthConfig",
     "SensorConfig",
     "SensorControlConfig", "SensorIngestConfig", "SensorMetricsConfig", "SensorQueueConfig",
     "SensorTlsConfig", "ServerConfig", "StoreConfig", "StreamConfig", "SubmitConfig",

@@ -51,7 +51,7 @@ from pipeline.server.dashboard_feed import DashboardFeed, load_sample
 from pipeline.server.dashboard_kpis import Thresholds
 from pipeline.server.event_reader import EventReader
 from pipeline.server.dashboard import DashboardPage, add_dashboard_routes
-from pipeline.server.gate import GATE_KEY, security_middleware
+from pipeline.server.gate import GATE_KEY, LISTENER_KEY, security_middleware
 from pipeline.server.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
 from pipeline.server.listeners import GuardedSite, reload_ssl_context
@@ -275,8 +275,10 @@ class PipelineServer:
         stream_app = stream_server(hub, middlewares=middlewares)
         self.stream_hub = hub
         add_security_routes(ingest_app, self.security)
-        for app in (control_app, ingest_app, stream_app):
+        for name, app in (("control", control_app), ("ingest", ingest_app),
+                          ("stream", stream_app)):
             app[GATE_KEY] = self.security.gate
+            app[LISTENER_KEY] = name
         plan: list[tuple[str, web.Application, Any]] = [
             ("ingest", ingest_app, cfg.ingest), ("control", control_app, cfg.control),
             ("stream", stream_app, cfg.stream)]

@@ -637,10 +637,11 @@ async def control_handler(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise ProtocolError("expected a WebSocket upgrade", field="Upgrade")
     await ws.prepare(request)
-    peer = request.remote or ""
+    # Behind a trusted proxy: the sensor's address and the certificate the proxy verified.
+    peer = gate.address(request) if gate is not None else (request.remote or "")
     conn = ControlConnection(sensor_id, ws, connected_at=manager.clock(), peer=peer)
-    # Reachable for the mTLS identity binding of a later issue (None without client certs).
-    conn.peer_certificate = (request.transport.get_extra_info("peercert")
+    conn.peer_certificate = (gate.peercert(request) if gate is not None else
+                             request.transport.get_extra_info("peercert")
                              if request.transport is not None else None)
     conn.token_sha256 = principal.token_sha256
     conn.cert_bound = principal.cert_bound

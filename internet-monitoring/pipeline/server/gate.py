@@ -22,6 +22,11 @@ Mutual TLS (a listener with ``tls.client_ca``): the TLS layer refuses a missing,
 or expired certificate; the gate then requires that the certificate name the sensor the
 request claims (``X-Sensor-ID``, every chunk's ``sensor_id``), else 403. The token is still
 checked unless ``auth.client_cert_only`` is true.
+
+Behind a TLS-terminating proxy (``proxy.*``, docs/tls-proxy.md) the same checks run on the
+certificate and address the proxy forwarded, believed only from ``proxy.trusted_proxies``
+(``pipeline.server.forwarded``); listeners in ``proxy.require_client_cert`` count as
+mutual-TLS listeners.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from pipeline.common.errors import (
     UnsupportedMediaType,
 )
 from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer, hash_token
+from pipeline.server.forwarded import ClientView, LogThrottle, ProxyTrust, client_view
 from pipeline.server.identity import IdentityPolicy, bind_identity
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.throttle import AuthFailureBans, RateLimiter
@@ -80,22 +86,52 @@ class SecurityGate:
     body_timeout_s: float = 30.0
     ws_ping_interval_s: float = 0.0
     throttle_delay_s: float = 0.0
+    proxy: ProxyTrust = field(default_factory=ProxyTrust)
+    forgery_log: LogThrottle = field(default_factory=LogThrottle)
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
 
     # -- request facts ------------------------------------------------------------------
 
-    @staticmethod
-    def address(request: web.Request) -> str:
-        return request.remote or ""
-
-    @staticmethod
-    def peercert(request: web.Request) -> Mapping[str, Any] | None:
+    def client(self, request: web.Request) -> ClientView:
+        """The real client of the request: behind a trusted proxy, the address and the
+        certificate it forwarded; otherwise the TCP peer and its own TLS certificate
+        (``forwarded.client_view``; cheap: the certificate parse is cached)."""
         transport = request.transport
-        if transport is None:
-            return None
-        cert = transport.get_extra_info("peercert")
-        return cert if cert else None
+        direct = transport.get_extra_info("peercert") if transport is not None else None
+        return client_view(self.proxy, request.remote or "", request.headers, direct or None,
+                           self.clock())
+
+    def address(self, request: web.Request) -> str:
+        return self.client(request).address
+
+    def peercert(self, request: web.Request) -> Mapping[str, Any] | None:
+        return self.client(request).peercert
+
+    def note_forwarding(self, request: web.Request, listener: str) -> None:
+        """Count and log (rate-limited) forwarded headers from a peer that is not a
+        trusted proxy, and a trusted proxy that forwards no usable client address."""
+        view = self.client(request)
+        if view.ignored_headers:
+            self.metrics.on_forwarded_ignored(listener)
+            held = self.forgery_log.allow(self.monotonic())
+            if held is not None:
+                log.warning("forwarded_headers_ignored listener=%s address=%s headers=%s "
+                            "reason=peer_not_in_proxy.trusted_proxies suppressed=%d",
+                            listener, view.address, ",".join(view.ignored_headers), held)
+        elif view.via_proxy and view.bad_address:
+            held = self.forgery_log.allow(self.monotonic())
+            if held is not None:
+                log.warning("forwarded_address_missing listener=%s proxy=%s header=%s "
+                            "suppressed=%d", listener, request.remote or "",
+                            self.proxy.address_header, held)
+
+    def require_certificate(self, request: web.Request, listener: str) -> None:
+        """On a mutual-TLS listener every authenticated route needs a client certificate.
+        Direct TLS enforces that in the handshake; behind a proxy (or from a peer that
+        bypassed it) this is where a request without one is refused."""
+        if self.requires_cert(listener) and self.peercert(request) is None:
+            raise Forbidden("a client certificate is required", field="certificate")
 
     def requires_cert(self, listener: str) -> bool:
         return listener in self.mtls_listeners
@@ -190,6 +226,8 @@ class SecurityGate:
 
 
 GATE_KEY: web.AppKey[SecurityGate] = web.AppKey("security_gate", SecurityGate)
+#: Which listener an application serves (``control``, ``ingest``, ``stream``): metric label.
+LISTENER_KEY: web.AppKey[str] = web.AppKey("listener_name", str)
 
 
 @web.middleware
@@ -197,7 +235,9 @@ async def security_middleware(request: web.Request,
                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                               ) -> web.StreamResponse:
     """Ban check before any authenticated route; a 401 counts toward a ban (a 403 does
-    not: the caller proved who it is and asked for something it may not have).
+    not: the caller proved who it is and asked for something it may not have). Bans and
+    counts are keyed on the real client address (``SecurityGate.client``); forwarded
+    headers from a peer that is not a trusted proxy are counted and logged first.
 
     A 429 (over the rate, or banned) is answered only after ``throttle_delay_s`` (at most
     the whole seconds Retry-After would announce), with Retry-After reduced by the time
@@ -207,8 +247,11 @@ async def security_middleware(request: web.Request,
     gate = request.app.get(GATE_KEY)
     if gate is None or request.path in OPEN_PATHS:
         return await handler(request)
+    listener = request.app.get(LISTENER_KEY, "")
+    gate.note_forwarding(request, listener)
     try:
         gate.check_ban(request)
+        gate.require_certificate(request, listener)
         try:
             return await handler(request)
         except Unauthenticated:

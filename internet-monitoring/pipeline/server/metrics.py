@@ -123,6 +123,11 @@ class ServerMetrics:
         self.auth_bans = Counter("pipeline_auth_bans_total",
                                  "Clients banned after repeated authentication failures",
                                  registry=r)
+        self.forwarded_ignored = Counter(
+            "pipeline_forwarded_headers_ignored_total",
+            "Requests carrying proxy-forwarded identity headers from a peer that is not in "
+            "proxy.trusted_proxies (ignored; a forgery attempt or a missing trust entry)",
+            ["listener"], registry=r)
         self.acks_pending = Gauge("pipeline_acks_pending",
                                   "Committed sequences whose acks wait for the sensor to "
                                   "reconnect", registry=r)
@@ -199,6 +204,9 @@ class ServerMetrics:
 
     def on_auth_ban(self) -> None:
         self.auth_bans.inc()
+
+    def on_forwarded_ignored(self, listener: str) -> None:
+        self.forwarded_ignored.labels(listener).inc()
 
     def on_ack_unsent(self, sensor_id: str, sequences: int = 1) -> None:
         self.acks_unsent.labels(sensor_id).inc(sequences)

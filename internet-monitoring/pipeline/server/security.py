@@ -70,6 +70,7 @@ from pipeline.server.auth import (
     mint_token,
 )
 from pipeline.server.credentials import CredentialOverlay, overlay_path
+from pipeline.server.forwarded import ProxyTrust
 from pipeline.server.gate import SecurityGate
 from pipeline.server.identity import IdentityPolicy
 from pipeline.server.listeners import reload_ssl_context
@@ -108,7 +109,9 @@ def gate_settings(config: ServerConfig) -> dict[str, Any]:
         "cert_only": auth.client_cert_only,
         "mtls_listeners": frozenset(
             name for name in LISTENERS
-            if getattr(config, name).tls.enabled and getattr(config, name).tls.client_ca),
+            if getattr(config, name).tls.enabled and getattr(config, name).tls.client_ca
+            or name in config.proxy.require_client_cert),
+        "proxy": ProxyTrust.from_config(config.proxy),
         "read_token_sha256": hash_token(config.stream.token) if config.stream.token else None,
         "admin_token_sha256": _token_digest(auth.admin_token, auth.admin_token_sha256),
         "body_timeout_s": config.limits.body_timeout_s,
@@ -153,8 +156,12 @@ class SecurityManager:
             bans=AuthFailureBans(limits.auth_failures_before_ban, limits.auth_failure_window_s,
                                  limits.ban_s),
             **gate_settings(config))
-        self.connection_limiters = {name: ConnectionLimiter(limits.max_connections_per_address)
-                                    for name in LISTENERS}
+        # A trusted proxy carries many clients on its connections: not capped per address
+        # (the proxy caps its clients; see the shipped Nginx configuration).
+        self.connection_limiters = {
+            name: ConnectionLimiter(limits.max_connections_per_address,
+                                    exempt=lambda host: self.gate.proxy.trusts(host))
+            for name in LISTENERS}
         self.contexts: dict[str, ssl.SSLContext | None] = {}
         self.manager: Any = None
         self.hub: Any = None
@@ -241,6 +248,8 @@ class SecurityManager:
                 changes.append(f"{name}.bind/port")
             if a.tls.enabled != b.tls.enabled or bool(a.tls.client_ca) != bool(b.tls.client_ca):
                 changes.append(f"{name}.tls.enabled/client_ca on-off")
+        if old.proxy.require_client_cert != new.proxy.require_client_cert:
+            changes.append("proxy.require_client_cert")
         if old.store != new.store:
             changes.append("store")
         return changes

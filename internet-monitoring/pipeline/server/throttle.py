@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 DEFAULT_MAX_KEYS = 100_000
 
@@ -167,16 +168,20 @@ class AuthFailureBans:
 
 
 class ConnectionLimiter:
-    """Counts open connections per address; ``max_per_address <= 0`` means no cap."""
+    """Counts open connections per address; ``max_per_address <= 0`` means no cap.
+    Addresses for which ``exempt`` is true (trusted proxies) are counted, never capped."""
 
-    def __init__(self, max_per_address: int) -> None:
+    def __init__(self, max_per_address: int,
+                 exempt: Callable[[str], bool] | None = None) -> None:
         self.max_per_address = int(max_per_address)
+        self.exempt = exempt
         self._open: dict[str, int] = {}
 
     def acquire(self, address: str) -> bool:
         """Take a slot; False (nothing taken) when the address is at its cap."""
         count = self._open.get(address, 0)
-        if self.max_per_address > 0 and count >= self.max_per_address:
+        if self.max_per_address > 0 and count >= self.max_per_address and not (
+                self.exempt is not None and self.exempt(address)):
             return False
         self._open[address] = count + 1
         return True
