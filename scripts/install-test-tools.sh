@@ -3,7 +3,8 @@
 # headless Chromium (dashboard test), promtool (alert-rule tests), curl (the README's and
 # docs/dashboard.md's commands are run as written), unshare and ip (the README's commands
 # run in a private network namespace), systemd-analyze (the shipped units' verify and
-# security tests) and FUSE (power-cut and I/O-error tests).
+# security tests), FUSE (power-cut and I/O-error tests), Nginx and envsubst (reverse-proxy
+# tests: test_proxy_nginx.py renders and runs the shipped Nginx config).
 # Needs root and apt-get; elsewhere it says what is missing and the tests that need a
 # tool skip locally (under CI=true they fail instead).
 set -u
@@ -20,6 +21,9 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # from fuse3 unmounts it).
 command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
+# Reverse-proxy tests: nginx (Debian installs it in /usr/sbin) and envsubst.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install-test-tools: installing ${missing[*]}"

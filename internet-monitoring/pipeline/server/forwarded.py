@@ -157,11 +157,16 @@ def client_view(trust: ProxyTrust, peer: str, headers: Mapping[str, str],
     """The client behind ``peer``: see the module docstring. Raises ``Forbidden`` when a
     trusted proxy forwards a certificate that cannot be read or is not valid now."""
     if trust.trusts(peer):
-        forwarded = headers.get(trust.address_header, "")
+        forwarded = headers.get(trust.address_header)
         ip = _ip(forwarded) if forwarded else None
         address = str(ip) if ip is not None else peer
+        # A proxied request (it carries a certificate header) without a usable address, or
+        # an address header that is not one IP: a proxy misconfiguration worth a log line.
+        # A bare request from the proxy's host (a local tool) is neither.
+        proxied = forwarded is not None or trust.cert_header in headers \
+            or trust.verify_header in headers
         return ClientView(address=address, peercert=_forwarded_peercert(trust, headers, now),
-                          via_proxy=True, bad_address=ip is None)
+                          via_proxy=True, bad_address=proxied and ip is None)
     ignored = tuple(name for name in trust.headers if name in headers)
     return ClientView(address=peer, peercert=direct_cert, ignored_headers=ignored)
 

@@ -88,6 +88,7 @@ class SecurityGate:
     throttle_delay_s: float = 0.0
     proxy: ProxyTrust = field(default_factory=ProxyTrust)
     forgery_log: LogThrottle = field(default_factory=LogThrottle)
+    proxy_log: LogThrottle = field(default_factory=LogThrottle)
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
 
@@ -120,16 +121,21 @@ class SecurityGate:
                             "reason=peer_not_in_proxy.trusted_proxies suppressed=%d",
                             listener, view.address, ",".join(view.ignored_headers), held)
         elif view.via_proxy and view.bad_address:
-            held = self.forgery_log.allow(self.monotonic())
+            held = self.proxy_log.allow(self.monotonic())
             if held is not None:
                 log.warning("forwarded_address_missing listener=%s proxy=%s header=%s "
                             "suppressed=%d", listener, request.remote or "",
                             self.proxy.address_header, held)
 
     def require_certificate(self, request: web.Request, listener: str) -> None:
-        """On a mutual-TLS listener every authenticated route needs a client certificate.
-        Direct TLS enforces that in the handshake; behind a proxy (or from a peer that
-        bypassed it) this is where a request without one is refused."""
+        """On a mutual-TLS control or stream listener every authenticated route needs a
+        client certificate. Direct TLS enforces that in the handshake; behind a proxy (or
+        from a peer that bypassed it) this is where a request without one is refused. The
+        ingest listener checks its sensor routes in ``precheck_ingest``; its read, admin and
+        dashboard routes keep their own credentials, so local tools (``token rotate``)
+        work behind a proxy."""
+        if listener == "ingest":
+            return
         if self.requires_cert(listener) and self.peercert(request) is None:
             raise Forbidden("a client certificate is required", field="certificate")
 

@@ -102,11 +102,17 @@ def test_unreadable_or_expired_forwarded_certificates_are_refused(pki):
             None, NOW)
 
 
-def test_a_trusted_proxy_without_a_usable_address_falls_back_to_its_own():
-    for value in (None, "", "203.0.113.9, 10.0.0.1", "evil"):
-        h = headers() if value is None else headers(X_Real_IP=value)
-        view = client_view(TRUST, "127.0.0.1", h, None, NOW)
-        assert view.address == "127.0.0.1" and view.bad_address
+def test_a_trusted_proxy_without_a_usable_address_falls_back_to_its_own(pki):
+    for value in ("", "203.0.113.9, 10.0.0.1", "evil"):
+        view = client_view(TRUST, "127.0.0.1", headers(X_Real_IP=value), None, NOW)
+        assert view.address == "127.0.0.1" and view.bad_address, value
+    proxied = headers(X_Client_Cert=escaped(pki.sensors["pi-01"].cert),
+                      X_Client_Verify="SUCCESS")
+    view = client_view(TRUST, "127.0.0.1", proxied, None, NOW)
+    assert view.address == "127.0.0.1" and view.bad_address and view.peercert
+    # A local tool on the proxy's host sends no forwarded header at all: not a problem.
+    view = client_view(TRUST, "127.0.0.1", headers(), None, NOW)
+    assert view.address == "127.0.0.1" and not view.bad_address and view.peercert is None
 
 
 def test_headers_from_anyone_else_are_ignored_and_named(pki):
