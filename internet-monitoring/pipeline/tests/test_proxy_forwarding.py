@@ -16,9 +16,11 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 
-from pipeline.common.config import ProxyConfig, server_config_from_dict
+from pipeline.common.config import ProxyConfig, ServerConfig, server_config_from_dict
 from pipeline.common.errors import ConfigError, Forbidden
+from pipeline.server.app import PipelineServer
 from pipeline.server.forwarded import (
     LogThrottle,
     ProxyTrust,
@@ -256,3 +258,54 @@ async def test_bans_follow_the_forwarded_client_address(tmp_path, pki):
             async with proxy.get(url, headers={"X-Real-IP": UNTRUSTED_SOURCE}) as resp:
                 assert resp.status == 429  # the forger's own address took the ban
 
+
+
+async def test_stream_listener_behind_the_proxy_needs_a_forwarded_certificate(tmp_path, pki):
+    config = server_config(tmp_path, proxy={"trusted_proxies": ["127.0.0.1"],
+                                            "require_client_cert": ["stream"]})
+    async with running_server(config) as server:
+        url = f"ws://127.0.0.1:{server.stream_port}/"
+        async with aiohttp.ClientSession() as proxy:
+            ws = await proxy.ws_connect(url, headers=_forwarded(pki, "pi-02", "198.51.100.8"))
+            assert (await ws.receive_json(timeout=5))["type"] == "snapshot_batch"
+            await ws.close()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await proxy.ws_connect(url, headers={"X-Real-IP": "198.51.100.8"})
+            assert info.value.status == 403
+        async with aiohttp.ClientSession(connector=_source(UNTRUSTED_SOURCE)) as forger:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await forger.ws_connect(url, headers=_forwarded(pki, "pi-02", "198.51.100.8"))
+            assert info.value.status == 403
+        assert server.registry.get_sample_value(
+            "pipeline_forwarded_headers_ignored_total", {"listener": "stream"}) == 1
+
+
+async def test_trusted_proxies_reload_without_a_restart(tmp_path, pki):
+    holder = {"proxy": {"trusted_proxies": []}}
+
+    def loader() -> ServerConfig:
+        return server_config(tmp_path, proxy=holder["proxy"],
+                             limits={"auth_failures_before_ban": 1, "throttle_delay_s": 0})
+
+    server = PipelineServer(loader(), registry=CollectorRegistry(), config_loader=loader)
+    await server.start()
+    try:
+        chunk = f"http://127.0.0.1:{server.ingest_port}/v1/ingest/chunk"
+        snapshots = f"http://127.0.0.1:{server.ingest_port}/v1/snapshots"
+        bad = {"Authorization": "Bearer wrong", "X-Real-IP": "198.51.100.70"}
+        async with aiohttp.ClientSession() as http:
+            holder["proxy"] = {"trusted_proxies": ["127.0.0.0/8"],
+                               "require_client_cert": ["stream"]}
+            result = await server.security.reload("test")
+            # Which listeners need certificates is fixed at start-up (as tls.client_ca is).
+            assert result.warnings == ("proxy.require_client_cert",)
+            async with http.post(chunk, data=b"{}", headers=bad) as resp:
+                assert resp.status == 401  # bans 198.51.100.70, believed now
+            async with http.get(snapshots, headers={"X-Real-IP": "198.51.100.70"}) as resp:
+                assert resp.status == 429
+            holder["proxy"] = {"trusted_proxies": []}
+            await server.security.reload("test")
+            async with http.get(snapshots, headers={"X-Real-IP": "198.51.100.70"}) as resp:
+                assert resp.status == 200  # the header means nothing any more
+    finally:
+        await server.stop()
