@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +27,9 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+import yaml
 
+from pipeline.common.config import server_config_from_dict
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.processes import SensorProcess, ServerProcess, free_port
 from pipeline.tests.conftest import require_tool
@@ -61,6 +64,13 @@ def run_block(block: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
                           capture_output=True, text=True, timeout=60)
 
 
+def deploy_hook() -> str:
+    """The Certbot deploy hook command docs/tls-proxy.md gives."""
+    match = re.search(r'--deploy-hook "([^"]+)"', DOC.read_text())
+    assert match, "docs/tls-proxy.md shows no --deploy-hook"
+    return match.group(1)
+
+
 def template_variables() -> set[str]:
     return set(re.findall(r"\$\{(PIPELINE_[A-Z_]+)\}", (NGINX_DIR / "pipeline.vars").read_text()))
 
@@ -77,6 +87,14 @@ def test_the_documented_variables_are_exactly_the_templates():
     in_template = set(re.findall(r"\$\{(PIPELINE_[A-Z_]+)\}",
                                  (NGINX_DIR / "pipeline.conf.template").read_text()))
     assert documented == template_variables() == in_template
+
+
+def test_the_documented_server_settings_load():
+    (block,) = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.S)
+    config = server_config_from_dict(yaml.safe_load(block))
+    assert config.proxy.trusted_proxies == ("127.0.0.1",)
+    assert config.proxy.require_client_cert == ("control", "ingest")
+    assert (config.control.bind, config.control.port) == ("127.0.0.1", 8765)
 
 
 def render(tmp_path: Path, values: dict[str, str]) -> Path:
@@ -137,10 +155,17 @@ class Nginx:
         return [nginx_bin(), "-p", f"{self.prefix}/", "-c",
                 str(self.prefix / "nginx.conf"), *extra]
 
-    def reload(self) -> None:
-        done = subprocess.run(self.argv("-s", "reload"), capture_output=True, text=True,
-                              timeout=30)
-        assert done.returncode == 0, done.stderr
+    def run_hook(self, command: str) -> None:
+        """Run a shell command as Certbot runs a deploy hook, with ``nginx`` meaning this
+        instance (a shim adds -p/-c; the command itself is run as written)."""
+        shim_dir = self.prefix / "bin"
+        shim_dir.mkdir(exist_ok=True)
+        shim = shim_dir / "nginx"
+        shim.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in self.argv()) + ' "$@"\n')
+        shim.chmod(0o755)
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "PATH": f"{shim_dir}:{SBIN_PATH}"})
+        assert done.returncode == 0, done.stdout + done.stderr
 
     def error_log(self) -> str:
         path = self.prefix / "error.log"
@@ -160,15 +185,16 @@ def start_nginx(prefix: Path, rendered: Path, port: int) -> Nginx:
         f"{user}pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log info;\n"
         "worker_processes 1;\nevents { worker_connections 512; }\n"
         f"http {{\n    access_log {prefix}/access.log;\n{temp}\n    include pipeline.conf;\n}}\n")
-    argv = [nginx_bin(), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
-            "-g", "daemon off;"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with (prefix / "stderr.log").open("wb") as err:
+        proc = subprocess.Popen(
+            [nginx_bin(), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
+             "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=err)
     nginx = Nginx(prefix, port, proc)
     deadline = time.monotonic() + 10
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}"
-                                 f"{nginx.error_log()}")
+            raise AssertionError("nginx exited: " + (prefix / "stderr.log").read_text()
+                                 + nginx.error_log())
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return nginx
@@ -262,8 +288,6 @@ def metric(server: ServerProcess, name: str) -> float:
 
 
 def urllib_get(url: str) -> str:
-    import urllib.request
-
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.read().decode()
 
@@ -369,11 +393,12 @@ async def test_real_agent_through_real_nginx_mutual_tls(stack: Stack):
     assert await asyncio.to_thread(sensor.queue_depth) == 0
     assert metric(server, "pipeline_events_completed_total") == EVENTS + 4
 
-    # 5. Certbot renewal: new files in place, `nginx -s reload`, new handshakes see them.
+    # 5. Certbot renewal: new files in place, the documented deploy hook (nginx -t, then
+    #    nginx -s reload), new handshakes see them.
     assert handshake_cert(stack.nginx.port, pki.ca) == pem_der(pki.server.cert)
     shutil.copy(pki.rotated_server.cert, stack.certs / "fullchain.pem")
     shutil.copy(pki.rotated_server.key, stack.certs / "privkey.pem")
-    await asyncio.to_thread(stack.nginx.reload)
+    await asyncio.to_thread(stack.nginx.run_hook, deploy_hook())
     renewed = pem_der(pki.rotated_server.cert)
 
     async def renewed_served() -> bool:
