@@ -9,6 +9,7 @@ counted and logged once, bans and the per-address cap follow the real client add
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from urllib.parse import quote
@@ -309,3 +310,31 @@ async def test_trusted_proxies_reload_without_a_restart(tmp_path, pki):
                 assert resp.status == 200  # the header means nothing any more
     finally:
         await server.stop()
+
+
+async def _healthz(port: int, source: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        return await asyncio.wait_for(reader.read(1024), timeout=3)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_the_trusted_proxy_is_not_capped_per_address(tmp_path):
+    config = server_config(tmp_path, proxy={"trusted_proxies": ["127.0.0.1"]},
+                           limits={"max_connections_per_address": 2})
+    async with running_server(config) as server:
+        port = server.ingest_port
+        held = [await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+                for source in ("127.0.0.1", "127.0.0.1", "127.0.0.1",
+                               UNTRUSTED_SOURCE, UNTRUSTED_SOURCE)]
+        await asyncio.sleep(0.1)
+        try:
+            assert (await _healthz(port, "127.0.0.1")).startswith(b"HTTP/1.1 200")
+            assert await _healthz(port, UNTRUSTED_SOURCE) == b""  # over its cap of 2
+        finally:
+            for _, writer in held:
+                writer.close()
