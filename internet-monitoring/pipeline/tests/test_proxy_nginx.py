@@ -29,7 +29,12 @@ import aiohttp
 import pytest
 import yaml
 
-from pipeline.common.config import server_config_from_dict
+from pipeline.common.config import (
+    HeartbeatConfig,
+    IngestConfig,
+    LimitsConfig,
+    server_config_from_dict,
+)
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.processes import SensorProcess, ServerProcess, free_port
 from pipeline.tests.conftest import require_tool
@@ -95,6 +100,24 @@ def test_the_documented_server_settings_load():
     assert config.proxy.trusted_proxies == ("127.0.0.1",)
     assert config.proxy.require_client_cert == ("control", "ingest")
     assert (config.control.bind, config.control.port) == ("127.0.0.1", 8765)
+
+
+def test_the_template_matches_the_servers_limits():
+    """Body cap and deadlines as the server's defaults; the WebSocket outlives heartbeats."""
+    text = (NGINX_DIR / "pipeline.conf.template").read_text()
+    cap = IngestConfig().max_body_bytes
+    assert re.search(r"client_max_body_size (\d+)m;", text).group(1) == str(cap // 2**20)
+    assert f"larger than {cap} bytes" in text
+    limits, heartbeat = LimitsConfig(), HeartbeatConfig()
+    assert f"client_header_timeout {limits.header_timeout_s:g}s;" in text
+    assert f"client_body_timeout {limits.body_timeout_s:g}s;" in text
+    assert f"limit_conn pipeline_per_address {limits.max_connections_per_address};" in text
+    control = re.search(r"location = /control \{(.*?)\}", text, flags=re.S).group(1)
+    read = int(re.search(r"proxy_read_timeout (\d+)s;", control).group(1))
+    assert read > heartbeat.interval_s * heartbeat.missed_before_disconnect
+    assert read > limits.ws_ping_interval_s
+    keepalive = int(re.search(r"keepalive_timeout (\d+)s;", text).group(1))
+    assert keepalive < limits.header_timeout_s  # Nginx drops idle upstream links first
 
 
 def render(tmp_path: Path, values: dict[str, str]) -> Path:
@@ -351,6 +374,9 @@ async def test_real_agent_through_real_nginx_mutual_tls(stack: Stack):
             assert resp.status == 403
         async with pi02.get(f"{stack.base}/v1/snapshots") as resp:
             assert resp.status == 404  # only the sensor routes are proxied
+        too_big = b"x" * (4 * 2**20 + 1)
+        async with pi02.post(chunk, data=too_big, headers=bearer("pi-02")) as resp:
+            assert resp.status == 413 and (await resp.json())["error"] == "too_large"
     async with session(pki, None) as anonymous:
         async with anonymous.post(chunk, data=b"{}", headers=bearer("pi-01")) as resp:
             assert resp.status == 403
