@@ -142,6 +142,16 @@ class SecurityGate:
     def requires_cert(self, listener: str) -> bool:
         return listener in self.mtls_listeners
 
+    def binds_cert(self, request: web.Request, listener: str) -> bool:
+        """Whether the request's certificate must name the sensor it claims: always on a
+        mutual-TLS listener, and whenever a trusted proxy forwarded a verified certificate
+        (a proxy that checks certificates makes them count even where they are optional,
+        so one sensor's certificate never carries another sensor's token)."""
+        if self.requires_cert(listener):
+            return True
+        view = self.client(request)
+        return view.via_proxy and view.peercert is not None
+
     def cert_suffices(self, listener: str) -> bool:
         return self.cert_only and self.requires_cert(listener)
 
@@ -169,10 +179,10 @@ class SecurityGate:
         """The full check for one claimed sensor id: certificate binding (mTLS listeners),
         then the token (unless certificate-only). Raises Unauthenticated / Forbidden."""
         cert_bound = False
-        if self.requires_cert(listener):
+        if self.binds_cert(request, listener):
             bind_identity(sensor_id, self.peercert(request), self.identity)
             cert_bound = True
-            if self.cert_only:
+            if self.cert_suffices(listener):
                 return SensorPrincipal(sensor_id, None, True)
         try:
             self.authenticator.authenticate(sensor_id, token, self.clock())
@@ -184,14 +194,14 @@ class SecurityGate:
     def precheck_ingest(self, request: web.Request, token: str | None) -> str | None:
         """Before a body is read: refuse strangers, and return the token's owner (None for
         the fleet token or a certificate-only request) so throttling can start early."""
-        if self.requires_cert("ingest"):
+        if self.binds_cert(request, "ingest"):
             claimed = request.headers.get(SENSOR_ID_HEADER)
             if claimed is not None:
                 bind_identity(claimed.strip(), self.peercert(request), self.identity,
                               field=SENSOR_ID_HEADER)
             elif self.peercert(request) is None:
                 raise Forbidden("a client certificate is required", field="certificate")
-            if self.cert_only:
+            if self.cert_suffices("ingest"):
                 return None
         try:
             return self.authenticator.identify(token, self.clock())

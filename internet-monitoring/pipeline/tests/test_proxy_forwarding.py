@@ -338,3 +338,25 @@ async def test_the_trusted_proxy_is_not_capped_per_address(tmp_path):
         finally:
             for _, writer in held:
                 writer.close()
+
+
+async def test_a_forwarded_certificate_binds_even_where_it_is_optional(tmp_path, pki):
+    """trusted_proxies without require_client_cert: tokens authenticate, and a certificate
+    the proxy did forward must still name the sensor (pi-01's certificate never carries
+    pi-02's token)."""
+    config = server_config(tmp_path, proxy={"trusted_proxies": ["127.0.0.1"]})
+    async with running_server(config) as server:
+        control = f"ws://127.0.0.1:{server.control_port}/control"
+        chunk = f"http://127.0.0.1:{server.ingest_port}/v1/ingest/chunk"
+        async with aiohttp.ClientSession() as proxy:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await proxy.ws_connect(control, headers=_hs(
+                    "pi-02", "pi-02", **_forwarded(pki, "pi-01", "198.51.100.9")))
+            assert info.value.status == 403
+            async with proxy.post(chunk, data=b"{}", headers=_hs(
+                    "pi-02", "pi-02", **_forwarded(pki, "pi-01", "198.51.100.9"))) as resp:
+                assert resp.status == 403
+            ws = await proxy.ws_connect(control, headers=_hs("pi-02", "pi-02"))
+            await eventually(lambda: "pi-02" in server.manager.connections, what="pi-02 up")
+            assert not server.manager.connections["pi-02"].cert_bound
+            await ws.close()
