@@ -222,7 +222,9 @@ def start_nginx(prefix: Path, rendered: Path, port: int) -> Nginx:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return nginx
         except OSError:
-            assert time.monotonic() < deadline, nginx.error_log()
+            if time.monotonic() > deadline:
+                stop_nginx(nginx)
+                raise AssertionError("nginx did not listen: " + nginx.error_log()) from None
             time.sleep(0.05)
 
 
@@ -258,8 +260,6 @@ def stack(tmp_path, pki) -> Iterator[Stack]:
     port = free_port()
     values = nginx_values(pki, tmp_path / "certs", port, server.control_port, server.ingest_port)
     rendered = render(tmp_path, values)
-    server.start()
-    nginx = start_nginx(tmp_path / "nginx", rendered, port)
     tls = {"enabled": True, "ca_cert": str(pki.ca), "cert": str(pki.sensors["pi-01"].cert),
            "key": str(pki.sensors["pi-01"].key)}
     sensor = SensorProcess(tmp_path / "sensor", "pi-01", TOKENS["pi-01"],
@@ -267,14 +267,19 @@ def stack(tmp_path, pki) -> Iterator[Stack]:
                            ingest_url=f"https://127.0.0.1:{port}/v1/ingest/chunk",
                            extra_config={"control": {"tls": tls}, "ingest": {"tls": tls},
                                          "backoff": {"initial_s": 0.1, "max_s": 1.0}})
-    sensor.start()
+    nginx: Nginx | None = None
     try:
+        server.start()
+        nginx = start_nginx(tmp_path / "nginx", rendered, port)
+        sensor.start()
         yield Stack(pki, nginx, server, sensor, tmp_path / "certs")
     finally:
+        # Every process this fixture started is stopped, also when a later one failed.
         sensor.terminate()
-        stop_nginx(nginx)
+        if nginx is not None:
+            stop_nginx(nginx)
         code = server.terminate()
-        assert code == 0, server.log_text()[-3000:]
+    assert code == 0, server.log_text()[-3000:]
 
 
 def client_ssl(pki: Pki, leaf: Leaf | None) -> ssl.SSLContext:

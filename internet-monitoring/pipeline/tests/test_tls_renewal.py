@@ -78,7 +78,11 @@ def start_server(tmp_path: Path, layout: CertbotLayout, watch_s: float) -> Serve
         "control": {"tls": {"enabled": True, "cert": str(layout.cert),
                             "key": str(layout.key)}},
         "auth": {"reload_watch_s": watch_s}})
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.terminate()  # never leave a half-started server behind
+        raise
     return server
 
 
