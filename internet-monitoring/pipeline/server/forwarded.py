@@ -30,11 +30,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 from urllib.parse import unquote
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from pipeline.common.config import ProxyConfig
-from pipeline.common.errors import Forbidden
+from pipeline.common.errors import ConfigError, Forbidden
 
 VERIFIED = "SUCCESS"  # Nginx $ssl_client_verify for a certificate that passed verification
 MAX_CERT_HEADER = 16 * 1024
@@ -83,6 +80,9 @@ class ProxyTrust:
 
     @classmethod
     def from_config(cls, config: ProxyConfig) -> "ProxyTrust":
+        """Raises ConfigError when proxies are trusted but certificates cannot be read."""
+        if config.trusted_proxies:
+            _require_x509()
         return cls(
             networks=tuple(ipaddress.ip_network(entry.strip(), strict=False)
                            for entry in config.trusted_proxies),
@@ -101,6 +101,18 @@ class ProxyTrust:
         return (self.cert_header, self.verify_header, self.address_header)
 
 
+def _require_x509() -> None:
+    """``cryptography`` (the server extra) reads forwarded certificates. It is imported only
+    when a proxy is trusted, so a server without one (``make demo``) runs without it; with
+    one, its absence stops start-up (or a reload) instead of failing requests."""
+    try:
+        import cryptography.x509  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("proxy.trusted_proxies: reading forwarded client certificates "
+                          "needs the cryptography package (pip install "
+                          "'openuxi-pipeline[server]')", field="proxy.trusted_proxies") from exc
+
+
 def _utc_seconds(moment: datetime) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
@@ -112,6 +124,9 @@ def parse_forwarded_cert(value: str) -> ForwardedCert:
     """The certificate in a forwarded header: URL-escaped PEM (Nginx
     ``$ssl_client_escaped_cert``) or plain PEM. Cached: a sensor sends the same
     certificate with every POST. Raises ``Forbidden`` when it cannot be read."""
+    from cryptography import x509  # see _require_x509
+    from cryptography.x509.oid import NameOID
+
     if len(value) > MAX_CERT_HEADER:
         raise Forbidden("the forwarded client certificate is too large", field="certificate")
     pem = unquote(value.strip()).encode("ascii", "replace")

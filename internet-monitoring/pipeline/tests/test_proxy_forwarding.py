@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from urllib.parse import quote
 
@@ -165,6 +166,16 @@ def test_proxy_config_errors_name_the_key(doc, key):
     with pytest.raises(ConfigError) as info:
         server_config_from_dict({"proxy": doc})
     assert info.value.field == key
+
+
+def test_trusting_a_proxy_without_cryptography_stops_start_up(monkeypatch):
+    """cryptography (server extra) is imported only when a proxy is trusted."""
+    monkeypatch.setitem(sys.modules, "cryptography.x509", None)  # import -> ImportError
+    assert not ProxyTrust.from_config(ProxyConfig()).networks  # no proxy: not needed
+    with pytest.raises(ConfigError) as info:
+        ProxyTrust.from_config(ProxyConfig(trusted_proxies=("127.0.0.1",)))
+    assert info.value.field == "proxy.trusted_proxies"
+    assert "openuxi-pipeline[server]" in info.value.message
 
 
 def test_proxy_config_from_the_environment():
