@@ -19,7 +19,9 @@ from pipeline.common.errors import ConflictError
 from pipeline.common.messages import Chunk, Heartbeat
 from pipeline.sensor.batching import RecentlyDeleted, split_batches
 from pipeline.sensor.queue import DurableQueue, EventInput
-from pipeline.server import store as store_mod
+from pipeline.common import chunking
+from pipeline.server.store import sqlite as store_sqlite
+from pipeline.server.store import sqlite_base, sqlite_schema
 from pipeline.server.ingest_wire import answer_in_proto
 from pipeline.server.session import SensorSession, WindowPolicy
 from pipeline.server.store import SQLiteChunkStore
@@ -174,8 +176,8 @@ def test_ingest_statements_search_indexes_never_scan(store: SQLiteChunkStore) ->
     store.ingest(one_chunk_events(50))
     conn = store._conn  # the plan of the exact statements the ingest runs
     plans = [conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
-             for sql, params in ((store_mod._CHUNK_KEYS_SQL, ("pi-01", "", 1, "pi-01", "e", 0)),
-                                 (store_mod._EVENT_STATE_SQL, ("pi-01", "e") * 3))]
+             for sql, params in ((sqlite_schema.CHUNK_KEYS_SQL, ("pi-01", "", 1, "pi-01", "e", 0)),
+                                 (sqlite_schema.EVENT_STATE_SQL, ("pi-01", "e") * 3))]
     details = [row[3] for plan in plans for row in plan]
     assert not any(d.startswith("SCAN") for d in details), details
     assert sum(d.startswith("SEARCH") for d in details) == 5
@@ -210,7 +212,7 @@ def test_wal_is_checkpointed_in_the_background_and_kept_bounded(
     import os
     import time
 
-    monkeypatch.setattr(store_mod, "WAL_RESTART_FRAMES", 64)
+    monkeypatch.setattr(sqlite_base, "WAL_RESTART_FRAMES", 64)
     wal = tmp_path / "server.db-wal"
     with SQLiteChunkStore(tmp_path / "server.db") as store:
         sizes = []
@@ -257,13 +259,13 @@ def test_completing_an_event_reuses_the_slices_decompressed_on_arrival(
 def count_decompressions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the size of every payload the store decompresses (the real function runs)."""
     calls: list[int] = []
-    real = store_mod.chunking.decompress_slice
+    real = chunking.decompress_slice
 
     def counting(payload: bytes, **kwargs):
         calls.append(len(payload))
         return real(payload, **kwargs)
 
-    monkeypatch.setattr(store_mod.chunking, "decompress_slice", counting)
+    monkeypatch.setattr(chunking, "decompress_slice", counting)
     return calls
 
 
@@ -307,7 +309,7 @@ def test_events_with_identical_slices_each_complete_from_the_cache(
 
 def test_without_cached_slices_events_still_complete_from_the_stored_payloads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_mod, "SLICE_CACHE_BYTES", 1)  # nothing fits
+    monkeypatch.setattr(store_sqlite, "SLICE_CACHE_BYTES", 1)  # nothing fits
     with SQLiteChunkStore(tmp_path / "server.db") as store:
         chunks = multi_chunk_event()
         store.ingest(chunks[:2])

@@ -31,6 +31,7 @@ from pipeline.common.errors import (
     StorageFull,
     StoreError,
 )
+from pipeline.common.config import StoreConfig
 from pipeline.common.messages import Chunk
 from pipeline.server.store import ChunkStore, SQLiteChunkStore, open_store
 
@@ -85,7 +86,7 @@ def store(db: Path):
 
 
 def test_open_store_gives_a_chunk_store_in_wal_full(db: Path) -> None:
-    s = open_store(db)
+    s = open_store(StoreConfig(path=str(db)))
     try:
         assert isinstance(s, ChunkStore)
         s.ingest(make_chunks(b"x", 1))

@@ -1,0 +1,33 @@
+"""``open_store(config)``: the one way to get a store, whichever engine the config names."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from pipeline.common.config import StoreConfig
+from pipeline.common.errors import ConfigError
+from pipeline.server.store.port import ChunkStore
+from pipeline.server.store.sqlite import SQLiteChunkStore
+from pipeline.server.store.sqlite_ingest import DEFAULT_MAX_EVENT_BYTES
+
+ENGINES = ("sqlite",)  # "postgres" is accepted by the config and comes with its backend
+
+
+def check_engine(config: StoreConfig) -> None:
+    """ConfigError naming ``store.engine`` unless this build has the configured engine."""
+    if config.engine not in ENGINES:
+        raise ConfigError(f"store.engine: {config.engine!r} is not available in this server"
+                          f" (available: {', '.join(ENGINES)})", field="store.engine")
+
+
+def open_store(config: StoreConfig, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+               max_pages: int | None = None,
+               clock: Callable[[], float] = time.time) -> ChunkStore:
+    """Open the store ``config`` describes (``store.path``, ``synchronous``,
+    ``reserve_bytes`` for SQLite). ``max_event_bytes`` is the ingest limit
+    (``limits.max_event_bytes``); ``max_pages`` and ``clock`` are for tests."""
+    check_engine(config)
+    return SQLiteChunkStore(config.path, synchronous=config.synchronous,
+                            max_event_bytes=max_event_bytes, max_pages=max_pages,
+                            clock=clock, reserve_bytes=config.reserve_bytes)
