@@ -220,9 +220,12 @@ def section_disk(work: Path, scale: Scale) -> tuple[list[Row], dict[str, list[fl
 
 def _prefill_store(path: Path, rows: int) -> None:
     from bench.payloads import sensor_chunks
-    from pipeline.server.store import SQLiteChunkStore
+    from contextlib import closing
 
-    with SQLiteChunkStore(path) as store:
+    from pipeline.common.config import StoreConfig
+    from pipeline.server.store import open_store
+
+    with closing(open_store(StoreConfig(path=str(path), reserve_bytes=0))) as store:
         per_sensor = 10_000
         for start in range(0, rows, per_sensor):
             chunks = sensor_chunks(f"prefill-{start // per_sensor:04d}", KIB,

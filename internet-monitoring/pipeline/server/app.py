@@ -61,7 +61,7 @@ from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.security import SecurityManager, add_security_routes
 from pipeline.server.session import Committed, WindowPolicy
 from pipeline.server.snapshot_cache import SnapshotCache, StreamMessage
-from pipeline.server.store import SQLiteChunkStore
+from pipeline.server.store import ChunkStore, check_engine, open_store
 from pipeline.server.stream import StreamHub, stream_server
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class PipelineServer:
                                           global_max_windows=config.scheduler.global_max_windows)
         self.snapshots = SnapshotCache(
             max_payload_bytes=config.memory.snapshot_payload_max_kib * 1024)
-        self.store: SQLiteChunkStore | None = None
+        self.store: ChunkStore | None = None
         self.reader: EventReader | None = None
         self.feed: DashboardFeed | None = None
         self._sample: dict[str, Any] | None = None
@@ -177,9 +177,7 @@ class PipelineServer:
 
     async def start(self) -> None:
         cfg = self.config
-        if cfg.store.engine != "sqlite":
-            raise ConfigError("store.engine: only sqlite is available in this server",
-                              field="store.engine")
+        check_engine(cfg.store)
         contexts = {name: ssl_context_for(getattr(cfg, name).tls, name)
                     for name in ("control", "ingest", "stream")}
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -223,7 +221,7 @@ class PipelineServer:
                  self.stream_port, cfg.store.path, len(self.authenticator.sensor_ids),
                  len(self.snapshots.all()))
 
-    def _open_store(self) -> SQLiteChunkStore:
+    def _open_store(self) -> ChunkStore:
         path = Path(self.config.store.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,11 +229,9 @@ class PipelineServer:
             raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
                               field="store.path") from exc
         memory = self.config.memory
-        return SQLiteChunkStore(path, synchronous=self.config.store.synchronous,
-                                max_event_bytes=self.config.limits.max_event_bytes,
-                                reserve_bytes=self.config.store.reserve_bytes,
-                                cache_kib=memory.sqlite_cache_kib,
-                                slice_cache_bytes=memory.slice_cache_kib * 1024)
+        return open_store(self.config.store, max_event_bytes=self.config.limits.max_event_bytes,
+                          cache_kib=memory.sqlite_cache_kib,
+                          slice_cache_bytes=memory.slice_cache_kib * 1024)
 
     async def _restore_watermarks(self) -> None:
         """The store's offsets are the truth; saved session state may lag behind them."""

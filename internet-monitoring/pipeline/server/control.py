@@ -109,11 +109,13 @@ def close_reason(text: str) -> bytes:
 
 
 class WindowStore(Protocol):
-    def save_window(self, sensor_id: str, window_id: str, state: Mapping[str, Any]) -> None: ...
-    def delete_windows(self, sensor_id: str, window_ids: Iterable[str]) -> None: ...
+    """The part of the store port (``store/port.py``) the control plane uses."""
+
     def load_windows(self, sensor_id: str) -> Mapping[str, Any]: ...
-    def save_sensor_state(self, sensor_id: str, state: Mapping[str, Any]) -> None: ...
     def load_sensor_states(self) -> Any: ...
+    def save_control_state(self, changes: Iterable[Any]) -> None: ...
+    def begin_control_state(self, changes: Iterable[Any], *, blocking: bool = True) -> Any: ...
+    def commit_write(self, prepared: Any) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -539,14 +541,11 @@ class ControlManager:
         """Write ``dirty``: statements on the loop and only the COMMIT in a thread when the
         store can split its transaction and is free (a thread doing hundreds of short
         statements next to a busy loop waits for the GIL on each); else all in a thread."""
-        begin = getattr(self.store, "begin_control_state", None)
-        prepared = None
-        if begin is not None:
-            prepared = begin(self._changes(dirty), blocking=False)
+        assert self.store is not None
+        prepared = self.store.begin_control_state(self._changes(dirty), blocking=False)
         if prepared is None:
             await loop.run_in_executor(self.executor, self._write, dirty)
             return
-        assert self.store is not None
         if self._commit_thread is None:
             self._commit_thread = ThreadPoolExecutor(max_workers=1,
                                                      thread_name_prefix="control-commit")
@@ -565,21 +564,9 @@ class ControlManager:
     def _write(self, dirty: Mapping[str, tuple[dict[str, dict[str, object]], dict[str, Any]]]
                ) -> None:
         assert self.store is not None
-        save_all = getattr(self.store, "save_control_state", None)
-        if save_all is not None:
-            # One transaction for every sensor changed since the last round.
-            save_all(self._changes(dirty))
-            for sensor_id, (windows, _) in dirty.items():
-                self._persisted[sensor_id] = set(windows)
-            return
-        for sensor_id, (windows, state) in dirty.items():
-            before = self._persisted.get(sensor_id, set())
-            gone = sorted(before - set(windows))
-            if gone:
-                self.store.delete_windows(sensor_id, gone)
-            for window_id, doc in windows.items():
-                self.store.save_window(sensor_id, window_id, doc)
-            self.store.save_sensor_state(sensor_id, state)
+        # One transaction for every sensor changed since the last round.
+        self.store.save_control_state(self._changes(dirty))
+        for sensor_id, (windows, _) in dirty.items():
             self._persisted[sensor_id] = set(windows)
 
     async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:

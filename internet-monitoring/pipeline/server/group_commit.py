@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 
 
 class IngestStore(Protocol):
-    """``ingest`` is required; a store may also offer ``begin_ingest(chunks, blocking=)``
-    / ``commit_ingest(prepared)`` / ``abort_ingest(prepared)`` to split a transaction."""
+    """The part of the store port (``store/port.py``) the committer uses: ``ingest``, and
+    ``begin_ingest(chunks, blocking=)`` / ``commit_ingest`` / ``abort_ingest`` to split a
+    transaction."""
 
     def ingest(self, chunks: Sequence[Chunk]) -> list[Any]: ...
+    def begin_ingest(self, chunks: Sequence[Chunk], *, blocking: bool = True) -> Any: ...
+    def commit_ingest(self, prepared: Any) -> list[Any]: ...
+    def abort_ingest(self, prepared: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -181,12 +185,10 @@ class GroupCommitter:
 
     def _start(self, loop: asyncio.AbstractEventLoop, chunks: list[Chunk]
                ) -> asyncio.Future[list[Any]]:
-        """Start the transaction: with a splittable store, the statements run here on the
-        loop and only the COMMIT (fsync) in the store thread (see
-        ``SQLiteChunkStore.begin_ingest``); a store busy with another call, or one that
-        cannot split, ingests entirely in the store thread."""
-        begin = getattr(self._store, "begin_ingest", None)
-        prepared = begin(chunks, blocking=False) if begin is not None else None
+        """Start the transaction: the statements run here on the loop and only the COMMIT
+        (fsync) in the store thread (see ``SQLiteChunkStore.begin_ingest``); a store busy
+        with another call ingests entirely in the store thread."""
+        prepared = self._store.begin_ingest(chunks, blocking=False)
         if prepared is None:
             return loop.run_in_executor(self._executor, self._store.ingest, chunks)
         try:

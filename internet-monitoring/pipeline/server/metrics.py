@@ -66,7 +66,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import AbstractSet, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -74,6 +74,9 @@ from prometheus_client.registry import Collector
 
 from pipeline.common.messages import Heartbeat
 from pipeline.server.snapshot_cache import decode_json_payload
+
+if TYPE_CHECKING:
+    from pipeline.server.store.port import ChunkStore
 
 LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
@@ -281,16 +284,15 @@ class StoreHealthCollector(Collector):
     """The store's disk state, read at scrape time (``store`` returns the open store or
     None): a flag and in-memory counts, no SQLite read."""
 
-    def __init__(self, store: Callable[[], Any]) -> None:
+    def __init__(self, store: Callable[[], ChunkStore | None]) -> None:
         self._store = store
 
     def collect(self) -> Iterator[Metric]:
         store = self._store()
-        health = getattr(store, "health", None)
+        health = store.health if store is not None else None
         full = GaugeMetricFamily("pipeline_store_disk_full",
                                  "1 while ingest is refused for lack of disk")
-        full.add_metric([], 1.0 if store is not None and getattr(store, "disk_full", False)
-                        else 0.0)
+        full.add_metric([], 1.0 if store is not None and store.disk_full else 0.0)
         yield full
         errors = CounterMetricFamily("pipeline_store_write_errors",
                                      "Store writes that failed, by operation and kind",

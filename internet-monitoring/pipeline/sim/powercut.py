@@ -148,9 +148,10 @@ def _child_store(path: Path, synchronous: str, rng: random.Random, first_sequenc
                  ) -> None:
     from pipeline.common.chunking import split_event
     from pipeline.common.messages import Chunk
-    from pipeline.server.store import SQLiteChunkStore
+    from pipeline.common.config import StoreConfig
+    from pipeline.server.store import open_store
 
-    store = SQLiteChunkStore(path, synchronous=synchronous, reserve_bytes=0)
+    store = open_store(StoreConfig(path=str(path), synchronous=synchronous, reserve_bytes=0))
     _say("ready")
     sequence = first_sequence
     pending: list[Chunk] = []
@@ -284,9 +285,12 @@ def _verify_queue(path: Path, expect: _Expectations, result: CutResult) -> None:
 
 
 def _verify_store(path: Path, expect: _Expectations, result: CutResult) -> None:
-    from pipeline.server.store import SQLiteChunkStore
+    from contextlib import closing
 
-    with SQLiteChunkStore(path, reserve_bytes=0) as store:
+    from pipeline.common.config import StoreConfig
+    from pipeline.server.store import open_store
+
+    with closing(open_store(StoreConfig(path=str(path), reserve_bytes=0))) as store:
         tracker = store.tracker(SENSOR_ID, EPOCH)
         for sequence in sorted(expect.acked):
             if not tracker.contains(sequence):

@@ -8,7 +8,7 @@ from typing import Callable
 from pipeline.common.config import StoreConfig
 from pipeline.common.errors import ConfigError
 from pipeline.server.store.port import ChunkStore
-from pipeline.server.store.sqlite import SQLiteChunkStore
+from pipeline.server.store.sqlite import CACHE_KIB, SLICE_CACHE_BYTES, SQLiteChunkStore
 from pipeline.server.store.sqlite_ingest import DEFAULT_MAX_EVENT_BYTES
 
 ENGINES = ("sqlite",)  # "postgres" is accepted by the config and comes with its backend
@@ -22,12 +22,16 @@ def check_engine(config: StoreConfig) -> None:
 
 
 def open_store(config: StoreConfig, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+               cache_kib: int = CACHE_KIB, slice_cache_bytes: int = SLICE_CACHE_BYTES,
                max_pages: int | None = None,
                clock: Callable[[], float] = time.time) -> ChunkStore:
     """Open the store ``config`` describes (``store.path``, ``synchronous``,
     ``reserve_bytes`` for SQLite). ``max_event_bytes`` is the ingest limit
-    (``limits.max_event_bytes``); ``max_pages`` and ``clock`` are for tests."""
+    (``limits.max_event_bytes``); ``cache_kib`` and ``slice_cache_bytes`` the memory
+    budget (``memory.sqlite_cache_kib``, ``memory.slice_cache_kib``); ``max_pages`` and
+    ``clock`` are for tests."""
     check_engine(config)
     return SQLiteChunkStore(config.path, synchronous=config.synchronous,
-                            max_event_bytes=max_event_bytes, max_pages=max_pages,
+                            max_event_bytes=max_event_bytes, cache_kib=cache_kib,
+                            slice_cache_bytes=slice_cache_bytes, max_pages=max_pages,
                             clock=clock, reserve_bytes=config.reserve_bytes)
