@@ -22,7 +22,6 @@ from pipeline.common.errors import ConfigError, StoreError
 from pipeline.common.headroom import KIND_FULL, DiskHealth, Reserve
 from pipeline.server.offsets import OffsetBook, OffsetTracker
 from pipeline.server.store.slices import SliceCache
-from pipeline.server.store import sqlite_base
 from pipeline.server.store.sqlite_base import BATCH_SLICES_UNBOUNDED, BUSY_TIMEOUT_MS
 from pipeline.server.store.sqlite_control import SQLiteControl
 from pipeline.server.store.sqlite_ingest import DEFAULT_MAX_EVENT_BYTES, SQLiteIngest
@@ -126,7 +125,7 @@ class SQLiteChunkStore(SQLiteIngest, SQLiteReads, SQLiteControl):
         # would copy a thousand pages and fsync the database file while every request in
         # its batch waits. Durability is the WAL's, unchanged.
         conn.execute("PRAGMA wal_autocheckpoint=0")
-        conn.execute(f"PRAGMA journal_size_limit={sqlite_base.WAL_RESTART_FRAMES * 4096}")
+        self._limit_journal()
 
     def _load_offsets(self) -> None:
         """Rebuild trackers: persisted watermark and ranges, plus chunk rows above them."""

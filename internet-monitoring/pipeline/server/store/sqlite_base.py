@@ -194,6 +194,10 @@ class SQLiteBase:
         finally:
             conn.close()
 
+    def _limit_journal(self) -> None:
+        """Truncate the WAL file back to about ``WAL_RESTART_FRAMES`` pages once reset."""
+        self._conn.execute(f"PRAGMA journal_size_limit={WAL_RESTART_FRAMES * 4096}")
+
     def _maybe_reset_wal(self) -> None:
         """After a COMMIT, with the store lock held: when the WAL has grown past its limit,
         copy the few frames the background checkpointer has not (no other writer can

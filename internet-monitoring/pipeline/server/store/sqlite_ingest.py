@@ -18,8 +18,19 @@ from typing import Mapping, Sequence
 from pipeline.common.errors import PipelineError
 from pipeline.common.messages import Chunk
 from pipeline.server.offsets import OffsetKey, OffsetTracker
-from pipeline.server.store import ledger
-from pipeline.server.store.ledger import Completed, Conflict, Partial, Piece, StoreLate
+from pipeline.server.store.ledger import (
+    DUPLICATE,
+    Completed,
+    Conflict,
+    Partial,
+    Piece,
+    StoreLate,
+    StoreProgress,
+    check_chunk,
+    complete_event,
+    judge_event,
+    judge_keys,
+)
 from pipeline.server.store.records import ChunkOutcome, StoredEvent
 from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite_base import BATCH_SLICES_UNBOUNDED, SQLiteBase
@@ -150,7 +161,7 @@ class SQLiteIngest(SQLiteBase):
         is the event itself: it is kept so that completing the event needs no second
         decompression."""
         try:
-            item.raw = ledger.check_chunk(item.chunk, self._max_event_bytes)
+            item.raw = check_chunk(item.chunk, self._max_event_bytes)
         except PipelineError as exc:
             item.error = exc
             _log_rejected(item.chunk, exc)
@@ -173,14 +184,14 @@ class SQLiteIngest(SQLiteBase):
         keys = read_chunk_keys(conn, chunk.sensor_id, chunk.queue_epoch, chunk.sequence,
                                chunk.event_id, chunk.chunk_index,
                                tracker.contains(chunk.sequence))
-        verdict = ledger.judge_keys(chunk, keys)
-        if verdict is ledger.DUPLICATE:
+        verdict = judge_keys(chunk, keys)
+        if verdict is DUPLICATE:
             self._mark_duplicate(item)
         elif isinstance(verdict, Conflict):
             self._refuse(item, verdict)
             return
         else:
-            decision = ledger.judge_event(chunk, read_event_state(conn, chunk.sensor_id,
+            decision = judge_event(chunk, read_event_state(conn, chunk.sensor_id,
                                                                   chunk.event_id))
             if isinstance(decision, Conflict):
                 self._refuse(item, decision)
@@ -199,7 +210,7 @@ class SQLiteIngest(SQLiteBase):
         item.error = conflict.error
         _log_rejected(item.chunk, conflict.error)
 
-    def _store_progress(self, item: _Pending, decision: ledger.StoreProgress,
+    def _store_progress(self, item: _Pending, decision: StoreProgress,
                         now: float) -> None:
         """Write the chunk and its event's progress; a chunk that completes its event is
         inserted without its payload, which goes straight into the event row instead of
@@ -252,7 +263,7 @@ class SQLiteIngest(SQLiteBase):
         if had_row:
             self._conn.execute("DELETE FROM partial_events WHERE sensor_id = ? AND"
                                " event_id = ?", (chunk.sensor_id, chunk.event_id))
-        result = ledger.complete_event(chunk, item.raw, partial, pieces, self._max_event_bytes)
+        result = complete_event(chunk, item.raw, partial, pieces, self._max_event_bytes)
         if isinstance(result, Completed):
             self._insert_event(item, partial, result, now)
             return
