@@ -15,12 +15,16 @@ The steps, in the order a backend calls them for one chunk:
    (the event's new progress, and whether this chunk completes it).
 4. ``complete_event`` (when ``StoreProgress.completes``): the event's bytes, verified,
    as ``Completed`` or ``Rejected``.
+
+The values passed in and out are never changed once made. They are plain slotted
+dataclasses rather than frozen ones: a frozen dataclass costs about a microsecond more to
+build, and the ingest path builds several per chunk.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
 
@@ -40,7 +44,7 @@ from pipeline.common.messages import Chunk
 # What a backend knows
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChunkKeys:
     """What is stored under a chunk's dedupe keys.
 
@@ -54,7 +58,7 @@ class ChunkKeys:
     committed_before: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Partial:
     """Progress of an event still missing chunks (metadata is chunk 0's once it came)."""
 
@@ -69,7 +73,7 @@ class Partial:
     attributes: str  # JSON, sorted keys
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Finished:
     """An event already completed (``completed``) or rejected (not ``completed``)."""
 
@@ -91,21 +95,21 @@ class Verdict(Enum):
 DUPLICATE = Verdict.DUPLICATE
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Conflict:
     """The chunk contradicts what is stored; it is refused and writes nothing."""
 
     error: ConflictError
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoreLate:
     """A late chunk of a finished event: store its key (no payload), nothing else."""
 
     event_complete: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoreProgress:
     """Store the chunk; ``partial`` is the event's progress with it (``is_new``: the first
     chunk seen). ``completes``: this chunk is the last one, so the event completes now and
@@ -116,7 +120,7 @@ class StoreProgress:
     completes: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Completed:
     """The event's verified bytes, and what to keep of it (its gzip slices, in order)."""
 
@@ -124,7 +128,7 @@ class Completed:
     stored: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Rejected:
     """The event's reassembled bytes are bad: it is recorded as rejected (its chunks stay
     stored and acked)."""
@@ -132,7 +136,7 @@ class Rejected:
     error: PipelineError
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Piece:
     """One stored slice of an event: its gzip payload and, when at hand, its decompressed
     bytes (checked against the slice cap already)."""
@@ -221,15 +225,16 @@ def judge_event(chunk: Chunk, state: EventState) -> Conflict | StoreLate | Store
 
 
 def _advance(partial: Partial, chunk: Chunk) -> Partial:
-    moved = replace(partial, received=partial.received + 1,
-                    first_sequence=min(partial.first_sequence, chunk.sequence),
-                    last_sequence=max(partial.last_sequence, chunk.sequence))
-    if chunk.chunk_index != 0:
-        return moved
     # The event's metadata is chunk 0's, whatever order the chunks came in.
-    return replace(moved, created_at=chunk.created_at,
-                   logical_timestamp_ms=chunk.logical_timestamp_ms,
-                   attributes=attributes_json(chunk))
+    first = chunk.chunk_index == 0
+    return Partial(epoch=partial.epoch, chunk_count=partial.chunk_count,
+                   received=partial.received + 1, event_sha256=partial.event_sha256,
+                   first_sequence=min(partial.first_sequence, chunk.sequence),
+                   last_sequence=max(partial.last_sequence, chunk.sequence),
+                   created_at=chunk.created_at if first else partial.created_at,
+                   logical_timestamp_ms=(chunk.logical_timestamp_ms if first
+                                         else partial.logical_timestamp_ms),
+                   attributes=attributes_json(chunk) if first else partial.attributes)
 
 
 # ---------------------------------------------------------------------------------------

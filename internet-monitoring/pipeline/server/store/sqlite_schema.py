@@ -214,6 +214,9 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 
+_NOTHING_STORED = ChunkKeys()
+
+
 def read_chunk_keys(conn: sqlite3.Connection, sensor_id: str, epoch: str, sequence: int,
                     event_id: str, chunk_index: int, committed_before: bool) -> ChunkKeys:
     """What is stored under a chunk's two dedupe keys (one statement)."""
@@ -225,6 +228,8 @@ def read_chunk_keys(conn: sqlite3.Connection, sensor_id: str, epoch: str, sequen
             same_sequence = (found_event, index, bytes(digest))
         else:
             same_slot = bytes(digest)
+    if same_sequence is None and same_slot is None and not committed_before:
+        return _NOTHING_STORED  # the common case: a new chunk
     return ChunkKeys(same_sequence, same_slot, committed_before)
 
 
