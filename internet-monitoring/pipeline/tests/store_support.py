@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from pathlib import Path
+from typing import Callable
 
 from pipeline.common.chunking import MIN_SLICE, split_event
+from pipeline.common.config import StoreConfig
 from pipeline.common.messages import Chunk
+from pipeline.server.store import ChunkStore, open_store
 
 SENSOR = "pi-01"
 EPOCH_A = "aaaaaaaa"
@@ -41,3 +45,11 @@ def rows(path: Path, table: str) -> int:
 def all_counts(path: Path) -> dict[str, int]:
     return {t: rows(path, t) for t in ("chunks", "events", "partial_events", "offsets",
                                        "rejected_events")}
+
+
+def open_test_store(path: Path | str, *, synchronous: str = "FULL",
+                    clock: Callable[[], float] = time.time) -> ChunkStore:
+    """``open_store`` on ``path`` with no disk reserve (the tests' usual store)."""
+    config = StoreConfig(path=str(path), synchronous=synchronous,  # type: ignore[arg-type]
+                         reserve_bytes=0)
+    return open_store(config, clock=clock)

@@ -29,10 +29,11 @@ SCENARIO = textwrap.dedent("""
     from pipeline.server.control import ControlManager
     from pipeline.server.metrics import ServerMetrics
     from pipeline.server.scheduler import Outgoing, RequestScheduler
-    from pipeline.server.store import SQLiteChunkStore
+    from pipeline.common.config import StoreConfig
+    from pipeline.server.store import open_store
 
     async def main(path):
-        store = SQLiteChunkStore(path)
+        store = open_store(StoreConfig(path=path, reserve_bytes=0))
         pool = ThreadPoolExecutor(max_workers=2)  # the shared pool, small for the test
         manager = ControlManager(RequestScheduler(), TokenAuthenticator(),
                                  metrics=ServerMetrics(CollectorRegistry()), store=store,

@@ -9,13 +9,14 @@ import json
 from pipeline.common.config import DashboardConfig
 from pipeline.server.dashboard_feed import DashboardFeed
 from pipeline.server.event_reader import EventReader
-from pipeline.server.store import SQLiteChunkStore
+from pipeline.server.store import ChunkStore
+from pipeline.tests.store_support import open_test_store
 from pipeline.tests.test_store import make_chunks
 
 NOW = 1_800_000_000.0
 
 
-def fill(store: SQLiteChunkStore, count: int, first: int = 1, fail_every: int = 10) -> None:
+def fill(store: ChunkStore, count: int, first: int = 1, fail_every: int = 10) -> None:
     chunks = []
     for n in range(count):
         doc = {"test": ("ping", "dns")[n % 2], "rtt_ms": 10.0,
@@ -28,7 +29,7 @@ def fill(store: SQLiteChunkStore, count: int, first: int = 1, fail_every: int = 
 
 def test_few_results_are_read_exactly_many_are_sampled_and_weighted(tmp_path):
     clock = [NOW]
-    with SQLiteChunkStore(tmp_path / "s.db", clock=lambda: clock[0]) as store:
+    with open_test_store(tmp_path / "s.db", clock=lambda: clock[0]) as store:
         reader = EventReader(store.path)
         try:
             feed = DashboardFeed(reader, DashboardConfig(reporting_window_s=600),
@@ -52,7 +53,7 @@ def test_few_results_are_read_exactly_many_are_sampled_and_weighted(tmp_path):
 
 def test_the_first_refresh_reads_only_the_two_windows(tmp_path):
     clock = [NOW - 7200]
-    with SQLiteChunkStore(tmp_path / "s.db", clock=lambda: clock[0]) as store:
+    with open_test_store(tmp_path / "s.db", clock=lambda: clock[0]) as store:
         fill(store, 50)            # stored two hours ago
         clock[0] = NOW
         fill(store, 30, first=51)  # stored now

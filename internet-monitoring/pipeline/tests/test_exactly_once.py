@@ -26,7 +26,8 @@ from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.queue import DurableQueue, QueuedChunk
 from pipeline.server.scheduler import RequestScheduler
 from pipeline.server.session import Committed, WindowPolicy
-from pipeline.server.store import SQLiteChunkStore
+from pipeline.server.store import ChunkStore
+from pipeline.tests.store_support import open_test_store
 
 SENSOR = "pi-01"
 POLICY = WindowPolicy(max_chunks=3, max_bytes=64 * 1024, max_in_flight=6, windows_per_sensor=2,
@@ -53,7 +54,7 @@ class World:
     """Both ends and the link between them; time advances only through ``tick``."""
 
     queue: DurableQueue
-    store: SQLiteChunkStore
+    store: ChunkStore
     use_epoch: bool
     retries: bool = True  # False: a strict 1.0 peer that re-sends only on a same-id request
     now: float = 0.0
@@ -204,7 +205,7 @@ OPS = st.one_of(
 def run_world(tmp: Path, ops, use_epoch: bool, retries: bool, seed: int) -> World:
     rng = random.Random(seed)
     world = World(queue=DurableQueue(tmp / "q.db", synchronous="NORMAL", slice_size=64 * 1024),
-                  store=SQLiteChunkStore(tmp / "s.db", synchronous="NORMAL"), use_epoch=use_epoch,
+                  store=open_test_store(tmp / "s.db", synchronous="NORMAL"), use_epoch=use_epoch,
                   retries=retries)
     world.connect()
     for op, arg in ops:
@@ -256,7 +257,7 @@ def test_chunk_k_lost_while_k_plus_one_stored(tmp_path, retries):
     """A highest-sequence offset would skip k for ever; the gap-aware path delivers it,
     also for a strict 1.0 peer that re-sends only when the server re-requests the window."""
     world = World(queue=DurableQueue(tmp_path / "q.db", synchronous="NORMAL"),
-                  store=SQLiteChunkStore(tmp_path / "s.db", synchronous="NORMAL"), use_epoch=True,
+                  store=open_test_store(tmp_path / "s.db", synchronous="NORMAL"), use_epoch=True,
                   retries=retries)
     world.connect()
     rng = random.Random(7)
@@ -284,7 +285,7 @@ def test_chunk_k_lost_while_k_plus_one_stored(tmp_path, retries):
 
 def test_ack_lost_with_the_connection_is_recovered(tmp_path):
     world = World(queue=DurableQueue(tmp_path / "q.db", synchronous="NORMAL"),
-                  store=SQLiteChunkStore(tmp_path / "s.db", synchronous="NORMAL"), use_epoch=False)
+                  store=open_test_store(tmp_path / "s.db", synchronous="NORMAL"), use_epoch=False)
     world.connect()
     world.enqueue(5000, random.Random(1))
     world.deliver_control()

@@ -17,7 +17,7 @@ from pipeline.common.messages import Chunk, Heartbeat
 from pipeline.server.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.snapshot_cache import SnapshotCache
-from pipeline.server.store import SQLiteChunkStore
+from pipeline.tests.store_support import open_test_store
 
 
 @dataclass
@@ -104,7 +104,7 @@ def chunks_of(n: int, sensor_id: str = "pi-01") -> list[Chunk]:
 
 @pytest.fixture
 def store(tmp_path):
-    s = SQLiteChunkStore(tmp_path / "s.db")
+    s = open_test_store(tmp_path / "s.db")
     yield s
     s.close()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pipeline.server.store import SQLiteChunkStore
+from pipeline.tests.store_support import open_test_store
 from pipeline.tests.server_support import (
     STREAM_TOKEN,
     TOKENS,
@@ -194,7 +194,7 @@ async def test_graceful_stop_answers_in_flight_posts_and_closes_sockets(tmp_path
     assert control_close.type is aiohttp.WSMsgType.CLOSE and control_close.data == 1001
     assert stream_close.type is aiohttp.WSMsgType.CLOSE and stream_close.data == 1001
     assert sorted(answers) == [(seq, 200) for seq in range(1, 11)]
-    with SQLiteChunkStore(config.store.path) as store:
+    with open_test_store(config.store.path) as store:
         stored = {e.logical_timestamp_ms for e in store.events("pi-01", limit=100)}
     assert stored == set(range(1, 11))  # every answered chunk is durable
     assert pushed <= 10
@@ -266,7 +266,7 @@ async def test_command_prints_a_demo_token_once_and_stops_on_sigterm(tmp_path, h
     assert b"demo token" not in rest  # printed once
     assert token.encode() not in err  # never logged
     assert b"server_stopped" in err
-    with SQLiteChunkStore(tmp_path / "var" / "server.db") as store:
+    with open_test_store(tmp_path / "var" / "server.db") as store:
         assert store.event_count("lab-1") == 1
 
 
