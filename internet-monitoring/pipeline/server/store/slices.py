@@ -40,11 +40,12 @@ class SliceCache:
         entry = self._items.get(digest)
         if entry is None:
             return None
+        data: bytes = entry[0]
         entry[1] -= 1
         if entry[1] <= 0:
             del self._items[digest]
-            self._bytes -= len(entry[0])
-        return entry[0]
+            self._bytes -= len(data)
+        return data
 
     def move_to(self, other: "SliceCache") -> None:
         """Hand every entry, with its count, to ``other`` and empty this one."""
