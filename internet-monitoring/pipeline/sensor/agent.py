@@ -17,7 +17,8 @@ Tasks while running::
     │   └── _serve        _heartbeat_loop + _receive_loop for one connection
     ├── _tick_loop        every second: dispatcher.on_tick, new-data detection, pruning
     ├── SubmitServer      optional local ``POST /v1/submit``
-    └── one task per planned chunk: _send_chunk_with_backoff (POSTs bounded by a semaphore)
+    └── one task per planned chunk or batch: _send_chunk_with_backoff (POSTs bounded by a
+        semaphore; what to do after each attempt is decided by sensor.delivery.Delivery)
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
-from pipeline.common.backoff import Backoff, is_permanent_rejection
-from pipeline.common.batch import ChunkRejection
+from pipeline.common.backoff import Backoff
 from pipeline.common.errors import AuthError, PipelineError, ProtocolError, QueueError
 from pipeline.common.messages import (
     CAP_BATCH,
@@ -57,11 +57,20 @@ from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.runtime_metrics import register_task_gauge
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
-from pipeline.sensor.batching import (
-    BATCH_SPLIT_MIN,
-    RecentlyDeleted,
-    split_batches,
-    split_in_half,
+from pipeline.sensor.batching import RecentlyDeleted, split_batches
+from pipeline.sensor.delivery import (
+    Action,
+    Answered,
+    AttemptAnswer,
+    CAUSE_NETWORK,
+    CAUSE_REFUSED,
+    CAUSE_STATUS,
+    Delivery,
+    DeliveryPolicy,
+    FallBackToSingles,
+    Quarantined,
+    Retry,
+    Split,
 )
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
@@ -73,7 +82,6 @@ from pipeline.sensor.transports import (
     ControlTransport,
     IngestClient,
     IngestTransport,
-    PostResult,
 )
 from pipeline.version import SOFTWARE_VERSION
 
@@ -94,7 +102,6 @@ TICK_S = 1.0
 EXTRA_HEARTBEAT_MIN_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 300.0
 SHUTDOWN_GRACE_S = 5.0
-RETRY_AFTER_CAP_S = 300.0
 
 
 def effective_capabilities(config: Any) -> tuple[str, ...]:
@@ -229,10 +236,8 @@ class SensorAgent:
         others = credential_only_changes(self.config, fresh)
         if others:
             log.warning("sensor_reload_partial restart_needed_for=%s", ",".join(others))
-        for transport in (self._control, self._ingest):
-            refresh = getattr(transport, "refresh_credentials", None)
-            if refresh is not None:
-                refresh(fresh)
+        self._control.refresh_credentials(fresh)
+        self._ingest.refresh_credentials(fresh)
         self.config = replace(self.config, token=fresh.token, token_file=fresh.token_file,
                               control=replace(self.config.control, tls=fresh.control.tls),
                               ingest=replace(self.config.ingest, tls=fresh.ingest.tls))
@@ -344,7 +349,7 @@ class SensorAgent:
                 await self._close_quietly(channel.close(), "control_channel")
             if not self._stop.is_set():
                 delay = self.connect_backoff.next()
-                reason = getattr(channel, "close_reason", "")
+                reason = channel.close_reason
                 if channel.close_code == CLOSE_POLICY:
                     # e.g. "credential revoked" after a reload, or replaced by a newer
                     # connection of the same sensor: say why, as for a refused handshake.
@@ -547,11 +552,11 @@ class SensorAgent:
         if self._batching() and plan.sequences:
             sizes = {c.sequence: c.nbytes for c in candidates}
             for group in split_batches(plan.sequences, sizes):
-                self._spawn(self._send_batch_with_backoff(group, plan.window_id),
+                self._spawn(self._send_chunk_with_backoff(group, plan.window_id, batch=True),
                             name=f"send-batch-{group[0]}", track=True)
             return
         for sequence in plan.sequences:
-            self._spawn(self._send_chunk_with_backoff(sequence, plan.window_id),
+            self._spawn(self._send_chunk_with_backoff((sequence,), plan.window_id),
                         name=f"send-{sequence}", track=True)
 
     async def _handle_ack(self, ack: ChunkAck) -> None:
@@ -584,232 +589,165 @@ class SensorAgent:
 
     # ------------------------------------------------------------------ sending
 
-    async def _send_chunk_with_backoff(self, sequence: int, window_id: str) -> str:
-        """POST one planned chunk until it is delivered, rejected for good, or the agent
-        stops. Returns the outcome: ``delivered``, ``quarantined``, ``acked`` (confirmed
-        by an ack while retrying), ``gone`` (no longer queued) or ``abandoned``.
+    async def _send_chunk_with_backoff(self, sequences: tuple[int, ...], window_id: str, *,
+                                       batch: bool = False) -> str:
+        """POST planned chunks until each is delivered, rejected for good, acked meanwhile,
+        or the agent stops: one chunk per POST, or together as batches (capability
+        ``batch``). The rules (retry, Retry-After, quarantine, halving, fallback to single
+        POSTs) are ``pipeline.sensor.delivery.Delivery``'s; this loop carries them out.
+        Returns how the send ended: ``done``, ``gone`` (no longer queued) or ``abandoned``.
 
         Runbook name: operators grep logs and tracebacks for it.
         """
-        try:
-            rows = await asyncio.to_thread(self.queue.get, [sequence])
-        except QueueError as exc:
-            log.error("chunk_load_failed sequence=%d error=%s", sequence, exc)
-            self._abandon(sequence)
+        chunks = await self._load_chunks(sequences, window_id)
+        if chunks is None:
             return "abandoned"
-        if not rows:
-            self.dispatcher.on_deleted_elsewhere([sequence])
+        if not chunks:
             return "gone"
-        chunk = self._build_chunk(rows[0], window_id)
-        backoff = Backoff(self.config.backoff.initial_s, self.config.backoff.max_s,
-                          self.config.backoff.jitter)
+        delivery = Delivery(tuple(chunks), DeliveryPolicy.from_backoff(self.config.backoff),
+                            batch=batch)
         try:
-            while True:
+            while delivery.keep_only(self.dispatcher.in_flight):
                 if self._stop.is_set():
-                    self._abandon(sequence)
-                    return "abandoned"
-                if sequence not in self.dispatcher.in_flight:
-                    return "acked"
+                    break
+                posting = [chunks[s] for s in delivery.pending]
                 try:
-                    async with self._semaphore:
-                        # One span per attempt; the chunk carries this span's traceparent.
-                        with self.tracing.span("sensor.post_chunk",
-                                               parent=traceparent_of(chunk.attributes),
-                                               attributes=_span_attributes(chunk)) as span:
-                            traced = with_traceparent(chunk, span.traceparent)
-                            if self._both(CAP_PROTO):
-                                answer = await self._ingest.post_chunk(traced, proto=True)
-                            else:
-                                answer = await self._ingest.post_chunk(traced)
-                            span.set_attribute("http.status", answer.status)
+                    answer = await self._post(posting, batch=batch)
                 except (ConnectionError, TimeoutError, OSError) as exc:
-                    delay = backoff.next()
-                    log.info("chunk_post_failed sequence=%d window_id=%s attempt=%d error=%s "
-                             "retry_in_s=%.2f", sequence, window_id, backoff.attempts, exc, delay)
+                    actions = delivery.on_network_error()
+                    failure: str | None = str(exc)
                 else:
-                    if answer.ok:
-                        return await self._on_delivered(sequence, window_id, answer)
-                    if is_permanent_rejection(answer.status):
-                        return await self._on_rejected(sequence, window_id, answer)
-                    delay = backoff.next()
-                    if answer.retry_after is not None:
-                        delay = max(delay, min(answer.retry_after, RETRY_AFTER_CAP_S))
-                    if answer.status in (401, 403):
-                        self._log_refusal("ingest", answer.status, answer.error_message, delay)
-                    else:
-                        log.info("chunk_post_retry sequence=%d window_id=%s attempt=%d "
-                                 "status=%d error=%s retry_in_s=%.2f", sequence, window_id,
-                                 backoff.attempts, answer.status, answer.error_code or "-",
-                                 delay)
-                self.retries += 1
+                    actions = delivery.on_answer(answer)
+                    failure = None
+                delay = await self._carry_out(actions, posting, window_id, batch=batch,
+                                              failure=failure)
+                if delay is None:
+                    return "done"
                 if not await self._sleep_or_stop(delay):
-                    self._abandon(sequence)
-                    return "abandoned"
+                    break
         except asyncio.CancelledError:
-            self._abandon(sequence)
+            self._abandon_all(delivery.pending)
             raise
+        self._abandon_all(delivery.pending)
+        return "abandoned" if delivery.pending else "done"
 
-    async def _send_batch_with_backoff(self, sequences: tuple[int, ...], window_id: str) -> None:
-        """POST planned chunks of one window as batches (capability ``batch``) until every
-        one is confirmed, rejected for good, acked meanwhile, or the agent stops.
-
-        The answer is read chunk by chunk: stored/duplicate are delivered (deleted at once
-        with ``http_ack``), a permanent rejection is quarantined, anything else is retried
-        in the next batch with backoff. A batch refused as a whole for good (400/413/415:
-        e.g. a body over the server's limit) falls back to one POST per chunk, which sorts
-        out each chunk on its own. Chunks keep their own traceparent (from submit).
-        """
+    async def _load_chunks(self, sequences: tuple[int, ...], window_id: str
+                           ) -> dict[int, Chunk] | None:
+        """The planned chunks still queued, by sequence; None if the queue failed."""
         try:
             rows = await asyncio.to_thread(self.queue.get, list(sequences))
         except QueueError as exc:
-            log.error("chunk_load_failed sequences=%d error=%s", len(sequences), exc)
-            for sequence in sequences:
-                self._abandon(sequence)
-            return
+            log.error("chunk_load_failed sequences=%s error=%s", list(sequences)[:10], exc)
+            self._abandon_all(sequences)
+            return None
         found = {row.sequence for row in rows}
         gone = [s for s in sequences if s not in found]
         if gone:
             self.dispatcher.on_deleted_elsewhere(gone)
-        pending = {row.sequence: self._build_chunk(row, window_id) for row in rows}
-        backoff = Backoff(self.config.backoff.initial_s, self.config.backoff.max_s,
-                          self.config.backoff.jitter)
-        try:
-            while True:
-                pending = {s: c for s, c in pending.items() if s in self.dispatcher.in_flight}
-                if not pending:
-                    return
-                if self._stop.is_set():
-                    break
-                chunks = list(pending.values())
-                try:
-                    async with self._semaphore:
-                        with self.tracing.span("sensor.post_batch",
-                                               parent=traceparent_of(chunks[0].attributes),
-                                               attributes={"sensor_id": self.config.sensor_id,
-                                                           "window_id": window_id,
-                                                           "chunks": len(chunks)}) as span:
-                            answer = await self._ingest.post_batch(  # type: ignore[attr-defined]
-                                chunks, proto=self._both(CAP_PROTO))
-                            span.set_attribute("http.status", answer.status)
-                except (ConnectionError, TimeoutError, OSError) as exc:
-                    delay = backoff.next()
-                    log.info("batch_post_failed chunks=%d window_id=%s attempt=%d error=%s "
-                             "retry_in_s=%.2f", len(chunks), window_id, backoff.attempts, exc,
-                             delay)
-                    if len(pending) >= 2 * BATCH_SPLIT_MIN:
-                        # On a link that cuts long POSTs, a big batch may never get through
-                        # whole: go on with half, the other half in its own task.
-                        keep, rest = split_in_half(tuple(pending))
-                        pending = {s: pending[s] for s in keep}
-                        self._spawn(self._send_batch_with_backoff(rest, window_id),
-                                    name=f"send-batch-{rest[0]}", track=True)
-                else:
-                    if answer.status == 200 and answer.outcomes is not None:
-                        self.refusals.clear("ingest")
-                        retry = await self._on_batch_answer(chunks, answer.outcomes, window_id)
-                        pending = {s: pending[s] for s in retry}
-                        if not pending:
-                            return
-                        delay = backoff.next()
-                    elif is_permanent_rejection(answer.status):
-                        log.warning("batch_refused chunks=%d window_id=%s status=%d error=%s "
-                                    "action=one_post_per_chunk", len(chunks), window_id,
-                                    answer.status, answer.error_code or "-")
-                        for sequence in pending:
-                            self._spawn(self._send_chunk_with_backoff(sequence, window_id),
-                                        name=f"send-{sequence}", track=True)
-                        return
-                    else:
-                        delay = backoff.next()
-                        if answer.retry_after is not None:
-                            delay = max(delay, min(answer.retry_after, RETRY_AFTER_CAP_S))
-                        if answer.status in (401, 403):
-                            self._log_refusal("ingest", answer.status, answer.error_message,
-                                              delay)
-                        else:
-                            log.info("batch_post_retry chunks=%d window_id=%s attempt=%d "
-                                     "status=%d error=%s retry_in_s=%.2f", len(chunks),
-                                     window_id, backoff.attempts, answer.status,
-                                     answer.error_code or "-", delay)
-                self.retries += len(pending)
-                if not await self._sleep_or_stop(delay):
-                    break
-        except asyncio.CancelledError:
-            for sequence in pending:
-                self._abandon(sequence)
-            raise
-        for sequence in pending:
-            self._abandon(sequence)
+        return {row.sequence: self._build_chunk(row, window_id) for row in rows}
 
-    async def _on_batch_answer(self, chunks: list[Chunk], outcomes: Iterable[Any],
-                               window_id: str) -> list[int]:
-        """Apply a batch's per-chunk answer; returns the sequences to retry."""
+    async def _post(self, chunks: list[Chunk], *, batch: bool) -> AttemptAnswer:
+        """One POST attempt (bounded by the POST semaphore, one span per attempt)."""
+        proto = self._both(CAP_PROTO)
+        async with self._semaphore:
+            if batch:
+                with self.tracing.span("sensor.post_batch",
+                                       parent=traceparent_of(chunks[0].attributes),
+                                       attributes={"sensor_id": self.config.sensor_id,
+                                                   "window_id": chunks[0].window_id,
+                                                   "chunks": len(chunks)}) as span:
+                    answer = await self._ingest.post_batch(chunks, proto=proto)
+                    span.set_attribute("http.status", answer.status)
+                return AttemptAnswer(answer.status, answer.outcomes, answer.retry_after,
+                                     answer.error_code, answer.error_message)
+            chunk = chunks[0]
+            # The chunk carries this attempt's span as its traceparent.
+            with self.tracing.span("sensor.post_chunk", parent=traceparent_of(chunk.attributes),
+                                   attributes=_span_attributes(chunk)) as span:
+                traced = with_traceparent(chunk, span.traceparent)
+                if proto:
+                    single = await self._ingest.post_chunk(traced, proto=True)
+                else:
+                    single = await self._ingest.post_chunk(traced)
+                span.set_attribute("http.status", single.status)
+            return AttemptAnswer(single.status, (single.result,), single.retry_after,
+                                 single.error_code, single.error_message)
+
+    async def _carry_out(self, actions: list[Action], posted: list[Chunk], window_id: str, *,
+                         batch: bool, failure: str | None) -> float | None:
+        """Apply the core's actions; the delay before the next attempt, None when done."""
+        for action in actions:
+            if isinstance(action, Answered):
+                await self._on_answered(action, window_id)
+            elif isinstance(action, Split):
+                self._spawn(self._send_chunk_with_backoff(action.rest, window_id, batch=True),
+                            name=f"send-batch-{action.rest[0]}", track=True)
+            elif isinstance(action, FallBackToSingles):
+                log.warning("batch_refused chunks=%d window_id=%s status=%d error=%s "
+                            "action=one_post_per_chunk", len(posted), window_id,
+                            action.status, action.error_code or "-")
+                for sequence in action.sequences:
+                    self._spawn(self._send_chunk_with_backoff((sequence,), window_id),
+                                name=f"send-{sequence}", track=True)
+            elif isinstance(action, Retry):
+                self._log_retry(action, posted, window_id, batch=batch, failure=failure)
+                self.retries += action.count
+                return action.delay
+        return None
+
+    async def _on_answered(self, answered: Answered, window_id: str) -> None:
+        """Quarantine the rejected chunks, count and delete the delivered ones."""
+        if answered.accepted:
+            self.refusals.clear("ingest")
         now = self._clock()
         http_ack = self._both(CAP_HTTP_ACK)
         to_delete: list[int] = []
-        retry: list[int] = []
-        for chunk, outcome in zip(chunks, outcomes):
-            if isinstance(outcome, ChunkRejection):
-                if is_permanent_rejection(outcome.http_status):
-                    await self._quarantine(chunk.sequence, window_id, outcome.http_status,
-                                           outcome.code, outcome.message)
-                else:
-                    retry.append(chunk.sequence)
+        for verdict in answered.verdicts:
+            if isinstance(verdict, Quarantined):
+                await self._quarantine(verdict, window_id)
                 continue
             self.posted += 1
-            confirmed = outcome.stored or outcome.duplicate
             to_delete.extend(self.dispatcher.on_post_delivered(
-                chunk.sequence, now, http_ack=confirmed and http_ack))
+                verdict.sequence, now, http_ack=verdict.confirmed and http_ack))
         if to_delete:
             try:
                 await self._delete_confirmed(to_delete, http=True)
             except QueueError as exc:
                 log.error("queue_delete_failed sequences=%d error=%s", len(to_delete), exc)
         self._after_post(window_id)
-        return retry
 
-    async def _quarantine(self, sequence: int, window_id: str, status: int, code: str,
-                          message: str) -> None:
-        reason = f"http_{status}" + (f" {code}" if code else "")
+    def _log_retry(self, retry: Retry, posted: list[Chunk], window_id: str, *,
+                   batch: bool, failure: str | None) -> None:
+        kind, subject = ("batch", f"chunks={len(posted)}") if batch else (
+            "chunk", f"sequence={posted[0].sequence}")
+        if retry.cause == CAUSE_NETWORK:
+            log.info("%s_post_failed %s window_id=%s attempt=%d error=%s retry_in_s=%.2f",
+                     kind, subject, window_id, retry.attempt, failure, retry.delay)
+        elif retry.cause == CAUSE_REFUSED:
+            self._log_refusal("ingest", retry.status, retry.error_message, retry.delay)
+        elif retry.cause == CAUSE_STATUS:
+            log.info("%s_post_retry %s window_id=%s attempt=%d status=%d error=%s "
+                     "retry_in_s=%.2f", kind, subject, window_id, retry.attempt,
+                     retry.status, retry.error_code or "-", retry.delay)
+
+    async def _quarantine(self, verdict: Quarantined, window_id: str) -> None:
         try:
-            moved = await asyncio.to_thread(self.queue.quarantine, sequence, reason)
+            moved = await asyncio.to_thread(self.queue.quarantine, verdict.sequence,
+                                            verdict.reason)
         except QueueError as exc:
-            log.error("quarantine_failed sequence=%d error=%s", sequence, exc)
+            log.error("quarantine_failed sequence=%d error=%s", verdict.sequence, exc)
             moved = False
-        self.dispatcher.on_post_rejected(sequence)
+        self.dispatcher.on_post_rejected(verdict.sequence)
         if moved:
             self.quarantined += 1
         log.warning("chunk_quarantined sequence=%d window_id=%s status=%d error=%s message=%r",
-                    sequence, window_id, status, code or "-", message[:200])
+                    verdict.sequence, window_id, verdict.status, verdict.code or "-",
+                    verdict.message[:200])
 
     def _build_chunk(self, row: QueuedChunk, window_id: str) -> Chunk:
         return row.to_wire(self.config.sensor_id, window_id,
                            queue_epoch=self.queue.epoch if self._both(CAP_EPOCH) else "",
                            clock_skew_ms=round(self.skew.skew_ms, 3))
-
-    async def _on_delivered(self, sequence: int, window_id: str, answer: PostResult) -> str:
-        self.refusals.clear("ingest")
-        self.posted += 1
-        confirmed = answer.result is not None and (answer.result.stored
-                                                    or answer.result.duplicate)
-        http_ack = confirmed and self._both(CAP_HTTP_ACK)
-        to_delete = self.dispatcher.on_post_delivered(sequence, self._clock(), http_ack=http_ack)
-        if to_delete:
-            try:
-                await self._delete_confirmed(to_delete, http=True)
-            except QueueError as exc:
-                log.error("queue_delete_failed sequences=%s error=%s", list(to_delete), exc)
-        self._after_post(window_id)
-        return "delivered"
-
-    async def _on_rejected(self, sequence: int, window_id: str, answer: PostResult) -> str:
-        message = ""
-        if answer.error and isinstance(answer.error.get("message"), str):
-            message = str(answer.error["message"])
-        await self._quarantine(sequence, window_id, answer.status, answer.error_code or "",
-                               message)
-        self._after_post(window_id)
-        return "quarantined"
 
     def _after_post(self, window_id: str) -> None:
         """When the window has nothing left posting, ask for the next one now (the
@@ -818,10 +756,12 @@ class SensorAgent:
                    for item in self.dispatcher.in_flight.values()):
             self._request_heartbeat()
 
-    def _abandon(self, sequence: int) -> None:
-        if sequence in self.dispatcher.in_flight:
-            self.abandoned += 1
-        self.dispatcher.on_post_abandoned(sequence)
+    def _abandon_all(self, sequences: Iterable[int]) -> None:
+        """Give chunks back to the queue (offered again in a later window)."""
+        for sequence in sequences:
+            if sequence in self.dispatcher.in_flight:
+                self.abandoned += 1
+            self.dispatcher.on_post_abandoned(sequence)
 
     async def _finish_sends(self) -> None:
         """Let running POSTs finish for ``shutdown_grace_s``, then cancel them (their
@@ -870,15 +810,13 @@ class SensorAgent:
     # ------------------------------------------------------------------ helpers
 
     def _batching(self) -> bool:
-        """Batch POSTs: both sides announced ``batch`` and the transport can send them."""
-        return self._both(CAP_BATCH) and hasattr(self._ingest, "post_batch")
+        """Batch POSTs: both sides announced ``batch``."""
+        return self._both(CAP_BATCH)
 
     def _set_frame_encoding(self, channel: ControlChannel) -> None:
         """Binary (Protobuf) control frames: accepted once this agent announced ``proto``,
-        sent once the server announced it too. Channels without ``use_proto`` stay JSON."""
-        use_proto = getattr(channel, "use_proto", None)
-        if use_proto is not None:
-            use_proto(send=self._both(CAP_PROTO), receive=CAP_PROTO in self.capabilities)
+        sent once the server announced it too."""
+        channel.use_proto(send=self._both(CAP_PROTO), receive=CAP_PROTO in self.capabilities)
 
     def _both(self, capability: str) -> bool:
         """Whether a capability is in use: announced by this agent and by the server."""

@@ -79,6 +79,12 @@ class ControlChannel(Protocol):
     @property
     def close_code(self) -> int | None: ...
 
+    #: The server's close reason (e.g. "credential revoked"), "" when none was given.
+    close_reason: str
+
+    def use_proto(self, *, send: bool, receive: bool) -> None:
+        """Binary (Protobuf) frames: ``send`` them, accept them when ``receive``."""
+
     async def send(self, envelope: Envelope) -> None:
         """Send one envelope; ``ConnectionError`` when the channel is gone."""
 
@@ -93,6 +99,9 @@ class ControlTransport(Protocol):
     """Opens control connections (one at a time)."""
 
     async def connect(self) -> ControlChannel: ...
+
+    def refresh_credentials(self, config: Any) -> None:
+        """Use ``config``'s token and TLS files from the next connection on."""
 
     async def close(self) -> None: ...
 
@@ -162,12 +171,18 @@ class IngestTransport(Protocol):
     """Posts chunks to the data channel.
 
     ``post_chunk(chunk, proto=True)`` and ``post_batch(chunks, proto=...)`` are used only
-    when both sides announced ``proto`` / ``batch``; a transport without ``post_batch``
-    makes the agent post chunk by chunk.
+    when both sides announced ``proto`` / ``batch``.
     """
 
     async def post_chunk(self, chunk: Chunk, *, proto: bool = False) -> PostResult:
         """One POST; network failures raise ``ConnectionError`` / ``TimeoutError``."""
+
+    async def post_batch(self, chunks: Sequence[Chunk], *, proto: bool = True
+                         ) -> BatchPostResult:
+        """One batch POST (capability ``batch``); failures as for ``post_chunk``."""
+
+    def refresh_credentials(self, config: Any) -> None:
+        """Use ``config``'s token and TLS files from the next POST on."""
 
     async def close(self) -> None: ...
 
