@@ -1,6 +1,6 @@
 """Checks of a loaded configuration against the host it runs on, and ``check-config``.
 
-The loader in ``common/config.py`` checks values; this module checks what only the host can
+The loader in ``common/config/`` checks values; this module checks what only the host can
 answer and what an operator's deployment tool needs:
 
 * TLS files: a listener (or sensor connection) with ``tls.enabled`` must name files that
