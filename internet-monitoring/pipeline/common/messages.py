@@ -5,56 +5,66 @@ extensions live at the top level of envelopes and chunks and are emitted only wh
 (``queue_epoch``, ``server_time``, ``server_capabilities``), because 1.0 sensors drop the
 connection on an unknown field inside ``body``. Decoding is strict: every problem raises a
 ``ProtocolError`` subclass naming the offending field. The Protobuf codec lives in
-``pipeline.common.proto_codec`` and maps the same dataclasses.
+``pipeline.common.proto_codec`` and maps the same dataclasses; limits and capability names
+are in ``pipeline.common.wire_limits``, the field readers in ``pipeline.common.wire_fields``
+(both re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
 from pipeline.common.errors import (
     FieldTypeError,
     FieldValueError,
-    MissingField,
     PayloadTooLarge,
     ProtocolError,
-    UnsupportedSchemaVersion,
 )
-from pipeline.version import PIPELINE_SCHEMA_VERSION, SUPPORTED_SCHEMA_MAJOR
+from pipeline.common.wire_fields import (  # noqa: F401 - re-exported: callers import them here
+    b64,
+    check_schema_version,
+    check_text,
+    dumps,
+    load_json_object,
+    optional_str,
+    read_b64,
+    read_bool,
+    read_capabilities,
+    read_float,
+    read_int,
+    read_str,
+    require,
+)
+from pipeline.common.wire_limits import (  # noqa: F401 - re-exported: callers import them here
+    BASE_CAPABILITIES,
+    CAP_BATCH,
+    CAP_CHUNKS,
+    CAP_EPOCH,
+    CAP_HEARTBEATS,
+    CAP_HEARTBEAT_STATS,
+    CAP_HTTP_ACK,
+    CAP_PROTO,
+    CAP_ROTATION,
+    CAP_SERVER_TIME,
+    EPOCH_RE,
+    EVENT_ID_RE,
+    MAX_ATTRIBUTES,
+    MAX_ATTRIBUTE_VALUE,
+    MAX_CHUNK_COUNT,
+    MAX_LIST,
+    MAX_MESSAGE,
+    MAX_PAYLOAD_BYTES,
+    MAX_SEQUENCE,
+    MAX_STRING,
+    SENSOR_ID_RE,
+    SHA256_LEN,
+)
+from pipeline.version import PIPELINE_SCHEMA_VERSION
 
-# ---------------------------------------------------------------------------------------
-# Limits and identifiers
-
-SENSOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-EVENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-EPOCH_RE = re.compile(r"^[0-9a-f]{8,64}$")
-MAX_SEQUENCE = 2**63 - 1
-MAX_CHUNK_COUNT = 65_536
-MAX_PAYLOAD_BYTES = 1024 * 1024  # compressed bytes of one chunk
-MAX_STRING = 256
-MAX_MESSAGE = 4096
-MAX_ATTRIBUTES = 32
-MAX_ATTRIBUTE_VALUE = 1024
-MAX_LIST = 100_000
-SHA256_LEN = 32
-
-# Capabilities this package knows (protocol.md section 4).
-CAP_CHUNKS = "chunks"
-CAP_HEARTBEATS = "heartbeats"
-CAP_EPOCH = "epoch"
-CAP_SERVER_TIME = "server_time"
-CAP_PROTO = "proto"
-CAP_BATCH = "batch"
-CAP_HTTP_ACK = "http_ack"
-CAP_ROTATION = "rotation"
-CAP_HEARTBEAT_STATS = "heartbeat_stats"
-
-BASE_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS)
+#: Kept for callers that import it by this name (common/batch.py).
+_load_json_object = load_json_object
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,129 +192,6 @@ class IngestResult:
     last_committed_sequence: int
 
 
-# ---------------------------------------------------------------------------------------
-# Field readers: each names the field it rejects.
-
-
-def _check_text(value: str, field_name: str) -> None:
-    """Refuse lone surrogates (legal in JSON escapes): they cannot be stored or re-encoded."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise FieldValueError(f"field {field_name} is not valid unicode",
-                                  field=field_name) from exc
-
-
-def _require(doc: Mapping[str, Any], name: str, prefix: str) -> Any:
-    if name not in doc:
-        raise MissingField(f"missing field {prefix}{name}", field=prefix + name)
-    return doc[name]
-
-
-def read_str(doc: Mapping[str, Any], name: str, prefix: str = "", *,
-             max_len: int = MAX_STRING, pattern: re.Pattern[str] | None = None) -> str:
-    value = _require(doc, name, prefix)
-    if not isinstance(value, str):
-        raise FieldTypeError(f"field {prefix}{name} must be a string", field=prefix + name)
-    if len(value) > max_len:
-        raise PayloadTooLarge(f"field {prefix}{name} is longer than {max_len}", field=prefix + name)
-    _check_text(value, prefix + name)
-    if pattern is not None and not pattern.fullmatch(value):
-        raise FieldValueError(f"field {prefix}{name} has an invalid value", field=prefix + name)
-    return value
-
-
-def read_int(doc: Mapping[str, Any], name: str, prefix: str = "", *,
-             minimum: int = 0, maximum: int = MAX_SEQUENCE) -> int:
-    value = _require(doc, name, prefix)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FieldTypeError(f"field {prefix}{name} must be an integer", field=prefix + name)
-    if value < minimum or value > maximum:
-        raise FieldValueError(
-            f"field {prefix}{name} must be between {minimum} and {maximum}", field=prefix + name)
-    return value
-
-
-def read_float(doc: Mapping[str, Any], name: str, prefix: str = "") -> float:
-    value = _require(doc, name, prefix)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldTypeError(f"field {prefix}{name} must be a number", field=prefix + name)
-    try:
-        result = float(value)
-    except OverflowError as exc:
-        raise FieldValueError(f"field {prefix}{name} must be finite", field=prefix + name) from exc
-    if result != result or result in (float("inf"), float("-inf")):
-        raise FieldValueError(f"field {prefix}{name} must be finite", field=prefix + name)
-    return result
-
-
-def read_bool(doc: Mapping[str, Any], name: str, prefix: str = "") -> bool:
-    value = _require(doc, name, prefix)
-    if not isinstance(value, bool):
-        raise FieldTypeError(f"field {prefix}{name} must be a boolean", field=prefix + name)
-    return value
-
-
-def read_b64(doc: Mapping[str, Any], name: str, *, max_bytes: int,
-             exact_len: int | None = None) -> bytes:
-    text = read_str(doc, name, max_len=(max_bytes * 4) // 3 + 4)
-    try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-        raise FieldValueError(f"field {name} is not valid base64", field=name) from exc
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"field {name} is larger than {max_bytes} bytes", field=name)
-    if exact_len is not None and len(raw) != exact_len:
-        raise FieldValueError(f"field {name} must decode to {exact_len} bytes", field=name)
-    return raw
-
-
-def check_schema_version(value: str, field_name: str = "schema_version") -> str:
-    """Same major = compatible; anything else is refused before the rest is read."""
-    parts = value.split(".")
-    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
-        raise FieldValueError(f"field {field_name} is not a semantic version", field=field_name)
-    if int(parts[0]) != SUPPORTED_SCHEMA_MAJOR:
-        raise UnsupportedSchemaVersion(
-            f"schema major {parts[0]} is not supported (this server speaks "
-            f"{SUPPORTED_SCHEMA_MAJOR}.x)", field=field_name)
-    return value
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _read_capabilities(doc: Mapping[str, Any], name: str = "capabilities") -> tuple[str, ...]:
-    value = doc.get(name, [])
-    if not isinstance(value, list) or len(value) > 64:
-        raise FieldTypeError(f"field {name} must be a list of strings", field=name)
-    for item in value:
-        if not isinstance(item, str) or len(item) > 64:
-            raise FieldTypeError(f"field {name} must be a list of strings", field=name)
-        _check_text(item, name)
-    return tuple(value)
-
-
-def _optional_str(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str | None:
-    if doc.get(name) is None:
-        return None
-    return read_str(doc, name, pattern=pattern)
-
-
-def _load_json_object(data: bytes | str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError("body is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise FieldTypeError("body must be a JSON object")
-    return doc
-
-
-def _dumps(doc: Mapping[str, Any]) -> str:
-    return json.dumps(doc, separators=(", ", ": "), ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,7 +252,7 @@ def body_from_json(body_type: str, doc: Any) -> Body:
             max_in_flight=read_int(doc, "max_in_flight", p, minimum=1, maximum=MAX_LIST),
         )
     if body_type == ChunkAck.BODY_TYPE:
-        seqs = _require(doc, "committed_sequences", p)
+        seqs = require(doc, "committed_sequences", p)
         if not isinstance(seqs, list) or len(seqs) > MAX_LIST:
             raise FieldTypeError("field body.committed_sequences must be a list of integers",
                                  field="body.committed_sequences")
@@ -383,7 +270,7 @@ def body_from_json(body_type: str, doc: Any) -> Body:
                 isinstance(k, str) and isinstance(v, str) for k, v in args.items()):
             raise FieldTypeError("field body.args must map strings to strings", field="body.args")
         for key, value in args.items():
-            _check_text(key + value, "body.args")
+            check_text(key + value, "body.args")
         return Command(command_id=read_str(doc, "command_id", p), name=read_str(doc, "name", p),
                        args=args)
     raise FieldValueError(f"unknown body_type {body_type[:64]!r}", field="body_type")
@@ -410,7 +297,7 @@ def envelope_to_json(env: Envelope) -> dict[str, Any]:
 
 
 def encode_envelope(env: Envelope) -> str:
-    return _dumps(envelope_to_json(env))
+    return dumps(envelope_to_json(env))
 
 
 def envelope_from_json(doc: Mapping[str, Any]) -> Envelope:
@@ -420,15 +307,15 @@ def envelope_from_json(doc: Mapping[str, Any]) -> Envelope:
         schema_version=doc["schema_version"],
         sensor_id=read_str(doc, "sensor_id", pattern=SENSOR_ID_RE),
         sent_at=read_str(doc, "sent_at", max_len=64),
-        capabilities=_read_capabilities(doc),
-        body=body_from_json(body_type, _require(doc, "body", "")),
-        queue_epoch=_optional_str(doc, "queue_epoch", EPOCH_RE),
-        server_time=_optional_str(doc, "server_time"),
+        capabilities=read_capabilities(doc),
+        body=body_from_json(body_type, require(doc, "body", "")),
+        queue_epoch=optional_str(doc, "queue_epoch", EPOCH_RE),
+        server_time=optional_str(doc, "server_time"),
     )
 
 
 def decode_envelope(data: bytes | str) -> Envelope:
-    return envelope_from_json(_load_json_object(data))
+    return envelope_from_json(load_json_object(data))
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,7 +345,7 @@ def chunk_to_json(chunk: Chunk) -> dict[str, Any]:
 
 
 def encode_chunk(chunk: Chunk) -> str:
-    return _dumps(chunk_to_json(chunk))
+    return dumps(chunk_to_json(chunk))
 
 
 def _read_attributes(doc: Mapping[str, Any]) -> dict[str, str]:
@@ -473,7 +360,7 @@ def _read_attributes(doc: Mapping[str, Any]) -> dict[str, str]:
         if not isinstance(value, str) or len(key) > MAX_STRING or len(value) > MAX_ATTRIBUTE_VALUE:
             raise FieldTypeError("field attributes must map short strings to short strings",
                                  field=f"attributes.{key[:64]}")
-        _check_text(key + value, "attributes")
+        check_text(key + value, "attributes")
     return attrs
 
 
@@ -611,12 +498,12 @@ def chunk_from_json_strict(doc: Mapping[str, Any]) -> Chunk:
         logical_timestamp_ms=read_int(doc, "logical_timestamp_ms"),
         clock_skew_ms=read_float(doc, "clock_skew_ms") if "clock_skew_ms" in doc else 0.0,
         attributes=_read_attributes(doc),
-        queue_epoch=_optional_str(doc, "queue_epoch", EPOCH_RE) or "",
+        queue_epoch=optional_str(doc, "queue_epoch", EPOCH_RE) or "",
     )
 
 
 def decode_chunk(data: bytes | str) -> Chunk:
-    return chunk_from_json(_load_json_object(data))
+    return chunk_from_json(load_json_object(data))
 
 
 # ---------------------------------------------------------------------------------------
