@@ -126,7 +126,9 @@ def read_capabilities(doc: Mapping[str, Any], name: str = "capabilities") -> tup
     return tuple(value)
 
 
-def optional_str(doc: Mapping[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str | None:
+def optional_str(doc: Mapping[str, Any], name: str,
+                 pattern: re.Pattern[str] | None = None) -> str | None:
+    """The field's text, or None when it is absent or null."""
     if doc.get(name) is None:
         return None
     return read_str(doc, name, pattern=pattern)

@@ -17,8 +17,9 @@ Tasks while running::
     │   └── _serve        _heartbeat_loop + _receive_loop for one connection
     ├── _tick_loop        every second: dispatcher.on_tick, new-data detection, pruning
     ├── SubmitServer      optional local ``POST /v1/submit``
-    └── one task per planned chunk or batch: _send_chunk_with_backoff (POSTs bounded by a
-        semaphore; what to do after each attempt is decided by sensor.delivery.Delivery)
+    └── ChunkSender (sensor/sender.py): one task per planned chunk or batch,
+        send_chunk_with_backoff (POSTs bounded by a semaphore; what to do after each
+        attempt is decided by sensor.delivery.Delivery)
 """
 
 from __future__ import annotations
@@ -26,25 +27,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 
 from pipeline.common.backoff import Backoff
 from pipeline.common.errors import AuthError, PipelineError, ProtocolError, QueueError
 from pipeline.common.messages import (
-    CAP_BATCH,
-    CAP_CHUNKS,
     CAP_EPOCH,
     CAP_HEARTBEAT_STATS,
-    CAP_HEARTBEATS,
-    CAP_HTTP_ACK,
     CAP_PROTO,
     CAP_ROTATION,
     CAP_SERVER_TIME,
-    Chunk,
     ChunkAck,
     ChunkRequest,
     Command,
@@ -55,26 +51,15 @@ from pipeline.common.messages import (
 from pipeline.common.aio import wait_event
 from pipeline.common.logs import bind_log_context, reset_log_context
 from pipeline.common.runtime_metrics import register_task_gauge
-from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of, with_traceparent
+from pipeline.common.tracing import Tracing, setup_tracing
+from pipeline.sensor.capabilities import effective_capabilities
 from pipeline.sensor.credentials import ROTATE_COMMAND, apply_rotation
-from pipeline.sensor.batching import RecentlyDeleted, split_batches
-from pipeline.sensor.delivery import (
-    Action,
-    Answered,
-    AttemptAnswer,
-    CAUSE_NETWORK,
-    CAUSE_REFUSED,
-    CAUSE_STATUS,
-    Delivery,
-    DeliveryPolicy,
-    FallBackToSingles,
-    Quarantined,
-    Retry,
-    Split,
-)
+from pipeline.sensor.delivery import DeliveryPolicy
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
 from pipeline.sensor.refusals import RefusalLog
+from pipeline.sensor.reload import credential_only_changes
+from pipeline.sensor.sender import AgentLinks, ChunkSender, log_task_failure
 from pipeline.sensor.time_sync import ClockSkewEstimator
 from pipeline.sensor.transports import (
     ControlChannel,
@@ -87,66 +72,17 @@ from pipeline.version import SOFTWARE_VERSION
 
 if TYPE_CHECKING:
     from pipeline.common.config import SensorConfig
-    from pipeline.sensor.queue import DurableQueue, QueuedChunk
+    from pipeline.sensor.queue import DurableQueue
     from pipeline.sensor.submit import SubmitServer
 
 log = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008  # the server closed the control channel for a policy reason
 
-#: Capabilities this agent implements; others found in the config are dropped with a warning.
-SUPPORTED_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS, CAP_ROTATION, CAP_PROTO,
-                          CAP_BATCH)
 TICK_S = 1.0
 EXTRA_HEARTBEAT_MIN_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 300.0
 SHUTDOWN_GRACE_S = 5.0
-
-
-def effective_capabilities(config: Any) -> tuple[str, ...]:
-    """The capabilities to announce: the configured ones this agent implements, in order.
-
-    ``server_time`` is dropped when ``time_sync.enabled`` is false: announcing it would
-    only make the server send timestamps nobody reads.
-    """
-    wanted: list[str] = []
-    for cap in getattr(config, "capabilities", None) or ():
-        if cap in wanted:
-            continue
-        if cap not in SUPPORTED_CAPABILITIES:
-            log.warning("capability_unsupported capability=%s action=not_announced", cap)
-            continue
-        wanted.append(cap)
-    time_sync = getattr(config, "time_sync", None)
-    if CAP_SERVER_TIME in wanted and time_sync is not None and not time_sync.enabled:
-        wanted.remove(CAP_SERVER_TIME)
-    if CAP_ROTATION in wanted and not getattr(config, "token_file", ""):
-        # A rotated token must survive a restart: only a token_file can hold it.
-        log.warning("capability_unsupported capability=rotation reason=no_token_file "
-                    "action=not_announced")
-        wanted.remove(CAP_ROTATION)
-    return tuple(wanted)
-
-
-#: Keys a SIGHUP takes over without a restart.
-RELOADABLE_KEYS = ("token", "token_file", "control.tls", "ingest.tls")
-
-
-def credential_only_changes(old: Any, new: Any) -> list[str]:
-    """Dotted keys (top level and sections) that differ between two configs, other than
-    the reloadable credentials."""
-    changed: list[str] = []
-    for f in fields(old):
-        before, after = getattr(old, f.name), getattr(new, f.name)
-        if f.name in ("token", "token_file") or before == after:
-            continue
-        if f.name in ("control", "ingest"):
-            changed += [f"{f.name}.{g.name}" for g in fields(before)
-                        if g.name != "tls" and getattr(before, g.name) != getattr(after, g.name)]
-        else:
-            changed.append(f.name)
-    return changed
 
 
 def iso_utc(timestamp: float) -> str:
@@ -192,11 +128,8 @@ class SensorAgent:
         self.skew = ClockSkewEstimator(max_skew_ms=float(config.time_sync.max_skew_ms))
         backoff = config.backoff
         self.connect_backoff = Backoff(backoff.initial_s, backoff.max_s, backoff.jitter)
-        self._semaphore = asyncio.Semaphore(max(1, int(config.ingest.max_parallel)))
-        self._plan_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._nudge = asyncio.Event()
-        self._send_tasks: set[asyncio.Task[Any]] = set()
         self._other_tasks: set[asyncio.Task[Any]] = set()
         self._channel: ControlChannel | None = None
         self._last_heartbeat = float("-inf")  # monotonic
@@ -204,25 +137,52 @@ class SensorAgent:
         self._submit_server: SubmitServer | None = None
         self.shutdown_grace_s = SHUTDOWN_GRACE_S
         self.server_capabilities: tuple[str, ...] = ()
-        self._deleting: set[int] = set()
-        self._http_deleted = RecentlyDeleted()
-        self.last_committed_sequence = 0
         self.connected = False
-        self.posted = 0
-        self.acked = 0
-        self.deleted = 0
-        self.retries = 0
-        self.quarantined = 0
-        self.abandoned = 0
         self.heartbeats = 0
         self.requests = 0
         self.connects = 0
         self.connect_failures = 0
         self.refusals = RefusalLog()
         self.bad_frames = 0
+        self.sender = ChunkSender(
+            queue, self._ingest, self.dispatcher, sensor_id=config.sensor_id,
+            policy=DeliveryPolicy.from_backoff(config.backoff),
+            max_parallel=int(config.ingest.max_parallel), tracing=self.tracing,
+            skew=self.skew, refusals=self.refusals, stop=self._stop, clock=clock,
+            links=AgentLinks(both=self._both, request_heartbeat=self._request_heartbeat,
+                             log_refusal=self._log_refusal))
         self.registry.register(AgentCollector(self))
 
     # ------------------------------------------------------------------ public
+
+    # The send side's counters, read by stats(), heartbeats and the metrics exporter.
+    @property
+    def posted(self) -> int:
+        return self.sender.posted
+
+    @property
+    def acked(self) -> int:
+        return self.sender.acked
+
+    @property
+    def deleted(self) -> int:
+        return self.sender.deleted
+
+    @property
+    def retries(self) -> int:
+        return self.sender.retries
+
+    @property
+    def quarantined(self) -> int:
+        return self.sender.quarantined
+
+    @property
+    def abandoned(self) -> int:
+        return self.sender.abandoned
+
+    @property
+    def last_committed_sequence(self) -> int:
+        return self.sender.last_committed_sequence
 
     def stop(self) -> None:
         """Ask ``run()`` to finish: in-flight POSTs get ``shutdown_grace_s`` to complete,
@@ -304,7 +264,7 @@ class SensorAgent:
             for task in self._other_tasks:
                 task.cancel()
             await asyncio.gather(ticker, *self._other_tasks, return_exceptions=True)
-            await self._finish_sends()
+            await self.sender.finish(self.shutdown_grace_s)
             await self._close_quietly(self._control.close(), "control")
             await self._close_quietly(self._ingest.close(), "ingest")
             if self._submit_server is not None:
@@ -446,11 +406,11 @@ class SensorAgent:
         body = envelope.body
         if isinstance(body, ChunkRequest):
             self.requests += 1
-            self._spawn(self._handle_request(body), name=f"request-{body.window_id}")
+            self._spawn(self.sender.handle_request(body), name=f"request-{body.window_id}")
         elif isinstance(body, ChunkAck):
             # Its own task: deleting waits for a queue transaction, and the next frame may
             # be a chunk request that must not wait behind it.
-            self._spawn(self._handle_ack(body), name=f"ack-{body.window_id}")
+            self._spawn(self.sender.handle_ack(body), name=f"ack-{body.window_id}")
         elif isinstance(body, Command):
             await self._answer_command(channel, body)
         elif isinstance(body, CommandResponse):
@@ -531,250 +491,6 @@ class SensorAgent:
     def _request_heartbeat(self) -> None:
         self._nudge.set()
 
-    # ------------------------------------------------------------------ windows and acks
-
-    async def _handle_request(self, request: ChunkRequest) -> None:
-        async with self._plan_lock:
-            limit = self.dispatcher.candidate_limit(request)
-            try:
-                candidates = await asyncio.to_thread(self.queue.list_after,
-                                                     request.since_sequence, limit)
-            except QueueError as exc:
-                log.error("chunk_request_failed window_id=%s error=%s", request.window_id, exc)
-                return
-            if self._deleting:
-                # Confirmed and being deleted right now: not worth sending again.
-                candidates = [c for c in candidates if c.sequence not in self._deleting]
-            plan = self.dispatcher.on_request(request, candidates, self._clock())
-        log.debug("chunk_request window_id=%s since_sequence=%d max_chunks=%d planned=%d",
-                  request.window_id, request.since_sequence, request.max_chunks,
-                  len(plan.sequences))
-        if self._batching() and plan.sequences:
-            sizes = {c.sequence: c.nbytes for c in candidates}
-            for group in split_batches(plan.sequences, sizes):
-                self._spawn(self._send_chunk_with_backoff(group, plan.window_id, batch=True),
-                            name=f"send-batch-{group[0]}", track=True)
-            return
-        for sequence in plan.sequences:
-            self._spawn(self._send_chunk_with_backoff((sequence,), plan.window_id),
-                        name=f"send-{sequence}", track=True)
-
-    async def _handle_ack(self, ack: ChunkAck) -> None:
-        sequences = self.dispatcher.on_ack(ack, self._clock())
-        log.debug("chunk_ack window_id=%s committed=%d reset_window=%s", ack.window_id,
-                  len(sequences), ack.reset_window)
-        # Already deleted on their HTTP answer (http_ack): no second transaction for them.
-        sequences = tuple(s for s in sequences if s not in self._http_deleted)
-        if sequences:
-            try:
-                await self._delete_confirmed(sequences)
-            except QueueError as exc:
-                log.error("queue_operation_failed error=%s", exc)
-        if ack.reset_window:
-            self._request_heartbeat()
-
-    async def _delete_confirmed(self, sequences: Iterable[int], *, http: bool = False) -> None:
-        """Delete chunks the server holds durably (``http``: confirmed by the HTTP answer)."""
-        seqs = sorted(set(sequences))
-        self._deleting.update(seqs)
-        try:
-            deleted = await asyncio.to_thread(self.queue.delete, seqs)
-        finally:
-            self._deleting.difference_update(seqs)
-        if http:
-            self._http_deleted.add(seqs)
-        self.acked += len(seqs)
-        self.deleted += deleted
-        self.last_committed_sequence = max(self.last_committed_sequence, seqs[-1])
-
-    # ------------------------------------------------------------------ sending
-
-    async def _send_chunk_with_backoff(self, sequences: tuple[int, ...], window_id: str, *,
-                                       batch: bool = False) -> str:
-        """POST planned chunks until each is delivered, rejected for good, acked meanwhile,
-        or the agent stops: one chunk per POST, or together as batches (capability
-        ``batch``). The rules (retry, Retry-After, quarantine, halving, fallback to single
-        POSTs) are ``pipeline.sensor.delivery.Delivery``'s; this loop carries them out.
-        Returns how the send ended: ``done``, ``gone`` (no longer queued) or ``abandoned``.
-
-        Runbook name: operators grep logs and tracebacks for it.
-        """
-        chunks = await self._load_chunks(sequences, window_id)
-        if chunks is None:
-            return "abandoned"
-        if not chunks:
-            return "gone"
-        delivery = Delivery(tuple(chunks), DeliveryPolicy.from_backoff(self.config.backoff),
-                            batch=batch)
-        try:
-            while delivery.keep_only(self.dispatcher.in_flight):
-                if self._stop.is_set():
-                    break
-                posting = [chunks[s] for s in delivery.pending]
-                try:
-                    answer = await self._post(posting, batch=batch)
-                except (ConnectionError, TimeoutError, OSError) as exc:
-                    actions = delivery.on_network_error()
-                    failure: str | None = str(exc)
-                else:
-                    actions = delivery.on_answer(answer)
-                    failure = None
-                delay = await self._carry_out(actions, posting, window_id, batch=batch,
-                                              failure=failure)
-                if delay is None:
-                    return "done"
-                if not await self._sleep_or_stop(delay):
-                    break
-        except asyncio.CancelledError:
-            self._abandon_all(delivery.pending)
-            raise
-        self._abandon_all(delivery.pending)
-        return "abandoned" if delivery.pending else "done"
-
-    async def _load_chunks(self, sequences: tuple[int, ...], window_id: str
-                           ) -> dict[int, Chunk] | None:
-        """The planned chunks still queued, by sequence; None if the queue failed."""
-        try:
-            rows = await asyncio.to_thread(self.queue.get, list(sequences))
-        except QueueError as exc:
-            log.error("chunk_load_failed sequences=%s error=%s", list(sequences)[:10], exc)
-            self._abandon_all(sequences)
-            return None
-        found = {row.sequence for row in rows}
-        gone = [s for s in sequences if s not in found]
-        if gone:
-            self.dispatcher.on_deleted_elsewhere(gone)
-        return {row.sequence: self._build_chunk(row, window_id) for row in rows}
-
-    async def _post(self, chunks: list[Chunk], *, batch: bool) -> AttemptAnswer:
-        """One POST attempt (bounded by the POST semaphore, one span per attempt)."""
-        proto = self._both(CAP_PROTO)
-        async with self._semaphore:
-            if batch:
-                with self.tracing.span("sensor.post_batch",
-                                       parent=traceparent_of(chunks[0].attributes),
-                                       attributes={"sensor_id": self.config.sensor_id,
-                                                   "window_id": chunks[0].window_id,
-                                                   "chunks": len(chunks)}) as span:
-                    answer = await self._ingest.post_batch(chunks, proto=proto)
-                    span.set_attribute("http.status", answer.status)
-                return AttemptAnswer(answer.status, answer.outcomes, answer.retry_after,
-                                     answer.error_code, answer.error_message)
-            chunk = chunks[0]
-            # The chunk carries this attempt's span as its traceparent.
-            with self.tracing.span("sensor.post_chunk", parent=traceparent_of(chunk.attributes),
-                                   attributes=_span_attributes(chunk)) as span:
-                traced = with_traceparent(chunk, span.traceparent)
-                if proto:
-                    single = await self._ingest.post_chunk(traced, proto=True)
-                else:
-                    single = await self._ingest.post_chunk(traced)
-                span.set_attribute("http.status", single.status)
-            return AttemptAnswer(single.status, (single.result,), single.retry_after,
-                                 single.error_code, single.error_message)
-
-    async def _carry_out(self, actions: list[Action], posted: list[Chunk], window_id: str, *,
-                         batch: bool, failure: str | None) -> float | None:
-        """Apply the core's actions; the delay before the next attempt, None when done."""
-        for action in actions:
-            if isinstance(action, Answered):
-                await self._on_answered(action, window_id)
-            elif isinstance(action, Split):
-                self._spawn(self._send_chunk_with_backoff(action.rest, window_id, batch=True),
-                            name=f"send-batch-{action.rest[0]}", track=True)
-            elif isinstance(action, FallBackToSingles):
-                log.warning("batch_refused chunks=%d window_id=%s status=%d error=%s "
-                            "action=one_post_per_chunk", len(posted), window_id,
-                            action.status, action.error_code or "-")
-                for sequence in action.sequences:
-                    self._spawn(self._send_chunk_with_backoff((sequence,), window_id),
-                                name=f"send-{sequence}", track=True)
-            elif isinstance(action, Retry):
-                self._log_retry(action, posted, window_id, batch=batch, failure=failure)
-                self.retries += action.count
-                return action.delay
-        return None
-
-    async def _on_answered(self, answered: Answered, window_id: str) -> None:
-        """Quarantine the rejected chunks, count and delete the delivered ones."""
-        if answered.accepted:
-            self.refusals.clear("ingest")
-        now = self._clock()
-        http_ack = self._both(CAP_HTTP_ACK)
-        to_delete: list[int] = []
-        for verdict in answered.verdicts:
-            if isinstance(verdict, Quarantined):
-                await self._quarantine(verdict, window_id)
-                continue
-            self.posted += 1
-            to_delete.extend(self.dispatcher.on_post_delivered(
-                verdict.sequence, now, http_ack=verdict.confirmed and http_ack))
-        if to_delete:
-            try:
-                await self._delete_confirmed(to_delete, http=True)
-            except QueueError as exc:
-                log.error("queue_delete_failed sequences=%d error=%s", len(to_delete), exc)
-        self._after_post(window_id)
-
-    def _log_retry(self, retry: Retry, posted: list[Chunk], window_id: str, *,
-                   batch: bool, failure: str | None) -> None:
-        kind, subject = ("batch", f"chunks={len(posted)}") if batch else (
-            "chunk", f"sequence={posted[0].sequence}")
-        if retry.cause == CAUSE_NETWORK:
-            log.info("%s_post_failed %s window_id=%s attempt=%d error=%s retry_in_s=%.2f",
-                     kind, subject, window_id, retry.attempt, failure, retry.delay)
-        elif retry.cause == CAUSE_REFUSED:
-            self._log_refusal("ingest", retry.status, retry.error_message, retry.delay)
-        elif retry.cause == CAUSE_STATUS:
-            log.info("%s_post_retry %s window_id=%s attempt=%d status=%d error=%s "
-                     "retry_in_s=%.2f", kind, subject, window_id, retry.attempt,
-                     retry.status, retry.error_code or "-", retry.delay)
-
-    async def _quarantine(self, verdict: Quarantined, window_id: str) -> None:
-        try:
-            moved = await asyncio.to_thread(self.queue.quarantine, verdict.sequence,
-                                            verdict.reason)
-        except QueueError as exc:
-            log.error("quarantine_failed sequence=%d error=%s", verdict.sequence, exc)
-            moved = False
-        self.dispatcher.on_post_rejected(verdict.sequence)
-        if moved:
-            self.quarantined += 1
-        log.warning("chunk_quarantined sequence=%d window_id=%s status=%d error=%s message=%r",
-                    verdict.sequence, window_id, verdict.status, verdict.code or "-",
-                    verdict.message[:200])
-
-    def _build_chunk(self, row: QueuedChunk, window_id: str) -> Chunk:
-        return row.to_wire(self.config.sensor_id, window_id,
-                           queue_epoch=self.queue.epoch if self._both(CAP_EPOCH) else "",
-                           clock_skew_ms=round(self.skew.skew_ms, 3))
-
-    def _after_post(self, window_id: str) -> None:
-        """When the window has nothing left posting, ask for the next one now (the
-        heartbeat goes out only if unsent chunks remain)."""
-        if not any(item.window_id == window_id and item.posting
-                   for item in self.dispatcher.in_flight.values()):
-            self._request_heartbeat()
-
-    def _abandon_all(self, sequences: Iterable[int]) -> None:
-        """Give chunks back to the queue (offered again in a later window)."""
-        for sequence in sequences:
-            if sequence in self.dispatcher.in_flight:
-                self.abandoned += 1
-            self.dispatcher.on_post_abandoned(sequence)
-
-    async def _finish_sends(self) -> None:
-        """Let running POSTs finish for ``shutdown_grace_s``, then cancel them (their
-        chunks stay queued and are offered again after the restart)."""
-        pending = {t for t in self._send_tasks if not t.done()}
-        if pending:
-            log.info("sensor_agent_draining in_flight_posts=%d grace_s=%.1f", len(pending),
-                     self.shutdown_grace_s)
-            _, pending = await asyncio.wait(pending, timeout=self.shutdown_grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*self._send_tasks, return_exceptions=True)
-
     # ------------------------------------------------------------------ timers
 
     async def _tick_loop(self) -> None:
@@ -809,10 +525,6 @@ class SensorAgent:
 
     # ------------------------------------------------------------------ helpers
 
-    def _batching(self) -> bool:
-        """Batch POSTs: both sides announced ``batch``."""
-        return self._both(CAP_BATCH)
-
     def _set_frame_encoding(self, channel: ControlChannel) -> None:
         """Binary (Protobuf) control frames: accepted once this agent announced ``proto``,
         sent once the server announced it too."""
@@ -831,16 +543,12 @@ class SensorAgent:
         """Sleep ``delay`` seconds; False if ``stop()`` was called meanwhile."""
         return not await wait_event(self._stop, delay)
 
-    def _spawn(self, coro: Awaitable[Any], *, name: str, track: bool = False) -> None:
+    def _spawn(self, coro: Awaitable[Any], *, name: str) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
-        if track:
-            self._send_tasks.add(task)
-            task.add_done_callback(self._send_tasks.discard)
-        else:
-            self._other_tasks.add(task)
-            task.add_done_callback(self._other_tasks.discard)
-        task.add_done_callback(_log_task_failure)
+        self._other_tasks.add(task)
+        task.add_done_callback(self._other_tasks.discard)
+        task.add_done_callback(log_task_failure)
 
     async def _start_submit_server(self) -> None:
         submit = getattr(self.config, "submit", None)
@@ -871,17 +579,3 @@ class SensorAgent:
             await closing
         except (PipelineError, OSError, RuntimeError) as exc:
             log.warning("close_failed what=%s error=%s", what, exc)
-
-
-def _span_attributes(chunk: Chunk) -> dict[str, str | int]:
-    return {"sensor_id": chunk.sensor_id, "event_id": chunk.event_id,
-            "sequence": chunk.sequence, "window_id": chunk.window_id}
-
-
-def _log_task_failure(task: asyncio.Task[Any]) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        log.error("sensor_task_failed task=%s error=%r", task.get_name(), error,
-                  exc_info=error)

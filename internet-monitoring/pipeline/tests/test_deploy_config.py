@@ -233,7 +233,7 @@ def test_check_config_needs_only_pyyaml(tmp_path: Path, program: str) -> None:
 
 
 def test_credential_only_changes_names_the_rest() -> None:
-    from pipeline.sensor.agent import credential_only_changes
+    from pipeline.sensor.reload import credential_only_changes
 
     old = sensor_config_from_dict(PLATFORM_SENSOR)
     tls = dict(PLATFORM_SENSOR["control"]["tls"], skip_verify=True)

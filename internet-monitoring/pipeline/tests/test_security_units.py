@@ -308,7 +308,7 @@ def test_atomic_write_replaces_whole_content(tmp_path):
 
 def test_the_agent_announces_rotation_only_with_a_token_file(tmp_path, caplog):
     from pipeline.common.config import sensor_config_from_dict
-    from pipeline.sensor.agent import effective_capabilities
+    from pipeline.sensor.capabilities import effective_capabilities
 
     doc = {"sensor_id": "pi-01", "capabilities": ["chunks", "heartbeats", "rotation"]}
     with_file = sensor_config_from_dict({**doc, "token_file": str(tmp_path / "t")})

@@ -13,7 +13,17 @@ import functools
 import math
 import types
 from dataclasses import MISSING, fields, is_dataclass
-from typing import Any, Literal, Mapping, NoReturn, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Any,
+    Literal,
+    Mapping,
+    NoReturn,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
 

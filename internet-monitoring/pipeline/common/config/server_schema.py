@@ -103,10 +103,11 @@ class StreamConfig:
             check_not_empty(at, f"allowed_origins[{i}]", origin)
 
 
-def check_token_forms(at: str, token: str, token_sha256: str, has_other: bool,
+def _check_token_forms(at: str, token: str, token_sha256: str, has_other: bool,
                        forms: str) -> None:
     if token_sha256 and not SHA256_HEX_RE.fullmatch(token_sha256):
-        fail(dotted_key(at, "token_sha256"), "must be 64 hexadecimal characters (SHA-256 of the token)")
+        fail(dotted_key(at, "token_sha256"),
+             "must be 64 hexadecimal characters (SHA-256 of the token)")
     if not (token or token_sha256 or has_other):
         fail(dotted_key(at, "token"), f"set {forms}")
 
@@ -120,7 +121,7 @@ class TokenConfig:
     not_after: str = ""
 
     def validate(self, at: str) -> None:
-        check_token_forms(at, self.token, self.token_sha256, False, "token or token_sha256")
+        _check_token_forms(at, self.token, self.token_sha256, False, "token or token_sha256")
         try:
             parse_not_after(self.not_after)
         except ValueError:
@@ -141,7 +142,7 @@ class SensorAuthConfig:
     def validate(self, at: str) -> None:
         if not SENSOR_ID_RE.fullmatch(self.id):
             fail(dotted_key(at, "id"), f"invalid sensor id {self.id[:140]!r}")
-        check_token_forms(at, self.token, self.token_sha256, bool(self.tokens),
+        _check_token_forms(at, self.token, self.token_sha256, bool(self.tokens),
                            "token, token_sha256 or tokens")
 
 
@@ -168,7 +169,8 @@ class AuthConfig:
         for name in ("fleet_token_sha256", "admin_token_sha256"):
             value = getattr(self, name)
             if value and not SHA256_HEX_RE.fullmatch(value):
-                fail(dotted_key(at, name), "must be 64 hexadecimal characters (SHA-256 of the token)")
+                fail(dotted_key(at, name),
+                     "must be 64 hexadecimal characters (SHA-256 of the token)")
         check_non_negative(at, "rotation_overlap_s", self.rotation_overlap_s)
         check_non_negative(at, "reload_watch_s", self.reload_watch_s)
         first: dict[str, int] = {}
