@@ -20,7 +20,6 @@ from pipeline.common.errors import (
     FieldTypeError,
     FieldValueError,
     PayloadTooLarge,
-    ProtocolError,
 )
 from pipeline.common.wire_fields import (  # noqa: F401 - re-exported: callers import them here
     b64,
