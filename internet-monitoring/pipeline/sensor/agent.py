@@ -97,11 +97,12 @@ class SensorAgent:
     and the simulator pass wrapped ones. The agent does not own ``queue``: the caller
     closes it after ``run()`` returns.
 
-    Counters (plain attributes, read by the metrics exporter): ``posted`` (POSTs answered
-    2xx), ``acked`` (sequences confirmed durable, by ack or HTTP answer), ``deleted`` (rows
-    actually removed), ``retries`` (POST attempts repeated), ``quarantined``, ``abandoned``
-    (chunks given back to the queue on shutdown), ``heartbeats``, ``requests``,
-    ``connects``, ``connect_failures``, ``bad_frames``.
+    Counters (read by the metrics exporter): ``posted`` (POSTs answered 2xx), ``acked``
+    (sequences confirmed durable, by ack or HTTP answer), ``deleted`` (rows actually
+    removed), ``retries`` (POST attempts repeated), ``quarantined``, ``abandoned`` (chunks
+    given back to the queue on shutdown) are the send side's (``self.sender``,
+    sensor/sender.py); ``heartbeats``, ``requests``, ``connects``, ``connect_failures``,
+    ``bad_frames`` are the agent's own.
     """
 
     def __init__(self, config: SensorConfig, queue: DurableQueue, *,
