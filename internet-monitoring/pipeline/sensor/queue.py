@@ -498,7 +498,8 @@ class DurableQueue:
             with self._translate("get"):
                 return select_chunks(conn, wanted)
 
-    def read_window(self, since_sequence: int, max_chunks: int, max_bytes: int) -> list[QueuedChunk]:
+    def read_window(self, since_sequence: int, max_chunks: int, max_bytes: int
+                    ) -> list[QueuedChunk]:
         """Chunks with ``sequence > since_sequence``, oldest first, within both limits.
 
         As protocol 1.0 requires, the first chunk is returned even if it alone is larger

@@ -31,8 +31,8 @@ def insert_event(conn: sqlite3.Connection, prepared: PreparedEvent, now: float,
     """Write one prepared event inside the caller's transaction (under the lock).
 
     The duplicate check runs only for caller-chosen ids: an id this process just drew
-    from 74 random bits within one millisecond cannot already be queued, and the check is a B-tree probe
-    per event on the hottest path."""
+    from 74 random bits within one millisecond cannot already be queued, and the check is
+    a B-tree probe per event on the hottest path."""
     split, attrs_json, created, logical_ms, nbytes, caller_id = prepared
     if caller_id and conn.execute("SELECT 1 FROM chunks WHERE event_id = ? LIMIT 1",
                                   (split.event_id,)).fetchone() is not None:

@@ -180,8 +180,7 @@ class ChunkSender:
             return "abandoned"
         if not chunks:
             return "gone"
-        delivery = Delivery(tuple(chunks), self._policy,
-                            batch=batch)
+        delivery = Delivery(tuple(chunks), self._policy, batch=batch)
         try:
             while delivery.keep_only(self.dispatcher.in_flight):
                 if self._stop.is_set():
@@ -228,18 +227,19 @@ class ChunkSender:
         async with self._semaphore:
             if batch:
                 with self._tracing.span("sensor.post_batch",
-                                       parent=traceparent_of(chunks[0].attributes),
-                                       attributes={"sensor_id": self._sensor_id,
-                                                   "window_id": chunks[0].window_id,
-                                                   "chunks": len(chunks)}) as span:
+                                        parent=traceparent_of(chunks[0].attributes),
+                                        attributes={"sensor_id": self._sensor_id,
+                                                    "window_id": chunks[0].window_id,
+                                                    "chunks": len(chunks)}) as span:
                     answer = await self._ingest.post_batch(chunks, proto=proto)
                     span.set_attribute("http.status", answer.status)
                 return AttemptAnswer(answer.status, answer.outcomes, answer.retry_after,
                                      answer.error_code, answer.error_message)
             chunk = chunks[0]
             # The chunk carries this attempt's span as its traceparent.
-            with self._tracing.span("sensor.post_chunk", parent=traceparent_of(chunk.attributes),
-                                   attributes=_span_attributes(chunk)) as span:
+            with self._tracing.span("sensor.post_chunk",
+                                    parent=traceparent_of(chunk.attributes),
+                                    attributes=_span_attributes(chunk)) as span:
                 traced = with_traceparent(chunk, span.traceparent)
                 if proto:
                     single = await self._ingest.post_chunk(traced, proto=True)
