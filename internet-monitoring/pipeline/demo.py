@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pipeline.common.logs import setup_logging
 from pipeline.sensor.queue import DurableQueue
-from pipeline.server.auth import DEMO_TOKEN_PREFIX, mint_token
+from pipeline.server.security.auth import DEMO_TOKEN_PREFIX, mint_token
 from pipeline.sim.processes import ProcessError, SensorProcess, ServerProcess
 
 log = logging.getLogger("pipeline.demo")

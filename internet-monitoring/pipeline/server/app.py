@@ -45,24 +45,24 @@ from pipeline.common.config import ServerConfig, TlsConfig
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.runtime_metrics import register_task_gauge
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
-from pipeline.server.auth import TokenAuthenticator, hash_token
-from pipeline.server.control import ControlManager, control_server
-from pipeline.server.dashboard_feed import DashboardFeed, load_sample
-from pipeline.server.dashboard_kpis import Thresholds
-from pipeline.server.event_reader import EventReader
-from pipeline.server.dashboard import DashboardPage, add_dashboard_routes
-from pipeline.server.gate import GATE_KEY, LISTENER_KEY, security_middleware
-from pipeline.server.group_commit import CommitRecord, GroupCommitter
-from pipeline.server.http_ingest import IngestContext, error_middleware, ingest_server
-from pipeline.server.listeners import GuardedSite, reload_ssl_context
+from pipeline.server.security.auth import TokenAuthenticator, hash_token
+from pipeline.server.control.channel import ControlManager, control_server
+from pipeline.server.read.dashboard_feed import DashboardFeed, load_sample
+from pipeline.server.read.dashboard_kpis import Thresholds
+from pipeline.server.read.event_reader import EventReader
+from pipeline.server.read.dashboard import DashboardPage, add_dashboard_routes
+from pipeline.server.security.gate import GATE_KEY, LISTENER_KEY, security_middleware
+from pipeline.server.ingest.group_commit import CommitRecord, GroupCommitter
+from pipeline.server.ingest.listener import IngestContext, error_middleware, ingest_server
+from pipeline.server.security.listeners import GuardedSite, reload_ssl_context
 from pipeline.server.metrics import ServerMetrics, StoreHealthCollector
-from pipeline.server.read_api import ReadContext, add_read_routes, build_dashboard
-from pipeline.server.scheduler import RequestScheduler
-from pipeline.server.security import SecurityManager, add_security_routes
-from pipeline.server.session import Committed, WindowPolicy
-from pipeline.server.snapshot_cache import SnapshotCache, StreamMessage
+from pipeline.server.read.read_api import ReadContext, add_read_routes, build_dashboard
+from pipeline.server.control.scheduler import RequestScheduler
+from pipeline.server.security.manager import SecurityManager, add_security_routes
+from pipeline.server.control.session import Committed, WindowPolicy
+from pipeline.server.read.snapshot_cache import SnapshotCache, StreamMessage
 from pipeline.server.store import ChunkStore, check_engine, open_store
-from pipeline.server.stream import StreamHub, stream_server
+from pipeline.server.read.stream import StreamHub, stream_server
 
 log = logging.getLogger(__name__)
 

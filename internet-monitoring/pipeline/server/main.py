@@ -46,7 +46,7 @@ from pipeline.common.instance_lock import InstanceLock
 from pipeline.common.logs import setup_logging
 from pipeline.common.placeholders import placeholder_keys
 from pipeline.common.messages import SENSOR_ID_RE
-from pipeline.server.auth import DEMO_TOKEN_PREFIX, hash_token, mint_token
+from pipeline.server.security.auth import DEMO_TOKEN_PREFIX, hash_token, mint_token
 
 log = logging.getLogger("pipeline.server.main")
 
@@ -136,7 +136,7 @@ def backup(args: argparse.Namespace, out: TextIO) -> int:
 
 def token_rotate(args: argparse.Namespace, out: TextIO) -> int:
     """Ask the running server to rotate ``args.sensor_id``; prints the (secret-free) answer."""
-    from pipeline.server.admin_client import (
+    from pipeline.server.security.admin_client import (
         ingest_base_url,
         post_admin,
         read_admin_token,
@@ -182,7 +182,7 @@ def token_create(sensor_id: str, out: TextIO, add_to: str | None = None) -> int:
 
 def _token_add_to(sensor_id: str, token: str, path: str, out: TextIO) -> int:
     """Write the hash into ``path``; stdout gets the token alone (``> pi-01.token``)."""
-    from pipeline.server.config_edit import add_sensor_token
+    from pipeline.server.security.config_edit import add_sensor_token
 
     try:
         added = add_sensor_token(path, sensor_id, token)

@@ -73,7 +73,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pipeline.common.messages import Heartbeat
-from pipeline.server.snapshot_cache import decode_json_payload
+from pipeline.server.read.snapshot_cache import decode_json_payload
 
 if TYPE_CHECKING:
     from pipeline.server.store.port import ChunkStore

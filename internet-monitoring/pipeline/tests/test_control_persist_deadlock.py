@@ -25,10 +25,10 @@ SCENARIO = textwrap.dedent("""
     from concurrent.futures import ThreadPoolExecutor
     from prometheus_client import CollectorRegistry
     from pipeline.common.messages import ChunkRequest
-    from pipeline.server.auth import TokenAuthenticator
-    from pipeline.server.control import ControlManager
+    from pipeline.server.security.auth import TokenAuthenticator
+    from pipeline.server.control.channel import ControlManager
     from pipeline.server.metrics import ServerMetrics
-    from pipeline.server.scheduler import Outgoing, RequestScheduler
+    from pipeline.server.control.scheduler import Outgoing, RequestScheduler
     from pipeline.common.config import StoreConfig
     from pipeline.server.store import open_store
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 from pipeline.common.config import DashboardConfig
-from pipeline.server.dashboard_feed import DashboardFeed
-from pipeline.server.event_reader import EventReader
+from pipeline.server.read.dashboard_feed import DashboardFeed
+from pipeline.server.read.event_reader import EventReader
 from pipeline.server.store import ChunkStore
 from pipeline.tests.store_support import open_test_store
 from pipeline.tests.test_store import make_chunks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.common.config import DashboardConfig, DashboardSensorConfig
-from pipeline.server.dashboard_kpis import (
+from pipeline.server.read.dashboard_kpis import (
     Sample,
     SensorState,
     Thresholds,
@@ -14,7 +14,7 @@ from pipeline.server.dashboard_kpis import (
     sample_from_result,
     sensor_health,
 )
-from pipeline.server.series import bucket, field_value
+from pipeline.server.read.series import bucket, field_value
 
 NOW = 1_800_000_000.0
 TH = Thresholds.from_config(DashboardConfig())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from pipeline.server.event_reader import EventQuery, EventReader
+from pipeline.server.read.event_reader import EventQuery, EventReader
 from pipeline.server.store import SQLiteChunkStore
 from pipeline.tests.test_store import make_chunks
 

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pipeline.common.messages import Chunk, ChunkAck, ChunkRequest, Heartbeat
 from pipeline.sensor.dispatch import Dispatcher
 from pipeline.sensor.queue import DurableQueue, QueuedChunk
-from pipeline.server.scheduler import RequestScheduler
-from pipeline.server.session import Committed, WindowPolicy
+from pipeline.server.control.scheduler import RequestScheduler
+from pipeline.server.control.session import Committed, WindowPolicy
 from pipeline.server.store import ChunkStore
 from pipeline.tests.store_support import open_test_store
 

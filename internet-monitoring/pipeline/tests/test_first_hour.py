@@ -27,7 +27,7 @@ import yaml
 from pipeline.common.config import load_server_config, load_sensor_config
 from pipeline.common.errors import AlreadyRunning
 from pipeline.common.instance_lock import InstanceLock
-from pipeline.server.auth import TokenAuthenticator
+from pipeline.server.security.auth import TokenAuthenticator
 from pipeline.server.main import main as server_main
 from pipeline.server.main import warn_at_start_up
 from pipeline.sensor.refusals import RefusalLog

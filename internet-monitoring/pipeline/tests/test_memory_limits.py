@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.common.errors import StorageFull
 from pipeline.sensor.queue import DurableQueue
-from pipeline.server.snapshot_cache import SnapshotCache
+from pipeline.server.read.snapshot_cache import SnapshotCache
 from pipeline.server.store import SQLiteChunkStore
 from pipeline.tests.server_support import TOKENS, chunk_docs, running_server, server_config, urls
 

@@ -12,7 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from pipeline.server.auth import DEMO_TOKEN_PREFIX, TOKEN_PREFIX, mint_token
+from pipeline.server.security.auth import DEMO_TOKEN_PREFIX, TOKEN_PREFIX, mint_token
 
 REPO = Path(__file__).resolve().parents[3]
 PREFIX = "oux" + "_"

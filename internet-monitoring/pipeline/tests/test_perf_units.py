@@ -22,8 +22,8 @@ from pipeline.sensor.queue import DurableQueue, EventInput
 from pipeline.common import chunking
 from pipeline.server.store import sqlite as store_sqlite
 from pipeline.server.store import sqlite_base, sqlite_schema
-from pipeline.server.ingest_wire import answer_in_proto
-from pipeline.server.session import SensorSession, WindowPolicy
+from pipeline.server.ingest.wire import answer_in_proto
+from pipeline.server.control.session import SensorSession, WindowPolicy
 from pipeline.server.store import SQLiteChunkStore
 
 

@@ -43,7 +43,7 @@ from pipeline.proto import data_pb2
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sensor.transports import IngestClient
-from pipeline.server import control
+from pipeline.server.control import channel as control
 from pipeline.tests.server_support import (
     TOKENS,
     MiniSensor,

@@ -23,14 +23,14 @@ from prometheus_client import CollectorRegistry
 from pipeline.common.config import ProxyConfig, ServerConfig, server_config_from_dict
 from pipeline.common.errors import ConfigError, Forbidden
 from pipeline.server.app import PipelineServer
-from pipeline.server.forwarded import (
+from pipeline.server.security.forwarded import (
     LogThrottle,
     ProxyTrust,
     client_view,
     parse_forwarded_cert,
 )
-from pipeline.server.identity import certificate_identities
-from pipeline.server.throttle import ConnectionLimiter
+from pipeline.server.security.identity import certificate_identities
+from pipeline.server.security.throttle import ConnectionLimiter
 from pipeline.tests.security_support import make_pki
 from pipeline.tests.server_support import TOKENS, eventually, running_server, server_config
 
@@ -206,7 +206,7 @@ async def test_gate_binds_forwarded_identity_and_ignores_forgeries(tmp_path, pki
     config = server_config(tmp_path, proxy={"trusted_proxies": ["127.0.0.1"],
                                             "require_client_cert": ["control", "ingest"]},
                            limits={"auth_failures_before_ban": 2, "throttle_delay_s": 0})
-    caplog.set_level(logging.WARNING, logger="pipeline.server.gate")
+    caplog.set_level(logging.WARNING, logger="pipeline.server.security.gate")
     async with running_server(config) as server:
         control = f"ws://127.0.0.1:{server.control_port}/control"
         metric = ("pipeline_forwarded_headers_ignored_total", {"listener": "control"})

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from pipeline.server.dashboard_kpis import iso
+from pipeline.server.read.dashboard_kpis import iso
 from pipeline.tests.dashboard_support import ResultPoster
 from pipeline.tests.server_support import (
     STREAM_TOKEN,

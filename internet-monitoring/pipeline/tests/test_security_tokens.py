@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.common.config import ServerConfig, server_config_from_dict
 from pipeline.server.app import PipelineServer
-from pipeline.server.auth import hash_token
+from pipeline.server.security.auth import hash_token
 from pipeline.tests.security_support import (
     enqueue,
     running_agent,

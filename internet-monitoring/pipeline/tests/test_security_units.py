@@ -19,16 +19,16 @@ from pipeline.common.errors import ConfigError, Forbidden
 from pipeline.common.files import atomic_write_text
 from pipeline.common.messages import Command
 from pipeline.sensor.credentials import apply_rotation
-from pipeline.server.auth import Credential, TokenAuthenticator, hash_token
-from pipeline.server.credentials import PRUNE_AFTER_S, CredentialOverlay, overlay_path
-from pipeline.server.identity import (
+from pipeline.server.security.auth import Credential, TokenAuthenticator, hash_token
+from pipeline.server.security.credentials import PRUNE_AFTER_S, CredentialOverlay, overlay_path
+from pipeline.server.security.identity import (
     IdentityPolicy,
     bind_all,
     bind_identity,
     certificate_identities,
 )
-from pipeline.server.security import build_authenticator
-from pipeline.server.throttle import (
+from pipeline.server.security.manager import build_authenticator
+from pipeline.server.security.throttle import (
     AuthFailureBans,
     ConnectionLimiter,
     RateLimiter,
@@ -251,7 +251,7 @@ def test_prune_never_resurrects_a_configured_token(tmp_path):
     overlay.cap("pi-01", hash_token("tok-a"), NOW, NOW)          # rotated out long ago
     overlay.add("pi-01", hash_token("old-rotated"), NOW, NOW)    # overlay-only, expired
     overlay.add("pi-01", hash_token("current"), None, NOW)
-    from pipeline.server.auth import credentials_from_entries
+    from pipeline.server.security.auth import credentials_from_entries
     removed = overlay.prune(credentials_from_entries(config.auth.sensors),
                             NOW + PRUNE_AFTER_S + 1)
     assert removed == 1
@@ -319,7 +319,7 @@ def test_the_agent_announces_rotation_only_with_a_token_file(tmp_path, caplog):
 
 
 def test_admin_client_finds_the_local_ingest_listener():
-    from pipeline.server.admin_client import ingest_base_url, rotate_url
+    from pipeline.server.security.admin_client import ingest_base_url, rotate_url
 
     plain = server_config_from_dict({"ingest": {"bind": "0.0.0.0", "port": 9000}})
     assert ingest_base_url(plain) == "http://127.0.0.1:9000"

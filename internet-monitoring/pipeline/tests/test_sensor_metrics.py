@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.submit import open_queue
-from pipeline.server import control
+from pipeline.server.control import channel as control
 from pipeline.tests.observability_support import (
     RunningAgent,
     agent_config,

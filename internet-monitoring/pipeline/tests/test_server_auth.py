@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.common.config import server_config_from_dict
 from pipeline.common.errors import ConfigError, Forbidden, Unauthenticated
-from pipeline.server.auth import (
+from pipeline.server.security.auth import (
     TokenAuthenticator,
     bearer_token,
     check_bearer,
@@ -99,7 +99,7 @@ def test_only_digests_are_kept_and_tokens_never_logged(caplog):
     auth = authenticator()
     kept = repr(vars(auth))
     assert "tok-a" not in kept and "tok-new" not in kept
-    with caplog.at_level(logging.DEBUG, logger="pipeline.server.auth"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.server.security.auth"):
         for token in ("tok-b", "secret-guess"):
             with pytest.raises((Unauthenticated, Forbidden)):
                 auth.authenticate("pi-01", token, NOW)

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from pipeline.common.chunking import split_event
 from pipeline.common.errors import StoreError
 from pipeline.common.messages import Chunk, Heartbeat
-from pipeline.server.group_commit import CommitRecord, GroupCommitter
+from pipeline.server.ingest.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.snapshot_cache import SnapshotCache
+from pipeline.server.read.snapshot_cache import SnapshotCache
 from pipeline.tests.store_support import open_test_store
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.common.config import DEFAULT_SNAPSHOT_FIELDS
 from pipeline.common.tracing import Tracing
 from pipeline.server.metrics import ServerMetrics, SnapshotPaths, snapshot_numbers
-from pipeline.server.snapshot_cache import decode_json_payload
+from pipeline.server.read.snapshot_cache import decode_json_payload
 from pipeline.tests.server_support import TOKENS, chunk_docs, running_server, server_config, urls
 
 FIELDS = (*DEFAULT_SNAPSHOT_FIELDS, "nested.loss_pct", "results.0.mbps")

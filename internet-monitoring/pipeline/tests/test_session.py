@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipeline.common.messages import ChunkAck, ChunkRequest, Heartbeat
-from pipeline.server.scheduler import RequestScheduler
-from pipeline.server.session import (
+from pipeline.server.control.scheduler import RequestScheduler
+from pipeline.server.control.session import (
     AckLedger,
     Committed,
     SensorSession,

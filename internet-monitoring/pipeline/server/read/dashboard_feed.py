@@ -22,15 +22,15 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.common.config import DashboardConfig
 from pipeline.common.errors import ConfigError
-from pipeline.server.dashboard_kpis import (
+from pipeline.server.read.dashboard_kpis import (
     Sample,
     SensorState,
     Thresholds,
     build_payload,
     sample_from_result,
 )
-from pipeline.server.event_reader import EventReader, ResultRow
-from pipeline.server.snapshot_cache import decode_json_payload, iso_utc
+from pipeline.server.read.event_reader import EventReader, ResultRow
+from pipeline.server.read.snapshot_cache import decode_json_payload, iso_utc
 
 log = logging.getLogger(__name__)
 

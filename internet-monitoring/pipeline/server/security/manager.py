@@ -3,8 +3,8 @@
 ``SecurityManager`` owns what changes while the server runs:
 
 * the credentials: ``auth.sensors`` merged with the rotation overlay
-  (``pipeline.server.credentials``) into the one shared ``TokenAuthenticator``;
-* the ``SecurityGate`` the listeners consult (``pipeline.server.gate``) and its limits;
+  (``pipeline.server.security.credentials``) into the one shared ``TokenAuthenticator``;
+* the ``SecurityGate`` the listeners consult (``pipeline.server.security.gate``) and its limits;
 * the listeners' TLS contexts (reloaded in place, ``listeners.reload_ssl_context``).
 
 Reload (SIGHUP, ``POST /v1/admin/reload``, or the file watch noticing a changed
@@ -62,20 +62,20 @@ from pipeline.common.errors import (
 )
 from pipeline.common.logs import token_hint
 from pipeline.common.messages import CAP_ROTATION, SENSOR_ID_RE, Command, CommandResponse
-from pipeline.server.auth import (
+from pipeline.server.security.auth import (
     TokenAuthenticator,
     credentials_from_entries,
     fleet_digest,
     hash_token,
     mint_token,
 )
-from pipeline.server.credentials import CredentialOverlay, overlay_path
-from pipeline.server.forwarded import ProxyTrust
-from pipeline.server.gate import SecurityGate
-from pipeline.server.identity import IdentityPolicy
-from pipeline.server.listeners import reload_ssl_context
+from pipeline.server.security.credentials import CredentialOverlay, overlay_path
+from pipeline.server.security.forwarded import ProxyTrust
+from pipeline.server.security.gate import SecurityGate
+from pipeline.server.security.identity import IdentityPolicy
+from pipeline.server.security.listeners import reload_ssl_context
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.throttle import AuthFailureBans, ConnectionLimiter, RateLimiter
+from pipeline.server.security.throttle import AuthFailureBans, ConnectionLimiter, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ async def reload_handler(request: web.Request) -> web.Response:
 
 def add_security_routes(app: web.Application, security: SecurityManager) -> None:
     """Admin API and the OpenAPI document on the ingest listener."""
-    from pipeline.server.openapi import openapi_handler
+    from pipeline.server.read.openapi import openapi_handler
 
     app[SECURITY_KEY] = security
     app.router.add_post("/v1/sensors/{sensor_id}/rotate", rotate_handler)

@@ -42,7 +42,7 @@ from pipeline.common.proto_codec import (
     encode_batch_result_proto,
     encode_ingest_result_proto,
 )
-from pipeline.server import control
+from pipeline.server.control import channel as control
 
 JSON_CONTENT_TYPE = "application/json"
 BATCH_PATH = "/v1/ingest/batch"

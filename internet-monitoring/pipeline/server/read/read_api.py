@@ -28,10 +28,10 @@ from typing import Any, Iterable
 from aiohttp import web
 
 from pipeline.common.errors import FieldValueError, NotFound
-from pipeline.server.dashboard_feed import DashboardFeed, sensor_states
-from pipeline.server.dashboard_kpis import sensor_health
-from pipeline.server.event_reader import MAX_TS_MS, EventQuery, EventReader
-from pipeline.server.http_ingest import (
+from pipeline.server.read.dashboard_feed import DashboardFeed, sensor_states
+from pipeline.server.read.dashboard_kpis import sensor_health
+from pipeline.server.read.event_reader import MAX_TS_MS, EventQuery, EventReader
+from pipeline.server.ingest.listener import (
     DEFAULT_PAGE,
     MAX_PAGE,
     IngestContext,
@@ -42,8 +42,8 @@ from pipeline.server.http_ingest import (
     known_in_memory,
     require_reader,
 )
-from pipeline.server.series import MAX_POINTS, bucket, field_value
-from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
+from pipeline.server.read.series import MAX_POINTS, bucket, field_value
+from pipeline.server.read.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
 
 MAX_SERIES_EVENTS = 5_000
 DEFAULT_SERIES_RANGE_S = 3600

@@ -74,11 +74,11 @@ from pipeline.common.messages import (
     encode_envelope,
 )
 from pipeline.common.proto_codec import decode_envelope_proto, encode_envelope_proto
-from pipeline.server.auth import TokenAuthenticator, bearer_token, hash_token
-from pipeline.server.gate import GATE_KEY, SensorPrincipal
+from pipeline.server.security.auth import TokenAuthenticator, bearer_token, hash_token
+from pipeline.server.security.gate import GATE_KEY, SensorPrincipal
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.scheduler import Outgoing, RequestScheduler
-from pipeline.server.session import Committed, SensorSession
+from pipeline.server.control.scheduler import Outgoing, RequestScheduler
+from pipeline.server.control.session import Committed, SensorSession
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from aiohttp import web
 from pipeline.common.errors import NotFound, PipelineError
 from pipeline.common.messages import Chunk, IngestResult
 from pipeline.common.tracing import traceparent_of
-from pipeline.server import ingest_wire
-from pipeline.server.gate import read_body
-from pipeline.server.http_ingest import CONTEXT_KEY, admit_ingest, authorize_chunk_sensor
+from pipeline.server.ingest import wire as ingest_wire
+from pipeline.server.security.gate import read_body
+from pipeline.server.ingest.listener import CONTEXT_KEY, admit_ingest, authorize_chunk_sensor
 
 log = logging.getLogger(__name__)
 

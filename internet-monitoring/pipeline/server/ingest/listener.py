@@ -51,13 +51,13 @@ from pipeline.common.messages import (
     IngestResult,
 )
 from pipeline.common.tracing import Tracing, traceparent_of, with_traceparent
-from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer
-from pipeline.server.control import ControlManager
-from pipeline.server.gate import GATE_KEY, read_body
-from pipeline.server import ingest_wire
-from pipeline.server.group_commit import GroupCommitter
+from pipeline.server.security.auth import TokenAuthenticator, bearer_token, check_bearer
+from pipeline.server.control.channel import ControlManager
+from pipeline.server.security.gate import GATE_KEY, read_body
+from pipeline.server.ingest import wire as ingest_wire
+from pipeline.server.ingest.group_commit import GroupCommitter
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
+from pipeline.server.read.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def ingest_server(ctx: IngestContext, *, middlewares: tuple[Any, ...] = (error_m
     app[METRICS_KEY] = ctx.metrics
     r = app.router
     r.add_post(INGEST_PATH, ingest_chunk)
-    from pipeline.server.ingest_batch import ingest_batch  # it builds on this module
+    from pipeline.server.ingest.batch import ingest_batch  # it builds on this module
 
     r.add_post(ingest_wire.BATCH_PATH, ingest_batch)
     r.add_get("/v1/snapshots", list_snapshots)

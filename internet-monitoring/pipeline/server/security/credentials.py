@@ -37,7 +37,7 @@ from typing import Any, Iterable
 from pipeline.common.errors import ConfigError
 from pipeline.common.files import atomic_write_text
 from pipeline.common.messages import SENSOR_ID_RE
-from pipeline.server.auth import Credential
+from pipeline.server.security.auth import Credential
 
 log = logging.getLogger(__name__)
 

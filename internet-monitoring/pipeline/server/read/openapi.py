@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pipeline.common.batch import MAX_BATCH_CHUNKS
 from pipeline.common.messages import MAX_ATTRIBUTES, MAX_CHUNK_COUNT, MAX_SEQUENCE
-from pipeline.server.gate import GATE_KEY
+from pipeline.server.security.gate import GATE_KEY
 from pipeline.version import SOFTWARE_VERSION
 
 _ERROR_TEXT = {

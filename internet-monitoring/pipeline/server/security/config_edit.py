@@ -27,7 +27,7 @@ from pipeline.common.config import load_server_config
 from pipeline.common.errors import ConfigError
 from pipeline.common.files import atomic_write_text
 from pipeline.common.placeholders import is_placeholder
-from pipeline.server.auth import hash_token
+from pipeline.server.security.auth import hash_token
 
 _PLACEHOLDER_HASHES = ("change-me", "change-me-{id}", "change-me-{id}-next")
 

@@ -26,7 +26,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from pipeline.server.stream import STREAM_SUBPROTOCOL
+from pipeline.server.read.stream import STREAM_SUBPROTOCOL
 
 
 @dataclass
@@ -47,7 +47,7 @@ DASHBOARD_KEY: web.AppKey[DashboardPage] = web.AppKey("dashboard", DashboardPage
 
 @lru_cache(maxsize=1)
 def page_template() -> str:
-    return resources.files("pipeline.server").joinpath("static/dashboard.html").read_text(
+    return resources.files("pipeline.server.read").joinpath("static/dashboard.html").read_text(
         encoding="utf-8")
 
 

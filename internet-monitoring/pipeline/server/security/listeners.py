@@ -28,7 +28,7 @@ from aiohttp import web
 
 from pipeline.common.config import TlsConfig
 from pipeline.common.errors import ConfigError
-from pipeline.server.throttle import ConnectionLimiter
+from pipeline.server.security.throttle import ConnectionLimiter
 
 log = logging.getLogger(__name__)
 

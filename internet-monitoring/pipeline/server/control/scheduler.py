@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from pipeline.common.messages import ChunkAck, ChunkRequest
-from pipeline.server.session import SensorSession, WindowPolicy
+from pipeline.server.control.session import SensorSession, WindowPolicy
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The server's per-sensor control session, sans-I/O.
 
 Fed with heartbeats, committed chunks, connection changes and the time; returns the
-messages to send. ``pipeline.server.control`` is the asyncio shell around it and
-``pipeline.server.scheduler`` shares the global window budget between sessions.
+messages to send. ``pipeline.server.control.channel`` is the asyncio shell around it and
+``pipeline.server.control.scheduler`` shares the global window budget between sessions.
 
 Window life cycle (one table, as h11 keeps its transitions)::
 

@@ -4,7 +4,7 @@
 and holds the credentials and the limits they enforce. The handlers ask it questions and
 raise what it raises; ``security_middleware`` adds what no handler should repeat: the
 per-address ban check before any authenticated route, and counting refused credentials
-toward a ban. Reload (``pipeline.server.security``) updates the gate in place.
+toward a ban. Reload (``pipeline.server.security.manager``) updates the gate in place.
 
 Credentials and what they may do (docs/security.md)::
 
@@ -25,7 +25,7 @@ checked unless ``auth.client_cert_only`` is true.
 
 Behind a TLS-terminating proxy (``proxy.*``, docs/tls-proxy.md) the same checks run on the
 certificate and address the proxy forwarded, believed only from ``proxy.trusted_proxies``
-(``pipeline.server.forwarded``); listeners in ``proxy.require_client_cert`` count as
+(``pipeline.server.security.forwarded``); listeners in ``proxy.require_client_cert`` count as
 mutual-TLS listeners.
 """
 
@@ -50,11 +50,11 @@ from pipeline.common.errors import (
     Unauthenticated,
     UnsupportedMediaType,
 )
-from pipeline.server.auth import TokenAuthenticator, bearer_token, check_bearer, hash_token
-from pipeline.server.forwarded import ClientView, LogThrottle, ProxyTrust, client_view
-from pipeline.server.identity import IdentityPolicy, bind_identity
+from pipeline.server.security.auth import TokenAuthenticator, bearer_token, check_bearer, hash_token
+from pipeline.server.security.forwarded import ClientView, LogThrottle, ProxyTrust, client_view
+from pipeline.server.security.identity import IdentityPolicy, bind_identity
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.throttle import AuthFailureBans, RateLimiter
+from pipeline.server.security.throttle import AuthFailureBans, RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any, Sequence
 from aiohttp import WSMsgType, web
 
 from pipeline.common.errors import Forbidden, ProtocolError, Unauthenticated
-from pipeline.server.auth import bearer_token, check_bearer
+from pipeline.server.security.auth import bearer_token, check_bearer
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.snapshot_cache import SnapshotCache, Subscription
+from pipeline.server.read.snapshot_cache import SnapshotCache, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class StreamHub:
     allowed_origins: Sequence[str] = ()
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # The token digest each socket was admitted with: a reload that changes stream.token
-    # closes the sockets holding the old one (pipeline.server.security).
+    # closes the sockets holding the old one (pipeline.server.security.manager).
     socket_tokens: dict[web.WebSocketResponse, str | None] = field(default_factory=dict)
     # The last ``{"type": "dashboard"}`` frame, sent to a new socket after its snapshots.
     latest_dashboard: str | None = None
