@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import re
 
+# The capability names are declared in common/capabilities.py (protocol.md section 4).
+from pipeline.common.capabilities import (  # noqa: F401 - re-exported for callers
+    BASE_CAPABILITIES,
+    CAP_BATCH,
+    CAP_CHUNKS,
+    CAP_EPOCH,
+    CAP_HEARTBEAT_STATS,
+    CAP_HEARTBEATS,
+    CAP_HTTP_ACK,
+    CAP_PROTO,
+    CAP_ROTATION,
+    CAP_SERVER_TIME,
+)
+
 SENSOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 EVENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 EPOCH_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -17,15 +31,3 @@ MAX_ATTRIBUTE_VALUE = 1024
 MAX_LIST = 100_000
 SHA256_LEN = 32
 
-# Capabilities this package knows (protocol.md section 4).
-CAP_CHUNKS = "chunks"
-CAP_HEARTBEATS = "heartbeats"
-CAP_EPOCH = "epoch"
-CAP_SERVER_TIME = "server_time"
-CAP_PROTO = "proto"
-CAP_BATCH = "batch"
-CAP_HTTP_ACK = "http_ack"
-CAP_ROTATION = "rotation"
-CAP_HEARTBEAT_STATS = "heartbeat_stats"
-
-BASE_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline.common.capabilities import SENSOR_CAPABILITIES
 from pipeline.common.messages import (
-    CAP_BATCH,
-    CAP_CHUNKS,
-    CAP_EPOCH,
-    CAP_HEARTBEAT_STATS,
-    CAP_HEARTBEATS,
-    CAP_HTTP_ACK,
-    CAP_PROTO,
     CAP_ROTATION,
     CAP_SERVER_TIME,
 )
@@ -20,9 +14,7 @@ from pipeline.common.messages import (
 log = logging.getLogger(__name__)
 
 #: Capabilities this agent implements; others found in the config are dropped with a warning.
-SUPPORTED_CAPABILITIES = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                          CAP_HTTP_ACK, CAP_HEARTBEAT_STATS, CAP_ROTATION, CAP_PROTO,
-                          CAP_BATCH)
+SUPPORTED_CAPABILITIES = SENSOR_CAPABILITIES
 
 
 def effective_capabilities(config: Any) -> tuple[str, ...]:

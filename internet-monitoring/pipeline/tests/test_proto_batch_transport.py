@@ -43,7 +43,7 @@ from pipeline.proto import data_pb2
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sensor.transports import IngestClient
-from pipeline.server.control import channel as control
+from pipeline.common import capabilities
 from pipeline.tests.server_support import (
     TOKENS,
     MiniSensor,
@@ -191,9 +191,9 @@ async def test_protobuf_batch_with_an_unparsable_chunk_among_good_ones(tmp_path,
 
 
 async def test_a_server_without_the_capabilities_refuses_them(tmp_path, http, monkeypatch):
-    kept = tuple(c for c in control.SERVER_CAPABILITIES
+    kept = tuple(c for c in capabilities.SERVER_CAPABILITIES
                  if c not in ("proto", "batch", "http_ack"))
-    monkeypatch.setattr(control, "SERVER_CAPABILITIES", kept)
+    monkeypatch.setattr(capabilities, "SERVER_CAPABILITIES", kept)
     async with running_server(server_config(tmp_path)) as server:
         (doc,) = docs_for("pi-01", 1, 1)
         status, _, raw = await post(http, server, "/v1/ingest/chunk",
@@ -307,9 +307,9 @@ async def drain_forty_events(server, agent, queue) -> tuple[set[str], set[str]]:
 
 
 async def test_agent_speaks_json_to_a_server_without_proto(tmp_path, monkeypatch):
-    kept = tuple(c for c in control.SERVER_CAPABILITIES
+    kept = tuple(c for c in capabilities.SERVER_CAPABILITIES
                  if c not in ("proto", "batch", "http_ack"))
-    monkeypatch.setattr(control, "SERVER_CAPABILITIES", kept)
+    monkeypatch.setattr(capabilities, "SERVER_CAPABILITIES", kept)
     async with running_server(server_config(tmp_path)) as server:
         agent, queue, ingest = agent_for(server, tmp_path, "pi-01", NEW_CAPS)
         expected, stored = await drain_forty_events(server, agent, queue)

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.submit import open_queue
-from pipeline.server.control import channel as control
+from pipeline.common import capabilities
 from pipeline.tests.observability_support import (
     RunningAgent,
     agent_config,
@@ -157,8 +157,8 @@ async def test_retries_drops_and_quarantine_reach_both_endpoints(tmp_path: Path,
 
 async def test_stats_are_sent_only_when_both_sides_announce_them(
         tmp_path: Path, http, monkeypatch: pytest.MonkeyPatch) -> None:
-    without = tuple(c for c in control.SERVER_CAPABILITIES if c != "heartbeat_stats")
-    monkeypatch.setattr(control, "SERVER_CAPABILITIES", without)
+    without = tuple(c for c in capabilities.SERVER_CAPABILITIES if c != "heartbeat_stats")
+    monkeypatch.setattr(capabilities, "SERVER_CAPABILITIES", without)
     async with running_server(server_config(tmp_path)) as server:
         config = agent_config(server, tmp_path, SID, TOKENS[SID])
         queue = open_queue(config)

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from pipeline.server.control.channel import SERVER_CAPABILITIES
+from pipeline.common.capabilities import SERVER_CAPABILITIES
 from pipeline.tests.server_support import (
     TOKENS,
     MiniSensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from pipeline.common import capabilities
 from pipeline.common.config.checks import (
     KIB,
     MAX_SLICE_SIZE,
@@ -146,12 +147,11 @@ class SensorMetricsConfig:
 
 # proto, batch, http_ack: used only with a server that announces them too (1.0 servers
 # get JSON single-chunk POSTs and ChunkAck deletes, as before).
-DEFAULT_CAPABILITIES = ("chunks", "heartbeats", "epoch", "server_time", "heartbeat_stats",
-                        "proto", "batch", "http_ack")
+DEFAULT_CAPABILITIES = capabilities.SENSOR_DEFAULT_CAPABILITIES
 #: The protocol 1.0 base set. A ``capabilities`` list naming nothing beyond it (the
 #: platform's old default ``[chunks, heartbeats]``) means "the base set and every
 #: extension", minus ``capabilities_exclude``; a list naming any extension is taken as is.
-BASE_CAPABILITIES = frozenset({"chunks", "heartbeats"})
+BASE_CAPABILITIES = frozenset(capabilities.BASE_CAPABILITIES)
 
 
 def expand_capabilities(listed: tuple[str, ...], exclude: tuple[str, ...]) -> tuple[str, ...]:

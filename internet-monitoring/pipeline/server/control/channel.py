@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from aiohttp import WSMsgType, web
 
+from pipeline.common import capabilities
 from pipeline.common.errors import (
     AuthError,
     FieldValueError,
@@ -55,13 +56,8 @@ from pipeline.common.errors import (
 )
 from pipeline.common.messages import (
     CAP_BATCH,
-    CAP_CHUNKS,
     CAP_EPOCH,
-    CAP_HEARTBEAT_STATS,
-    CAP_HEARTBEATS,
-    CAP_HTTP_ACK,
     CAP_PROTO,
-    CAP_ROTATION,
     CAP_SERVER_TIME,
     SENSOR_ID_RE,
     Body,
@@ -82,9 +78,6 @@ from pipeline.server.control.session import Committed, SensorSession
 
 log = logging.getLogger(__name__)
 
-SERVER_CAPABILITIES: tuple[str, ...] = (CAP_CHUNKS, CAP_HEARTBEATS, CAP_EPOCH, CAP_SERVER_TIME,
-                                        CAP_HEARTBEAT_STATS, CAP_ROTATION, CAP_PROTO,
-                                        CAP_BATCH, CAP_HTTP_ACK)
 CLOSE_REPLACED = 1008
 CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
@@ -151,7 +144,7 @@ class ControlConnection:
 
     def envelope(self, body: Body, now: float) -> Envelope:
         return Envelope(sensor_id=self.sensor_id, sent_at=iso_now(now), body=body,
-                        capabilities=SERVER_CAPABILITIES,
+                        capabilities=capabilities.SERVER_CAPABILITIES,
                         server_time=iso_now(now) if CAP_SERVER_TIME in self.capabilities
                         else None)
 
@@ -161,7 +154,7 @@ class ControlConnection:
             return False
         if envelope.server_time is not None and CAP_SERVER_TIME not in self.capabilities:
             envelope = dataclasses.replace(envelope, server_time=None)
-        if CAP_PROTO in self.capabilities and CAP_PROTO in SERVER_CAPABILITIES:
+        if CAP_PROTO in self.capabilities and CAP_PROTO in capabilities.SERVER_CAPABILITIES:
             frame: str | bytes = encode_envelope_proto(envelope)  # both announced proto
         else:
             frame = encode_envelope(envelope)
@@ -348,7 +341,8 @@ class ControlManager:
         epoch = (env.queue_epoch or "") if CAP_EPOCH in connection.capabilities else ""
         session = self.scheduler.session(sensor_id)
         session.on_heartbeat(hb, now, epoch=epoch)
-        session.batched = CAP_BATCH in connection.capabilities and CAP_BATCH in SERVER_CAPABILITIES
+        session.batched = (CAP_BATCH in connection.capabilities
+                           and CAP_BATCH in capabilities.SERVER_CAPABILITIES)
         self.info.setdefault(sensor_id, SensorInfo()).software_version = hb.software_version
         self.metrics.on_heartbeat(sensor_id, hb)
         log.debug("heartbeat sensor_id=%s queue_depth=%d last_committed=%d", sensor_id,
@@ -650,7 +644,7 @@ async def control_handler(request: web.Request) -> web.StreamResponse:
 async def _read_frames(manager: ControlManager, conn: ControlConnection) -> None:
     async for msg in conn.ws:
         binary = msg.type is WSMsgType.BINARY
-        if binary and CAP_PROTO not in SERVER_CAPABILITIES:
+        if binary and CAP_PROTO not in capabilities.SERVER_CAPABILITIES:
             await conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames were not negotiated")
             return
         if msg.type is WSMsgType.TEXT or binary:
