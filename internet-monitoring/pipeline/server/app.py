@@ -53,7 +53,8 @@ from pipeline.server.read.event_reader import EventReader
 from pipeline.server.read.dashboard import DashboardPage, add_dashboard_routes
 from pipeline.server.security.gate import GATE_KEY, LISTENER_KEY, security_middleware
 from pipeline.server.ingest.group_commit import CommitRecord, GroupCommitter
-from pipeline.server.ingest.listener import IngestContext, error_middleware, ingest_server
+from pipeline.server.ingest.context import IngestContext
+from pipeline.server.ingest.listener import error_middleware, ingest_server
 from pipeline.server.security.listeners import GuardedSite, reload_ssl_context
 from pipeline.server.metrics import ServerMetrics, StoreHealthCollector
 from pipeline.server.read.read_api import ReadContext, add_read_routes, build_dashboard
@@ -254,7 +255,6 @@ class PipelineServer:
             authenticator=self.authenticator, committer=self.committer, manager=self.manager,
             snapshots=self.snapshots, metrics=self.metrics, store=self.store, executor=None,
             max_body_bytes=cfg.ingest.max_body_bytes,
-            read_token_sha256=hash_token(cfg.stream.token) if cfg.stream.token else None,
             metrics_enabled=cfg.metrics.enabled, listeners_up=self.listeners_up,
             tracing=self.tracing,
             configured_sensors=self.authenticator.sensor_ids)

@@ -47,7 +47,6 @@ from aiohttp import WSMsgType, web
 
 from pipeline.common import capabilities
 from pipeline.common.errors import (
-    AuthError,
     FieldValueError,
     MissingField,
     PipelineError,
@@ -70,7 +69,7 @@ from pipeline.common.messages import (
     encode_envelope,
 )
 from pipeline.common.proto_codec import decode_envelope_proto, encode_envelope_proto
-from pipeline.server.security.auth import TokenAuthenticator, bearer_token, hash_token
+from pipeline.server.security.auth import TokenAuthenticator, bearer_token
 from pipeline.server.security.gate import GATE_KEY, SensorPrincipal
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.control.scheduler import Outgoing, RequestScheduler
@@ -587,7 +586,7 @@ class ControlManager:
 MANAGER_KEY: web.AppKey[ControlManager] = web.AppKey("control_manager", ControlManager)
 
 
-def authenticate_handshake(request: web.Request, manager: ControlManager) -> SensorPrincipal:
+def authenticate_handshake(request: web.Request) -> SensorPrincipal:
     """Check X-Sensor-ID, the client certificate (mTLS) and the bearer token before any
     upgrade; raises PipelineError."""
     sensor_id = request.headers.get("X-Sensor-ID", "").strip()
@@ -596,23 +595,15 @@ def authenticate_handshake(request: web.Request, manager: ControlManager) -> Sen
     if not SENSOR_ID_RE.fullmatch(sensor_id):
         raise FieldValueError("X-Sensor-ID is not a valid sensor id", field="X-Sensor-ID")
     token = bearer_token(request.headers.get("Authorization"))
-    gate = request.app.get(GATE_KEY)
-    if gate is not None:
-        return gate.authenticate_sensor(request, "control", sensor_id, token)
-    try:
-        manager.authenticator.authenticate(sensor_id, token, manager.clock())
-    except AuthError:
-        manager.metrics.on_auth_failure()
-        raise
-    return SensorPrincipal(sensor_id, hash_token(token or ""), False)
+    return request.app[GATE_KEY].authenticate_sensor(request, "control", sensor_id, token)
 
 
 async def control_handler(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER_KEY]
-    principal = authenticate_handshake(request, manager)
+    principal = authenticate_handshake(request)
     sensor_id = principal.sensor_id
-    gate = request.app.get(GATE_KEY)
-    ping = gate.ws_ping_interval_s if gate is not None and gate.ws_ping_interval_s > 0 else None
+    gate = request.app[GATE_KEY]
+    ping = gate.ws_ping_interval_s if gate.ws_ping_interval_s > 0 else None
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, timeout=2.0, autoping=True,
                                heartbeat=ping)
     if not ws.can_prepare(request).ok:

@@ -3,17 +3,15 @@
 Routes (protocol.md section 2 for the ingest route; everything else is additive)::
 
     POST /v1/ingest/chunk                  sensor token of chunk.sensor_id; group-committed
+    POST /v1/ingest/batch                  (capability batch) the same, chunk by chunk
     GET  /v1/snapshots                     read API (stream token when one is configured)
     GET  /v1/snapshots/{sensor_id}
     GET  /v1/sensors, /v1/sensors/{id}/events|series|latest, /v1/dashboard   (read_api)
     POST /v1/sensors/{sensor_id}/request   202 {window_id} / 409 when not connected, 404 unknown
     GET  /healthz  /readyz  /metrics       open (no credentials)
 
-Ingest order: bearer token known (401) -> body within ``client_max_size`` (413) -> strict
-decode (400, the JSON error names the field) -> the token belongs to ``chunk.sensor_id``
-(401/403) -> group commit -> the store's verdict (422/409) or 200 with exactly the 1.0
-answer. Acks, snapshots and metrics for committed chunks are produced by the group
-committer's post-commit hook, never before the commit.
+The ingest routes themselves (single chunk and batch, one way through security, decode
+and group commit) are ``pipeline.server.ingest.handler``.
 
 ``error_middleware`` is the ONE place where errors become responses, for all three
 listeners: a ``PipelineError`` becomes its ``http_status`` with ``error.to_json()``; an
@@ -28,8 +26,6 @@ import base64
 import logging
 import math
 import time
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -44,24 +40,16 @@ from pipeline.common.errors import (
     PipelineError,
     StorageFull,
     StoreError,
-    Unauthenticated,
 )
-from pipeline.common.messages import (
-    SENSOR_ID_RE,
-    IngestResult,
-)
-from pipeline.common.tracing import Tracing, traceparent_of, with_traceparent
-from pipeline.server.security.auth import TokenAuthenticator, bearer_token, check_bearer
-from pipeline.server.control.channel import ControlManager
-from pipeline.server.security.gate import GATE_KEY, read_body
-from pipeline.server.ingest import wire as ingest_wire
-from pipeline.server.ingest.group_commit import GroupCommitter
-from pipeline.server.metrics import ServerMetrics
-from pipeline.server.read.snapshot_cache import SnapshotCache, decode_json_payload, iso_utc
+from pipeline.common.messages import SENSOR_ID_RE
+from pipeline.server.ingest.context import CONTEXT_KEY, METRICS_KEY, IngestContext
+from pipeline.server.ingest.handler import ingest_batch, ingest_chunk
+from pipeline.server.ingest.wire import BATCH_PATH, INGEST_PATH
+from pipeline.server.read.snapshot_cache import decode_json_payload, iso_utc
+from pipeline.server.security.gate import GATE_KEY
 
 log = logging.getLogger(__name__)
 
-INGEST_PATH = "/v1/ingest/chunk"
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 _STATUS_CODES = {400: "malformed", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
@@ -128,129 +116,15 @@ async def error_middleware(request: web.Request,
 
 
 def _count_rejection(request: web.Request, code: str) -> None:
-    if request.path not in (INGEST_PATH, ingest_wire.BATCH_PATH):
+    if request.path not in (INGEST_PATH, BATCH_PATH):
         return
     metrics = request.app.get(METRICS_KEY)
     if metrics is not None:
         metrics.on_rejected(code)
 
 
-# ---------------------------------------------------------------------------------------
-# Dependencies of the ingest listener
-
-
-@dataclass
-class IngestContext:
-    authenticator: TokenAuthenticator
-    committer: GroupCommitter
-    manager: ControlManager
-    snapshots: SnapshotCache
-    metrics: ServerMetrics
-    store: Any
-    executor: Executor | None
-    max_body_bytes: int
-    read_token_sha256: str | None = None
-    metrics_enabled: bool = True
-    listeners_up: Callable[[], bool] = lambda: True
-    configured_sensors: frozenset[str] = frozenset()
-    tracing: Tracing = field(default_factory=Tracing)
-
-    async def in_store_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-
-CONTEXT_KEY: web.AppKey[IngestContext] = web.AppKey("ingest_context", IngestContext)
-METRICS_KEY: web.AppKey[ServerMetrics] = web.AppKey("metrics", ServerMetrics)
-
-
 def _ctx(request: web.Request) -> IngestContext:
     return request.app[CONTEXT_KEY]
-
-
-def chunk_span_attributes(chunk: Any) -> dict[str, str | int]:
-    return {"sensor_id": chunk.sensor_id, "event_id": chunk.event_id,
-            "sequence": chunk.sequence, "window_id": chunk.window_id or ""}
-
-
-# ---------------------------------------------------------------------------------------
-# Ingest
-
-
-@dataclass(frozen=True)
-class Admission:
-    """What the ingest checks before reading a body established (single or batch POST)."""
-
-    token: str | None
-    owner: str | None  # the token's sensor; None for the fleet token or certificate-only
-    gate: Any
-    received: float
-
-
-def admit_ingest(request: web.Request, ctx: IngestContext) -> Admission:
-    """Before the body is read: strangers are refused (401/403)."""
-    received = time.time()
-    token = bearer_token(request.headers.get("Authorization"))
-    gate = request.app.get(GATE_KEY)
-    owner: str | None = None
-    if gate is not None:
-        owner = gate.precheck_ingest(request, token)
-    else:
-        try:
-            ctx.authenticator.check(token, received)
-        except AuthError:
-            ctx.metrics.on_auth_failure()
-            raise
-    return Admission(token, owner, gate, received)
-
-
-def authorize_chunk_sensor(request: web.Request, ctx: IngestContext, admission: Admission,
-                           sensor_id: str) -> None:
-    """The chunk's sensor_id must be the authenticated identity (token owner, and the
-    client certificate on an mTLS listener): 401/403 otherwise."""
-    if admission.gate is not None:
-        admission.gate.authenticate_sensor(request, "ingest", sensor_id, admission.token)
-        return
-    try:
-        ctx.authenticator.authenticate(sensor_id, admission.token, admission.received)
-    except AuthError:
-        ctx.metrics.on_auth_failure()
-        raise
-
-
-async def ingest_chunk(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    admission = admit_ingest(request, ctx)
-    gate, owner, received = admission.gate, admission.owner, admission.received
-    if gate is not None and owner is not None:
-        # Over-rate sensors are refused before their body is read.
-        gate.throttle_chunks(owner)
-    proto_allowed = ingest_wire.proto_enabled()
-    request_proto = ingest_wire.request_is_proto(request, proto_allowed)
-    body = await read_body(request, ctx.max_body_bytes,
-                           gate.body_timeout_s if gate is not None else None)
-    chunk = ingest_wire.decode_one(body, request_proto)
-    tracing = ctx.tracing
-    with tracing.span("server.ingest", parent=traceparent_of(chunk.attributes),
-                      attributes=chunk_span_attributes(chunk) if tracing.enabled else None):
-        with tracing.span("server.verify"):
-            authorize_chunk_sensor(request, ctx, admission, chunk.sensor_id)
-            if gate is not None and owner is None:
-                gate.throttle_chunks(chunk.sensor_id)
-        with tracing.span("server.commit") as commit_span:
-            # The post-commit hook (ack, snapshot) continues the trace under this span.
-            chunk = with_traceparent(chunk, commit_span.traceparent)
-            (outcome,) = await ctx.committer.submit([chunk], received_at=received)
-        if outcome.error is not None:
-            log.info("chunk_rejected sensor_id=%s window_id=%s sequence=%d event_id=%s "
-                     "error=%s", chunk.sensor_id, chunk.window_id, chunk.sequence,
-                     chunk.event_id, outcome.error.code)
-            raise outcome.error
-    result = IngestResult(stored=outcome.stored, duplicate=outcome.duplicate,
-                          sequence=outcome.sequence, event_id=outcome.event_id,
-                          sensor_id=outcome.sensor_id, event_complete=outcome.event_complete,
-                          last_committed_sequence=outcome.last_committed_sequence)
-    return ingest_wire.result_response(
-        result, ingest_wire.answer_in_proto(request, request_proto, proto_allowed))
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,16 +133,7 @@ async def ingest_chunk(request: web.Request) -> web.Response:
 
 def require_reader(request: web.Request) -> None:
     """With a stream token configured, the read API needs it (a sensor token cannot read)."""
-    gate = request.app.get(GATE_KEY)
-    if gate is not None:
-        gate.authorize_read(request)  # the stream token as reloaded
-        return
-    ctx = _ctx(request)
-    if ctx.read_token_sha256 is None:
-        return
-    if not check_bearer(ctx.read_token_sha256, bearer_token(request.headers.get("Authorization"))):
-        ctx.metrics.on_auth_failure()
-        raise Unauthenticated("the read API needs the stream token")
+    request.app[GATE_KEY].authorize_read(request)  # the stream token as reloaded
 
 
 def _sensor_id(request: web.Request) -> str:
@@ -398,9 +263,7 @@ def ingest_server(ctx: IngestContext, *, middlewares: tuple[Any, ...] = (error_m
     app[METRICS_KEY] = ctx.metrics
     r = app.router
     r.add_post(INGEST_PATH, ingest_chunk)
-    from pipeline.server.ingest.batch import ingest_batch  # it builds on this module
-
-    r.add_post(ingest_wire.BATCH_PATH, ingest_batch)
+    r.add_post(BATCH_PATH, ingest_batch)
     r.add_get("/v1/snapshots", list_snapshots)
     r.add_get("/v1/snapshots/{sensor_id}", get_snapshot)
     r.add_post("/v1/sensors/{sensor_id}/request", request_sensor)

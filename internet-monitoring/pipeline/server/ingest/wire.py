@@ -45,6 +45,7 @@ from pipeline.common.proto_codec import (
 )
 
 JSON_CONTENT_TYPE = "application/json"
+INGEST_PATH = "/v1/ingest/chunk"
 BATCH_PATH = "/v1/ingest/batch"
 
 BatchItem = IngestResult | ChunkRejection | PipelineError

@@ -525,6 +525,5 @@ def document(read_protected: bool = True) -> dict[str, Any]:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    gate = request.app.get(GATE_KEY)
-    protected = gate is not None and gate.read_token_sha256 is not None
+    protected = request.app[GATE_KEY].read_token_sha256 is not None
     return web.json_response(document(read_protected=protected))

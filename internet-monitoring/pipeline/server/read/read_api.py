@@ -31,10 +31,10 @@ from pipeline.common.errors import FieldValueError, NotFound
 from pipeline.server.read.dashboard_feed import DashboardFeed, sensor_states
 from pipeline.server.read.dashboard_kpis import sensor_health
 from pipeline.server.read.event_reader import MAX_TS_MS, EventQuery, EventReader
+from pipeline.server.ingest.context import IngestContext
 from pipeline.server.ingest.listener import (
     DEFAULT_PAGE,
     MAX_PAGE,
-    IngestContext,
     _ctx,
     _int_param,
     _sensor_id,

@@ -209,6 +209,11 @@ class SecurityGate:
             self.metrics.on_auth_failure()
             raise
 
+    def admit_ingest(self, request: web.Request) -> IngestAdmission:
+        """The ingest listener's one admission, before the body is read (401/403)."""
+        token = bearer_token(request.headers.get("Authorization"))
+        return IngestAdmission(self, request, token, self.precheck_ingest(request, token))
+
     # -- throttling ---------------------------------------------------------------------
 
     def throttle_chunks(self, sensor_id: str, n: int = 1) -> None:
@@ -241,6 +246,26 @@ class SecurityGate:
             raise Unauthenticated("the admin API needs the admin token")
 
 
+@dataclass(frozen=True)
+class IngestAdmission:
+    """What the gate established for one ingest request before its body was read; the
+    ingest handler asks it about the decoded chunks' sensors, it never calls back."""
+
+    gate: SecurityGate
+    request: web.Request
+    token: str | None
+    owner: str | None  # the token's sensor; None for the fleet token or certificate-only
+
+    def authorize(self, sensor_id: str) -> None:
+        """The chunk's sensor must be the authenticated identity (token owner, and the
+        client certificate on an mTLS listener): Unauthenticated / Forbidden otherwise."""
+        self.gate.authenticate_sensor(self.request, "ingest", sensor_id, self.token)
+
+    def charge(self, sensor_id: str, n: int = 1) -> None:
+        """Take ``n`` chunks from the sender's rate (the token's owner when known)."""
+        self.gate.throttle_chunks(self.owner or sensor_id, n)
+
+
 GATE_KEY: web.AppKey[SecurityGate] = web.AppKey("security_gate", SecurityGate)
 #: Which listener an application serves (``control``, ``ingest``, ``stream``): metric label.
 LISTENER_KEY: web.AppKey[str] = web.AppKey("listener_name", str)
@@ -260,8 +285,8 @@ async def security_middleware(request: web.Request,
     already waited: a client that honours Retry-After loses (almost) nothing, one that
     hammers regardless can make at most one request per connection per delay, so its flood
     cannot crowd the event loop that serves everyone else (test_security_flood.py)."""
-    gate = request.app.get(GATE_KEY)
-    if gate is None or request.path in OPEN_PATHS:
+    gate = request.app[GATE_KEY]
+    if request.path in OPEN_PATHS:
         return await handler(request)
     listener = request.app.get(LISTENER_KEY, "")
     gate.note_forwarding(request, listener)
