@@ -46,7 +46,8 @@ from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.runtime_metrics import register_task_gauge
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.security.auth import TokenAuthenticator, hash_token
-from pipeline.server.control.channel import ControlManager, control_server
+from pipeline.server.control.channel import ControlManager
+from pipeline.server.control.listener import control_server
 from pipeline.server.read.dashboard_feed import DashboardFeed, load_sample
 from pipeline.server.read.dashboard_kpis import Thresholds
 from pipeline.server.read.event_reader import EventReader
