@@ -3,7 +3,7 @@
 Capability ``proto``: a chunk body may be ``application/x-protobuf`` (``data.proto``
 ``Chunk``) on the same ``POST /v1/ingest/chunk``; the request's ``Content-Type`` says
 which. Capability ``batch``: ``POST /v1/ingest/batch`` takes ``{"chunks": [...]}`` (JSON)
-or a ``ChunkBatch`` (Protobuf) and answers every chunk in order (``batch.py``).
+or a ``ChunkBatch`` (Protobuf) and answers every chunk in order (``handler.py``).
 
 The answer's encoding follows ``Accept``: ``application/x-protobuf`` or
 ``application/json`` when the client names one (a ``q=0`` entry refuses it), else the

@@ -6,7 +6,7 @@ exist in practice when ``auth.admin_token`` is set (404 otherwise, documented). 
 WebSocket channels (control, UI stream) are described in protocol.md, not here.
 
 Every error answer shares one schema (``Error``: ``error``, ``message``, optional
-``field``), which is what ``http_ingest.error_middleware`` produces; a schemathesis test
+``field``), which is what ``ingest.listener.error_middleware`` produces; a schemathesis test
 fuzzes the live server against this document (no 5xx, every answer conforms).
 """
 
