@@ -1,17 +1,18 @@
-"""The server package's modules import one another without a circle, and none is over 600
-lines (docs/architecture.md). Measured from the source with ``ast``: every ``import`` and
-``from ... import`` inside ``pipeline.server`` (at module level or inside a function, where
-a circle would otherwise hide), resolved to the module it names."""
+"""The package's modules import one another without a circle, and none is over 600 lines
+outside the generated ``*_pb2`` modules (docs/architecture.md). Measured from the source
+with ``ast``: every ``import`` and ``from ... import`` inside ``pipeline`` (at module level
+or inside a function, where a circle would otherwise hide), resolved to the module it
+names. The tests are held to the line limit but left out of the circle search."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import pipeline.server
+import pipeline
 
-ROOT = Path(pipeline.server.__file__).parent
-PACKAGE = "pipeline.server"
+ROOT = Path(pipeline.__file__).parent
+PACKAGE = "pipeline"
 MAX_LINES = 600
 
 
@@ -59,7 +60,8 @@ def _imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     known = _modules()
-    return {module: _imports(module, path, known) for module, path in known.items()}
+    return {module: _imports(module, path, known) for module, path in known.items()
+            if not module.startswith(f"{PACKAGE}.tests")}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -100,10 +102,11 @@ def test_the_graph_holds_the_rooms() -> None:
     assert "pipeline.server.security.gate" in graph["pipeline.server.ingest.handler"]
 
 
-def test_no_import_circle_in_the_server() -> None:
+def test_no_import_circle_in_the_package() -> None:
     assert find_cycle(import_graph()) is None
 
 
-def test_no_server_module_over_600_lines() -> None:
-    sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+def test_no_module_over_600_lines() -> None:
+    sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()
+             if not name.endswith("_pb2")}
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
