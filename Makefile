@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # (make venv, make test) includes the runtime, so it satisfies this stamp too.
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: venv install tools test demo bench proto clean
+.PHONY: venv install tools test lint demo bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ tools:
 
 test: $(STAMP) tools
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ruff (style and bug rules) and mypy (types; strict on the pure cores), both configured in
+# pyproject.toml and installed by the dev extra. CI runs this before make test.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m pipeline.demo $(DEMO_ARGS)
