@@ -95,7 +95,7 @@ class Row:
     baseline_name: str = ""
     baseline_runs: list[float] = field(default_factory=list)
     target: str = ""
-    target_check: Callable[["Row"], bool] | None = field(default=None, repr=False)
+    target_check: Callable[[Row], bool] | None = field(default=None, repr=False)
     higher_is_better: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -410,8 +410,8 @@ def render(rows: list[Row]) -> str:
         result = f"{_fmt(row.median)} {row.unit} [{_fmt(min(row.runs))}-{_fmt(max(row.runs))}]"
         if "mb_per_s_median" in row.extra:
             result += f"; {_fmt(row.extra['mb_per_s_median'])} MB/s"
-        base = "" if row.baseline is None else f"{_fmt(row.baseline)} {row.unit} " \
-                                               f"({row.baseline_name})"
+        base = ("" if row.baseline is None
+                else f"{_fmt(row.baseline)} {row.unit} ({row.baseline_name})")
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}x"
         met = {None: "", True: "yes", False: "NO"}[row.met]
         lines.append((row.name, result, base, ratio, row.target, met))

@@ -9,7 +9,6 @@ fresh event ids and sequences: the server stores each as a new event.
 
 from __future__ import annotations
 
-import json
 import random
 import uuid
 from dataclasses import replace
@@ -25,12 +24,12 @@ DISTINCT_EVENTS = 8
 def measurement(size: int, seed: int) -> bytes:
     """A JSON result document of exactly ``size`` bytes (at least 64)."""
     rng = random.Random(seed)
-    head = '{"test": "speed", "seed": %d, "samples": [' % seed
+    head = f'{{"test": "speed", "seed": {seed:d}, "samples": ['
     parts: list[str] = []
     used = len(head) + 2
     while used < size:
-        item = '{"t_ms": %d, "down_mbps": %.3f, "rtt_ms": %.3f}' % (
-            rng.randrange(10**6), rng.uniform(1, 900), rng.uniform(1, 200))
+        t_ms, down, rtt = rng.randrange(10**6), rng.uniform(1, 900), rng.uniform(1, 200)
+        item = f'{{"t_ms": {t_ms:d}, "down_mbps": {down:.3f}, "rtt_ms": {rtt:.3f}}}'
         parts.append(item)
         used += len(item) + 2
     body = head + ", ".join(parts)

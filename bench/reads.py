@@ -58,7 +58,7 @@ class Reader:
                     self.errors.append(f"{path}: {exc}")
                     return
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         self._thread = threading.Thread(target=self._run, name="bench-reader", daemon=True)
         self._thread.start()
         return self

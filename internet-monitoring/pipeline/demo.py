@@ -37,7 +37,8 @@ def synthetic_result(rng: random.Random, sensor_id: str, test: str) -> dict[str,
     base: dict[str, Any] = {"sensor_id": sensor_id, "test": test, "ts": time.time()}
     if test == "speed":
         base.update(download_mbps=round(rng.uniform(50, 900), 1),
-                    upload_mbps=round(rng.uniform(10, 300), 1), latency_ms=round(rng.uniform(4, 40), 1))
+                    upload_mbps=round(rng.uniform(10, 300), 1),
+                    latency_ms=round(rng.uniform(4, 40), 1))
     elif test == "dns":
         base.update(resolver="192.0.2.53", lookup_ms=round(rng.uniform(2, 80), 1),
                     success=rng.random() > 0.02)
@@ -45,7 +46,8 @@ def synthetic_result(rng: random.Random, sensor_id: str, test: str) -> dict[str,
         base.update(target="gateway", rtt_ms=round(rng.uniform(1, 30), 2),
                     loss_pct=round(max(0.0, rng.gauss(0.2, 0.5)), 2))
     elif test == "wifi":
-        base.update(ssid="corp", rssi_dbm=rng.randint(-80, -35), channel=rng.choice([1, 6, 11, 36, 149]))
+        base.update(ssid="corp", rssi_dbm=rng.randint(-80, -35),
+                    channel=rng.choice([1, 6, 11, 36, 149]))
     else:
         base.update(url="https://intranet.example/", ttfb_ms=round(rng.uniform(40, 600), 1),
                     status=200)
@@ -54,9 +56,12 @@ def synthetic_result(rng: random.Random, sensor_id: str, test: str) -> dict[str,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pipeline-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="var/demo", help="where databases, configs and logs go")
-    parser.add_argument("--interval", type=float, default=3.0, help="seconds between results per sensor")
-    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)")
+    parser.add_argument("--workdir", default="var/demo",
+                        help="where databases, configs and logs go")
+    parser.add_argument("--interval", type=float, default=3.0,
+                        help="seconds between results per sensor")
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="stop after this many seconds (0 = until Ctrl-C)")
     parser.add_argument("--ephemeral-ports", action="store_true",
                         help="use free ports instead of 8765/8081/8766 (for tests)")
     return parser.parse_args(argv)

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 from pipeline.common.errors import (
     FieldTypeError,
@@ -104,7 +104,7 @@ class ChunkRejection:
         return cls(self.message, field=self.field)
 
 
-BatchOutcome = Union[IngestResult, ChunkRejection]
+BatchOutcome = IngestResult | ChunkRejection
 
 
 def batch_outcomes(results: Sequence[IngestResult | ChunkRejection | PipelineError],

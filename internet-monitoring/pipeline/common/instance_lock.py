@@ -80,7 +80,7 @@ class InstanceLock:
             pass
         os.close(fd)  # closing the descriptor releases the flock
 
-    def __enter__(self) -> "InstanceLock":
+    def __enter__(self) -> InstanceLock:
         self.acquire()
         return self
 

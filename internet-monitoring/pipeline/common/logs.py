@@ -20,10 +20,12 @@ import logging
 import sys
 import time
 from contextvars import ContextVar, Token
+from types import MappingProxyType
 from typing import Any, Mapping, TextIO
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
-_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("pipeline_log_context", default={})
+_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("pipeline_log_context",
+                                                     default=MappingProxyType({}))
 
 
 def bind_log_context(**fields: Any) -> Token[Mapping[str, Any]]:

@@ -350,7 +350,7 @@ class Fleet:
                 connected = {s["sensor_id"] for s in doc.get("sensors", []) if s.get("connected")}
                 if connected >= set(self.sensor_ids):
                     return True
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+            except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
                 pass
             await asyncio.sleep(0.25)
         return False

@@ -14,7 +14,8 @@ Overridable parameters (``Profile.with_overrides`` / ``parse_overrides``):
 * ``reset_at_connect_p``; ``hang_p`` (the chance that a connection hangs: requests reach
   the server, answers never come back);
 * partitions: ``partition_every_s``, ``partition_duration_s``, ``partition_first_s``,
-  (default: one period in), ``partition_count`` (0 = until the horizon) and explicit ``partitions``; ``blackholes``
+  (default: one period in), ``partition_count`` (0 = until the horizon) and explicit
+  ``partitions``; ``blackholes``
   (windows as ``[(start_s, duration_s), ...]`` or the string ``"start:duration,..."``);
 * run: ``kill_sensors_every_s``, ``kill_server_every_s`` (0 = never), ``duration_hint_s``.
 """

@@ -90,7 +90,7 @@ async def _wait_closed(writer: asyncio.StreamWriter, timeout_s: float = 1.0) -> 
     """Wait for a closing transport to finish; abort it if a peer does not read its data."""
     try:
         await asyncio.wait_for(writer.wait_closed(), timeout=timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         writer.transport.abort()
     except (OSError, ConnectionError):
         pass
@@ -437,7 +437,7 @@ class FaultProxy:
             upstream = await asyncio.wait_for(
                 asyncio.open_connection(self.target_host, self.target_port),
                 timeout=self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self._stats.target_connect_failures += 1
             log.warning("proxy_target_unreachable name=%s conn=%d target=%s:%d error=%s",
                         self.name, index, self.target_host, self.target_port,

@@ -150,7 +150,7 @@ class Simulation:
     async def _scrape(self, fleet: Fleet) -> None:
         try:
             text = await fleet.metrics_text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return
         self.counters.observe_text(text, SCRAPED)
 
@@ -220,7 +220,7 @@ class Simulation:
             try:
                 pages = await asyncio.gather(*(fleet.all_events(s) for s in fleet.sensor_ids))
                 return [e for page in pages for e in page]
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 if loop.time() > deadline:
                     raise ProcessError(f"cannot read events back from the server: {exc}") from exc
                 await asyncio.sleep(1.0)

@@ -46,7 +46,7 @@ async def backing_up_sensor(http: aiohttp.ClientSession, server, stop: asyncio.E
                 "queue_depth": 5000, "clock_skew_ms": 0.0}))
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

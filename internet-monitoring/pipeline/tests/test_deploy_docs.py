@@ -79,7 +79,7 @@ class Host:
         out = []
         for arg in argv:
             for point, target in self.map.items():
-                if arg == point or arg.startswith(point + "/") or arg.startswith(point + "["):
+                if arg == point or arg.startswith((point + "/", point + "[")):
                     arg = str(target) + arg[len(point):]
             out.append(arg)
         return out
@@ -150,8 +150,8 @@ def test_stand_ins_refuse_what_does_not_exist(tmp_path: Path) -> None:
     """The docker and systemctl stand-ins fail on names the repository does not ship."""
     host = Host(tmp_path)
     host.run("cd /opt/openuxi/internet-monitoring")
-    for line in ("docker compose --project-name internet-monitoring --file "
-                 "docker-compose.sensor.pipeline.yml up --detach pipeline-server",
+    for line in (("docker compose --project-name internet-monitoring --file "
+                 "docker-compose.sensor.pipeline.yml up --detach pipeline-server"),
                  "docker compose --file docker-compose.missing.yml up pipeline-agent",
                  "docker logs internet-monitoring-pipeline-nothing-1",
                  "systemctl enable --now pipeline-nothing.service"):

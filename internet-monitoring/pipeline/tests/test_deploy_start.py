@@ -119,7 +119,7 @@ class Deployment:
             f"{scheme}://127.0.0.1:{self.ports['ingest']}/v1/sensors/sensor-1/events",
             headers={"Authorization": f"Bearer {token}"})
         context = ssl.create_default_context(cafile=str(ca)) if ca else None
-        with urllib.request.urlopen(request, timeout=10, context=context) as answer:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
             return {e["event_id"] for e in json.loads(answer.read())["events"]}
 
     def stop(self) -> None:

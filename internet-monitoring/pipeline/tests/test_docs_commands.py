@@ -193,7 +193,7 @@ def test_relative_links_resolve(name: str) -> None:
 
 
 def test_no_document_points_outside_the_repository() -> None:
-    for name in OUR_DOCS + ("docs/security.md", "docs/runbook.md"):
+    for name in (*OUR_DOCS, "docs/security.md", "docs/runbook.md"):
         assert "shared/docs" not in (REPO / name).read_text(), name
 
 

@@ -97,7 +97,8 @@ class Fleet:
             assert set(ids) == set(sent), f"{sid}: missing {set(sent) - set(ids)}"
             for event in events:
                 data = base64.b64decode(event["payload_base64"])
-                assert hashlib.sha256(data).digest() == hashlib.sha256(sent[event["event_id"]]).digest()
+                expected = hashlib.sha256(sent[event["event_id"]]).digest()
+                assert hashlib.sha256(data).digest() == expected
             assert self.sensors[sid].queue_depth() == 0
 
     def stop(self) -> None:

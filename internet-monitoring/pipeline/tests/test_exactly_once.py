@@ -239,7 +239,8 @@ def assert_exactly_once(world: World) -> None:
         assert stored.data == data
 
 
-@settings(max_examples=int(os.environ.get("EXACTLY_ONCE_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("EXACTLY_ONCE_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=1, max_size=60), use_epoch=st.booleans(),
        retries=st.booleans(), seed=st.integers(0, 2**32))
 def test_every_event_stored_exactly_once_after_the_link_heals(ops, use_epoch, retries, seed):

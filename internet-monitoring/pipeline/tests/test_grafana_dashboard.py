@@ -67,8 +67,8 @@ def rule_queries() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("expr,names", [
-    ('sum by (sensor_id) (rate(server_ingest_duplicate_total{sensor_id=~"$sensor"}'
-     '[$__rate_interval]))', {"server_ingest_duplicate_total"}),
+    (('sum by (sensor_id) (rate(server_ingest_duplicate_total{sensor_id=~"$sensor"}'
+     '[$__rate_interval]))'), {"server_ingest_duplicate_total"}),
     ("histogram_quantile(0.95, sum by (le) (rate(server_ingest_latency_ms_bucket[5m])))",
      {"server_ingest_latency_ms_bucket"}),
     ("a_total > ignoring (sensor_id) group_left () 2 * b_seconds", {"a_total", "b_seconds"}),

@@ -18,7 +18,6 @@ speak of during the test):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -55,7 +54,7 @@ async def frames(ws: aiohttp.ClientWebSocketResponse, quiet_s: float = 0.4
     while True:
         try:
             msg = await ws.receive(timeout=quiet_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return out
         if msg.type is not aiohttp.WSMsgType.TEXT:
             return out

@@ -14,7 +14,6 @@ flag of both programs yields one JSON object per line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os

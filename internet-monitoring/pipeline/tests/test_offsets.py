@@ -45,7 +45,7 @@ def test_tracker_matches_set_model(case: tuple[int, list[int]]) -> None:
     assert tracker.highest == highest
     assert tracker.missing(limit=10_000) == [s for s in range(1, highest) if s not in added]
     assert tracker.missing_count() == highest - len(added)
-    for seq in range(0, n + 3):
+    for seq in range(n + 3):
         assert tracker.contains(seq) is (seq in added), seq
         assert (seq in tracker) is (seq in added)
 

@@ -4,6 +4,7 @@ Real SQLite files throughout; no sockets."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sqlite3
@@ -57,7 +58,7 @@ def test_split_batches_keeps_order_and_limits(sizes: list[int], max_chunks: int,
         total = sum(by_seq[s] for s in batch)
         assert total <= max_bytes or len(batch) == 1  # an oversized chunk travels alone
     # Greedy: no batch could have taken the next chunk.
-    for left, right in zip(batches, batches[1:]):
+    for left, right in itertools.pairwise(batches):
         assert len(left) == max_chunks or \
             sum(by_seq[s] for s in left) + by_seq[right[0]] > max_bytes
 

@@ -82,7 +82,7 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
             try:
                 piece = await asyncio.wait_for(reader.read(65536),
                                                max(0.01, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             except ConnectionError:
                 break
@@ -187,7 +187,7 @@ async def test_raw_protocol_abuse(tmp_path, clean_logs):
                      "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      f"Authorization: Bearer {TOKEN}\r\n").encode() + \
-            "X-Sensor-ID: пи-01/../x\r\n\r\n".encode("utf-8")
+            "X-Sensor-ID: пи-01/../x\r\n\r\n".encode()
         answer = await raw_exchange(server.control_port, handshake)
         assert status_of(answer) == 400
         assert not server.manager.connections
@@ -225,11 +225,11 @@ async def test_a_100_mb_body_is_refused_early_without_being_read(tmp_path, clean
                 writer.write(frame)
                 await asyncio.wait_for(writer.drain(), timeout=5)
                 sent += len(piece)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
         try:
             answer = await asyncio.wait_for(read, timeout=5)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             answer = b""
         writer.close()
         assert sent < 20 * 1024 * 1024, f"server kept reading: {sent} bytes accepted"
@@ -254,7 +254,7 @@ async def test_slow_headers_and_slow_bodies_are_cut_off(tmp_path, clean_logs):
                 writer.write(bytes([byte]))
                 await writer.drain()
                 data = await asyncio.wait_for(reader.read(1024), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             except ConnectionError:
                 data = b""
@@ -275,7 +275,7 @@ async def test_slow_headers_and_slow_bodies_are_cut_off(tmp_path, clean_logs):
             try:
                 answer = await asyncio.wait_for(reader.read(4096), timeout=0.4)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 writer.write(b" ")
                 await writer.drain()
         writer.close()

@@ -83,7 +83,7 @@ async def first_close(ws, timeout: float = 8.0) -> int | None:
     while time.monotonic() < deadline:
         try:
             msg = await ws.receive(timeout=max(0.05, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         if msg.type is aiohttp.WSMsgType.CLOSE:
             return msg.data

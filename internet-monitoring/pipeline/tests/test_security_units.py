@@ -236,8 +236,8 @@ def test_overlay_round_trips_atomically_with_owner_only_permissions(tmp_path):
 
 @pytest.mark.parametrize("content", ["{", "[]", '{"version": 2, "entries": []}',
                                      '{"version": 1, "entries": [{"sensor_id": "pi 01"}]}',
-                                     '{"version": 1, "entries": [{"sensor_id": "pi-01", '
-                                     '"token_sha256": "zz"}]}'])
+                                     ('{"version": 1, "entries": [{"sensor_id": "pi-01", '
+                                     '"token_sha256": "zz"}]}')])
 def test_a_broken_overlay_is_a_config_error(tmp_path, content):
     path = tmp_path / "c.json"
     path.write_text(content)

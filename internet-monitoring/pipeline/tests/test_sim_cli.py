@@ -57,7 +57,8 @@ def test_compare_reports_both_runs_and_enforces_the_ratio(tmp_path: Path) -> Non
                    "--duration", "0", "--quiet", "--min-goodput-ratio", "1000"], tmp_path)
     assert run.report is not None, run.explain()
     doc = run.report
-    assert doc["baseline"]["facts"]["profile"] == "clean" and doc["run"]["facts"]["profile"] == "lossy"
+    assert (doc["baseline"]["facts"]["profile"] == "clean"
+            and doc["run"]["facts"]["profile"] == "lossy")
     assert doc["baseline"]["ok"] and doc["run"]["ok"], run.explain()  # both delivered all
     assert doc["goodput_ratio"] == doc["run"]["goodput_mb_s"] / doc["baseline"]["goodput_mb_s"]
     assert doc["goodput_ratio_met"] is False and doc["ok"] is False

@@ -191,7 +191,7 @@ async def test_fragmentation_delivers_small_writes(target: RawTarget) -> None:
     target.echo = False
     payload = os.urandom(2000)
     async with FaultProxy(target_port=target.port, plan=link(fragment_max_bytes=7)) as proxy:
-        reader, writer = await connect(proxy)
+        _reader, writer = await connect(proxy)
         writer.write(payload)
         await writer.drain()
         await eventually(lambda: len(target.received) == len(payload))
@@ -438,4 +438,5 @@ def test_refuses_non_loopback_and_bad_ports(kwargs: dict[str, object], field: st
 def test_remote_targets_need_an_explicit_opt_in() -> None:
     proxy = FaultProxy(target_host="10.0.0.1", target_port=80, allow_remote=True)
     assert proxy.target_host == "10.0.0.1"
-    assert FaultProxy(listen_host="::1", target_host="localhost", target_port=1).listen_host == "::1"
+    v6 = FaultProxy(listen_host="::1", target_host="localhost", target_port=1)
+    assert v6.listen_host == "::1"
