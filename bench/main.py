@@ -240,7 +240,8 @@ def section_flat(work: Path, scale: Scale) -> list[Row]:
     template.mkdir(parents=True, exist_ok=True)
     _prefill_store(template / "server.db", scale.flat_rows)
     stored = count_rows(template / "server.db", "chunks")
-    empty_rates, full_rates = [], []
+    empty_rates: list[float] = []
+    full_rates: list[float] = []
     for run in range(scale.runs):
         for label, rates in (("empty", empty_rates), ("full", full_rates)):
             workdir = work / f"flat-{label}-{run}"
@@ -296,7 +297,8 @@ OLD_CAPS = ["chunks", "heartbeats"]
 def section_drain(work: Path, scale: Scale) -> list[Row]:
     rows = []
     for count, size in ((scale.drain_big, 20 * KIB), (scale.drain_small, KIB)):
-        new, old = [], []
+        new: list[dict[str, Any]] = []
+        old: list[dict[str, Any]] = []
         for run in range(scale.runs):
             for caps, out in ((NEW_CAPS, new), (OLD_CAPS, old)):
                 workdir = work / f"drain-{count}-{size}-{len(caps)}-{run}"

@@ -108,11 +108,12 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(pinned(self.argv, self.cpu), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **self.env})
+        return self.proc
 
     @property
     def pid(self) -> int:
@@ -172,9 +173,8 @@ class ServerProcess:
         log = self.workdir / "server.log"
         self.child = Child(python("-m", "pipeline.server", "--config", str(config)),
                            SERVER_CPU, log)
-        self.child.start()
-        _wait_http(f"http://127.0.0.1:{self.ingest_port}/healthz", timeout, self.child.proc,
-                   log)
+        proc = self.child.start()
+        _wait_http(f"http://127.0.0.1:{self.ingest_port}/healthz", timeout, proc, log)
 
     @property
     def pid(self) -> int:
@@ -203,8 +203,8 @@ class BareServer:
         self.port = free_port()
         log = self.workdir / "bare.log"
         self.child = Child(python("-m", "bench.bare", str(self.port)), SERVER_CPU, log)
-        self.child.start()
-        _wait_http(f"http://127.0.0.1:{self.port}/healthz", timeout, self.child.proc, log)
+        proc = self.child.start()
+        _wait_http(f"http://127.0.0.1:{self.port}/healthz", timeout, proc, log)
 
     def stop(self) -> None:
         if self.child is not None:

@@ -45,7 +45,9 @@ def is_valid_traceparent(value: object) -> bool:
     if not isinstance(value, str):
         return False
     match = _TRACEPARENT_RE.fullmatch(value)
-    return bool(match) and set(match.group(1)) != {"0"} and set(match.group(2)) != {"0"}
+    if match is None:
+        return False
+    return set(match.group(1)) != {"0"} and set(match.group(2)) != {"0"}
 
 
 def trace_id_of(traceparent: str) -> str:

@@ -29,7 +29,7 @@ import enum
 import hashlib
 import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Iterator
 
 from pipeline.common.errors import ConfigError
@@ -352,14 +352,15 @@ class FaultPlan:
         delay_ms = max(0.0, params.latency_ms + params.jitter_ms * jitter_roll)
         transmit_s = nbytes * 8 / params.bandwidth_bps if params.bandwidth_bps else 0.0
         fragments = _fragment_sizes(rng, nbytes, params.fragment_max_bytes)
-        common = {"delay_s": delay_ms / 1000.0, "transmit_s": transmit_s, "fragments": fragments}
+        action = SegmentAction(delay_s=delay_ms / 1000.0, transmit_s=transmit_s,
+                               fragments=fragments)
         if self.partitioned(now_s):
-            return SegmentAction(**common, reset=True, reason="partition")
+            return replace(action, reset=True, reason="partition")
         if self.blackholed(now_s):
-            return SegmentAction(**common, blackhole=True, reason="blackhole")
+            return replace(action, blackhole=True, reason="blackhole")
         if reset_roll < params.reset_mid_stream_p:
-            return SegmentAction(**common, reset=True, reason="reset_mid_stream")
-        return SegmentAction(**common)
+            return replace(action, reset=True, reason="reset_mid_stream")
+        return action
 
 
 # ---------------------------------------------------------------------------------------

@@ -137,7 +137,9 @@ def server_event_from_json(doc: Mapping[str, Any]) -> ServerEvent:
 class SimSensor(Protocol):
     sensor_id: str
     queue_path: Path
-    kills: int
+
+    @property
+    def kills(self) -> int: ...
 
     async def start(self) -> None: ...
     async def kill(self) -> None: ...

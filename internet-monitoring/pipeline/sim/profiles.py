@@ -191,6 +191,7 @@ def _classify(key: str, value: Any, sides: dict[str, dict[str, Any]], link: dict
               top: dict[str, Any]) -> None:
     """Coerce and validate one override and file it under what it changes."""
     prefix, _, rest = key.partition("_")
+    targets: tuple[str, ...]
     if prefix in sides and rest in DIRECTION_PARAMS:
         targets, param = (prefix,), rest
     elif key in DIRECTION_PARAMS:
@@ -199,7 +200,8 @@ def _classify(key: str, value: Any, sides: dict[str, dict[str, Any]], link: dict
         targets, param = (), key
     if targets:
         coerced = _integer(key, value) if param in _DIRECTION_INT else _number(key, value)
-        _checked(key, lambda: DirectionFaults(**{param: coerced}))
+        override: dict[str, Any] = {param: coerced}
+        _checked(key, lambda: DirectionFaults(**override))
         for side in targets:
             sides[side][param] = coerced
     elif key in ("reset_at_connect_p", "hang_p"):

@@ -182,8 +182,8 @@ def build_report(generated: Iterable[GeneratedEvent], stored: Iterable[ServerEve
     for event in generated:
         truth[(event.sensor_id, event.event_id)] = event
     copies: dict[tuple[str, str], list[ServerEvent]] = {}
-    for event in stored:
-        copies.setdefault((event.sensor_id, event.event_id), []).append(event)
+    for copy in stored:
+        copies.setdefault((copy.sensor_id, copy.event_id), []).append(copy)
     left = {q.sensor_id: q for q in leftovers}
 
     per_sensor: dict[str, dict[str, int]] = {}
