@@ -131,7 +131,7 @@ class World:
             self.send_requests(self.scheduler.pump(self.now, touched=[SENSOR]))
         self.http.append(Answer(post.chunk.sequence, ok))
 
-    def send_requests(self, outgoing) -> None:  # type: ignore[no-untyped-def]
+    def send_requests(self, outgoing) -> None:
         if self.connected:
             self.to_sensor.extend(o.request for o in outgoing)
 

@@ -146,7 +146,7 @@ def test_sensor_metrics_say_the_disk_is_full_until_deletes_make_room(tmp_path: P
         sid = {"sensor_id": "pi-07"}
         try:
             assert registry.get_sample_value("sensor_disk_full", sid) == 0
-            sequences = []
+            sequences: list[int] = []
             with pytest.raises(QueueFull):
                 while True:
                     sequences.extend(queue.enqueue(rng.randbytes(8000)).sequences)

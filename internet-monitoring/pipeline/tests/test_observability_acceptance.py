@@ -50,7 +50,7 @@ def payload_bytes(doc: dict[str, Any]) -> int:
 async def frames(ws: aiohttp.ClientWebSocketResponse, quiet_s: float = 0.4
                  ) -> list[dict[str, Any]]:
     """Every frame the server sends until it is quiet for ``quiet_s``."""
-    out = []
+    out: list[dict[str, Any]] = []
     while True:
         try:
             msg = await ws.receive(timeout=quiet_s)

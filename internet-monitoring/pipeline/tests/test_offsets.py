@@ -124,7 +124,7 @@ def test_invalid_sequences_are_refused() -> None:
     with pytest.raises(FieldValueError):
         tracker.add(0)
     with pytest.raises(FieldTypeError):
-        tracker.add(True)  # type: ignore[arg-type]
+        tracker.add(True)
     assert not tracker.contains(0)
     assert not tracker.contains(-1)
 

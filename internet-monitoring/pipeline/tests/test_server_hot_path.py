@@ -94,8 +94,12 @@ def test_results_sharing_their_fields_are_parsed_once_per_batch(monkeypatch) -> 
 
     parsed = []
     real = metrics_mod.decode_json_payload
-    monkeypatch.setattr(metrics_mod, "decode_json_payload",
-                        lambda data: parsed.append(data) or real(data))
+
+    def counting(data):
+        parsed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(metrics_mod, "decode_json_payload", counting)
     metrics = ServerMetrics(CollectorRegistry(), snapshot_fields=FIELDS)
     speed = [json.dumps({"download_mbps": i, "rtt_ms": i / 10}).encode() for i in range(50)]
     dns = json.dumps({"dns_ms": 3}).encode()  # carries no listed field

@@ -337,7 +337,7 @@ def test_bad_link_and_plan_parameters() -> None:
         LinkFaults(reset_at_connect_p=-0.1)
     assert info.value.field == "reset_at_connect_p"
     with pytest.raises(ConfigError) as info:
-        LinkFaults.symmetric(latency=5)  # type: ignore[arg-type]
+        LinkFaults.symmetric(latency=5)
     assert info.value.field == "latency"
     with pytest.raises(ConfigError) as info:
         FaultPlan(seed="x")  # type: ignore[arg-type]

@@ -92,7 +92,7 @@ async def web_target() -> AsyncIterator[int]:
     await runner.setup()
     site = web.TCPSite(runner, HOST, 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]
     yield port
     await runner.cleanup()
 
@@ -115,7 +115,7 @@ async def roundtrip(proxy: FaultProxy, payload: bytes) -> bytes:
     return data
 
 
-async def eventually(predicate, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+async def eventually(predicate, timeout: float = 3.0) -> None:
     await polled(predicate, timeout, interval=0.01)
 
 

@@ -90,7 +90,7 @@ def test_a_span_continues_its_parent(spans: tuple[Tracing, InMemorySpanExporter]
     assert own is not None and trace_id_of(own) == trace_id_of(VALID) and own != VALID
     (finished,) = exporter.get_finished_spans()
     assert finished.parent.span_id == int("00f067aa0ba902b7", 16)
-    assert finished.attributes["sensor_id"] == "pi-01"
+    assert finished.attributes is not None and finished.attributes["sensor_id"] == "pi-01"
 
 
 def test_an_exception_is_recorded_and_raised(spans: tuple[Tracing, InMemorySpanExporter]

@@ -31,7 +31,7 @@ from pipeline.common.messages import (
 from pipeline.version import SUPPORTED_SCHEMA_MAJOR
 
 # Any unicode scalar value: lone surrogates are not valid text on either encoding.
-_chars = st.characters(exclude_categories=("Cs",))
+_chars = st.characters(exclude_categories=["Cs"])
 
 
 def text(max_size: int = 40) -> st.SearchStrategy[str]:
