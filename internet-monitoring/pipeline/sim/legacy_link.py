@@ -122,8 +122,9 @@ async def run_link(workdir: Path, settings: LinkSettings) -> LinkResult:
                                        settings.size, settings.seed)
     scheduler = {**PLATFORM_SCHEDULER, "window_timeout_s": settings.window_timeout_s}
     server = ServerProcess(workdir / "server", {SENSOR_ID: TOKEN},
-                           extra_config={"scheduler": scheduler,
-                                         "heartbeat": {"interval_s": settings.heartbeat_interval_s}})
+                           extra_config={
+                               "scheduler": scheduler,
+                               "heartbeat": {"interval_s": settings.heartbeat_interval_s}})
     await asyncio.to_thread(server.start)
     one_way = DirectionFaults(reset_mid_stream_p=settings.reset_mid_stream_p)
     plan = FaultPlan(seed=settings.seed, faults=LinkFaults(

@@ -294,8 +294,7 @@ class LegacyAgent:
                 try:
                     await self._session(http)
                     backoff.reset()
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError,
-                        ProtocolError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError, ProtocolError) as exc:
                     log.info("legacy_control_failed sensor_id=%s error=%s",
                              self.settings.sensor_id, type(exc).__name__)
                 if self._stop.is_set():
@@ -307,7 +306,7 @@ class LegacyAgent:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _session(self, http: aiohttp.ClientSession) -> None:
@@ -368,7 +367,7 @@ class LegacyAgent:
 
     async def _handle(self, http: aiohttp.ClientSession, doc: dict[str, Any]) -> None:
         body_type = str(doc.get("body_type"))
-        body = doc.get("body")
+        body: Any = doc.get("body")
         check_body(body_type, body)  # ProtocolError drops the connection
         if body_type == "chunk_ack":
             queued = self.queue.present(body["committed_sequences"])
@@ -408,7 +407,7 @@ class LegacyAgent:
                         self.posts += 1
                         return
                     failure = f"status_{resp.status}"
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 failure = type(exc).__name__
             self.post_failures += 1
             delay = backoff.next()

@@ -206,7 +206,8 @@ def _classify(key: str, value: Any, sides: dict[str, dict[str, Any]], link: dict
             sides[side][param] = coerced
     elif key in ("reset_at_connect_p", "hang_p"):
         coerced = _number(key, value)
-        _checked(key, lambda: LinkFaults(**{key: coerced}))
+        link_override: dict[str, Any] = {key: coerced}
+        _checked(key, lambda: LinkFaults(**link_override))
         link[key] = coerced
     elif key in _PROFILE_FIELDS:
         top[key] = _PROFILE_FIELDS[key](key, value)

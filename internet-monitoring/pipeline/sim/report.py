@@ -298,31 +298,31 @@ def format_report(report: Report) -> str:
         ("events generated", f"{report.generated:,}  ({report.generated_bytes / MB:,.2f} MB)"),
         ("delivered exactly once",
          f"{report.delivered_exactly_once:,}  ({report.delivered_pct:.2f} %)"),
-        ("missing", f"{report.missing:,}  (left in queue {report.missing_left_in_queue:,}, "
-                    f"quarantined {report.missing_quarantined:,}, lost {report.lost:,})"),
+        ("missing", (f"{report.missing:,}  (left in queue {report.missing_left_in_queue:,}, "
+                    f"quarantined {report.missing_quarantined:,}, lost {report.lost:,})")),
         ("duplicated", f"{report.duplicated:,}  ({report.duplicate_copies:,} extra copies)"),
         ("corrupted (bytes differ)", f"{report.corrupted:,}"),
         ("unexpected events", f"{report.unexpected:,}"),
-        ("left in queues", f"{report.left_in_queues_events:,} events, "
-                           f"{report.left_in_queues_chunks:,} chunks"),
-        ("quarantined", f"{report.quarantined_events:,} events, "
-                        f"{report.quarantined_chunks:,} chunks"),
+        ("left in queues", (f"{report.left_in_queues_events:,} events, "
+                           f"{report.left_in_queues_chunks:,} chunks")),
+        ("quarantined", (f"{report.quarantined_events:,} events, "
+                        f"{report.quarantined_chunks:,} chunks")),
         ("dropped by queue limits", f"{report.dropped_events:,} events"),
         ("sensor retries", _num(report.retries)),
         ("duplicates absorbed (server)", _num(report.duplicates_absorbed)),
-        ("resets injected", f"{faults.get('resets', 0):,}  (at connect "
+        ("resets injected", (f"{faults.get('resets', 0):,}  (at connect "
                             f"{faults.get('resets_at_connect', 0):,}, mid-stream "
                             f"{faults.get('resets_mid_stream', 0):,}, partition "
-                            f"{faults.get('resets_partition', 0):,})"),
-        ("black-holed bytes", f"{faults.get('blackholed_bytes', 0):,}  (hung connections "
-                              f"{faults.get('hangs', 0):,})"),
-        ("kills (SIGKILL)", f"sensors {f.kills.get('sensors', 0)}, "
-                            f"server {f.kills.get('server', 0)}"),
+                            f"{faults.get('resets_partition', 0):,})")),
+        ("black-holed bytes", (f"{faults.get('blackholed_bytes', 0):,}  (hung connections "
+                              f"{faults.get('hangs', 0):,})")),
+        ("kills (SIGKILL)", (f"sensors {f.kills.get('sensors', 0)}, "
+                            f"server {f.kills.get('server', 0)}")),
         ("goodput", "-" if report.goodput_mb_s is None else
          f"{report.goodput_mb_s:.3f} MB/s  ({report.events_per_s:,.1f} events/s over "
          f"{report.delivery_window_s:.1f} s)"),
-        ("latency enqueue->commit", f"p50 {_ms(lat.p50_ms)}, p95 {_ms(lat.p95_ms)}, "
-                                    f"p99 {_ms(lat.p99_ms)}, max {_ms(lat.max_ms)}"),
+        ("latency enqueue->commit", (f"p50 {_ms(lat.p50_ms)}, p95 {_ms(lat.p95_ms)}, "
+                                    f"p99 {_ms(lat.p99_ms)}, max {_ms(lat.max_ms)}")),
         ("cpu (whole run)", _cpu(f.cpu_s, report.delivered_bytes)),
         ("drain", f"{f.drain} after {f.elapsed_s:.1f} s (submitting took {f.submit_s:.1f} s)"),
     ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -235,7 +236,7 @@ class Simulation:
         if fleet.server is not None:
             watched.append(Watched("server", fleet.server_pid, fleet.http_base + "/metrics"))
         for sid in fleet.sensor_ids:
-            watched.append(Watched(sid, lambda sid=sid: fleet.sensor_pid(sid),
+            watched.append(Watched(sid, functools.partial(fleet.sensor_pid, sid),
                                    fleet.metrics_urls.get(sid)))
         monitor = SoakMonitor(s.soak, watched)
         tasks.append(asyncio.create_task(monitor.run(stop), name="sim-soak-monitor"))
@@ -349,7 +350,7 @@ class Simulation:
             await asyncio.gather(*crashers, return_exceptions=True)
 
 
-async def _set_after(task: "asyncio.Future[Any]", event: asyncio.Event) -> None:
+async def _set_after(task: asyncio.Future[Any], event: asyncio.Event) -> None:
     try:
         await asyncio.shield(task)
     finally:

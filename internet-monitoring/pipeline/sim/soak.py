@@ -214,7 +214,7 @@ class SoakMonitor:
                 await self.sample(http, loop.time() - self._started)
                 try:
                     await asyncio.wait_for(stop.wait(), self.settings.sample_every_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def sample(self, http: aiohttp.ClientSession, t: float) -> None:
@@ -241,7 +241,7 @@ class SoakMonitor:
                 if resp.status != 200:
                     return None
                 return parse_tasks(await resp.text())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
 
     def finish(self) -> SoakResult:
@@ -266,7 +266,7 @@ async def flap_links(settings: SoakSettings, proxies: Mapping[str, Sequence[Any]
         try:
             await asyncio.wait_for(stop.wait(), rng.expovariate(1.0 / settings.fault_every_s))
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         name = rng.choice(names)
         resets = sum(proxy.reset_all("link_flap") for proxy in proxies[name])
@@ -276,11 +276,11 @@ async def flap_links(settings: SoakSettings, proxies: Mapping[str, Sequence[Any]
 
 def format_soak(result: SoakResult) -> str:
     """The report's soak section: per process, first and last sample and the growth."""
-    lines = ["  soak (resources per process; growth = median of the last third minus the "
-             "first third after warm-up)"]
+    lines = [("  soak (resources per process; growth = median of the last third minus the "
+             "first third after warm-up)")]
     by_process: dict[str, dict[str, Growth]] = {}
-    for g in result.growth:
-        by_process.setdefault(g.process, {})[g.resource] = g
+    for growth in result.growth:
+        by_process.setdefault(growth.process, {})[growth.resource] = growth
     for name in sorted(result.samples):
         series = result.samples[name]
         if not series:

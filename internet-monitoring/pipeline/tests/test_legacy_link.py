@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.slow
 
 EVENTS = 60
 BOUND_S = 90.0  # queue empty and every event stored exactly once within this
-FAST = {"heartbeat_interval_s": 3.0, "ingest_timeout_s": 3.0, "ping_interval_s": 5.0,
-        "window_timeout_s": 2.0}
+FAST: dict[str, Any] = {"heartbeat_interval_s": 3.0, "ingest_timeout_s": 3.0,
+                        "ping_interval_s": 5.0, "window_timeout_s": 2.0}
 
 
 async def test_legacy_sensor_drains_through_a_resetting_and_hanging_ingest_link(

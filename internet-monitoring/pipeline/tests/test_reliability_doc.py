@@ -48,8 +48,9 @@ def test_the_document_shows_commands() -> None:
 
 @pytest.mark.parametrize("command", documented_commands())
 def test_documented_command_runs(command: str, tmp_path: Path) -> None:
-    for prefix, (argv, short) in SHORT_RUNS.items():
+    for prefix, run in SHORT_RUNS.items():
         if command.startswith(prefix + " ") or command == prefix:
+            argv, short = run
             rest = shlex.split(command[len(prefix):])
             break
     else:

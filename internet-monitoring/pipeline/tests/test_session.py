@@ -85,7 +85,8 @@ def test_stuck_chunks_rerequested_with_same_window_id():
     window gets nothing; the session re-requests A by its id."""
     s = connected(depth=3)
     a = s.issue_window(now=0)
-    s.on_committed([Committed(2, a.window_id, 1), Committed(3, a.window_id, 1)], watermark=0, now=0.1)
+    s.on_committed([Committed(2, a.window_id, 1), Committed(3, a.window_id, 1)],
+                   watermark=0, now=0.1)
     s.on_tick(now=1.2)  # A goes quiet
     s.on_disconnect(now=1.3)  # the acks of 2 and 3 may have died with the connection
     s.on_connect(now=1.5)
@@ -285,7 +286,7 @@ def test_acks_the_sensor_has_provably_read_are_never_repeated():
                    watermark=2, now=1)  # acks of 1, 2 queued at t=1
     b = s.issue_window(now=2)  # requested after them
     s.on_committed([Committed(3, b.window_id, 1)], watermark=3, now=3)  # the sensor read it
-    assert [w for w in s.ledger._windows] == [b.window_id]
+    assert list(s.ledger._windows) == [b.window_id]
     s.on_disconnect(now=4)
     s.on_connect(now=5)
     s.on_heartbeat(hb(7), now=5)

@@ -36,7 +36,8 @@ def series(rss_mib: list[float], fds: list[int] | None = None,
 
 
 def test_flat_series_after_warmup_pass_even_with_a_warmup_climb_and_noise() -> None:
-    rss = [40, 60, 75, 80] + [80, 83, 79, 81, 80, 84, 79, 80, 82, 81, 80, 79, 83, 80, 81, 80]
+    rss: list[float] = [40, 60, 75, 80, 80, 83, 79, 81, 80, 84, 79, 80, 82, 81, 80, 79, 83, 80,
+                        81, 80]
     measured, problems = check_growth("server", series(rss), SETTINGS)
     assert problems == []
     assert {g.resource for g in measured} == {"rss_bytes", "fds", "tasks"}
@@ -76,8 +77,8 @@ def test_durations_and_task_counts_parse() -> None:
     assert parse_duration("2h") == 7200 and parse_duration("1.5s") == 1.5
     with pytest.raises(ConfigError):
         parse_duration("soon")
-    text = "# HELP pipeline_asyncio_tasks x\n# TYPE pipeline_asyncio_tasks gauge\n" \
-           "pipeline_asyncio_tasks 17.0\npipeline_asyncio_tasks_other 3\n"
+    text = ("# HELP pipeline_asyncio_tasks x\n# TYPE pipeline_asyncio_tasks gauge\n"
+            "pipeline_asyncio_tasks 17.0\npipeline_asyncio_tasks_other 3\n")
     assert parse_tasks(text) == 17 and parse_tasks("nothing") is None
 
 
