@@ -95,9 +95,9 @@ def _delay_from_env() -> float:
 def broken_server_class() -> type:
     from pipeline.server.app import PipelineServer
 
-    class AckBeforeCommitServer(PipelineServer):  # type: ignore[misc, valid-type]
+    class AckBeforeCommitServer(PipelineServer):
         def _open_store(self) -> Any:
-            store = super()._open_store()
+            store: Any = super()._open_store()  # the SQLite backend: its connection is wrapped
             store._conn = DeferredCommitConnection(store._conn, _delay_from_env())
             log.warning("TEST_ONLY_BROKEN_SERVER acks_before_commit=true commit_delay_s=%.1f "
                         "path=%s", _delay_from_env(), self.config.store.path)

@@ -151,7 +151,8 @@ def _child_store(path: Path, synchronous: str, rng: random.Random, first_sequenc
     from pipeline.common.config import StoreConfig
     from pipeline.server.store import open_store
 
-    store = open_store(StoreConfig(path=str(path), synchronous=synchronous, reserve_bytes=0))
+    mode: Any = synchronous  # StoreConfig checks it is FULL or NORMAL
+    store = open_store(StoreConfig(path=str(path), synchronous=mode, reserve_bytes=0))
     _say("ready")
     sequence = first_sequence
     pending: list[Chunk] = []

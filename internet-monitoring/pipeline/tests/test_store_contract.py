@@ -271,7 +271,7 @@ def test_restart_keeps_offsets_gaps_and_partial_events(backend: Backend) -> None
     chunks = make_chunks(data, 1)
     extra = make_chunks(b"later event", 6)
     s = backend.open()
-    s.ingest([chunks[0], chunks[1], chunks[3]] + extra)  # sequence 3 and 5 lost
+    s.ingest([chunks[0], chunks[1], chunks[3], *extra])  # sequence 3 and 5 lost
     assert s.committed_offset(SENSOR, "") == 2
     s.close()
 

@@ -225,7 +225,7 @@ def test_a_chunk_disagreeing_with_its_event_conflicts() -> None:
     assert isinstance(started, StoreProgress)
     for change, name in (({"chunk_count": 3}, "chunk_count"),
                          ({"event_sha256": b"\3" * 32}, "event_sha256")):
-        verdict = ledger.judge_event(replace(second, **change), started.partial)  # type: ignore[arg-type]
+        verdict = ledger.judge_event(replace(second, **change), started.partial)
         assert isinstance(verdict, Conflict) and verdict.error.field == name
 
 

@@ -47,7 +47,7 @@ class SliceCache:
             self._bytes -= len(data)
         return data
 
-    def move_to(self, other: "SliceCache") -> None:
+    def move_to(self, other: SliceCache) -> None:
         """Hand every entry, with its count, to ``other`` and empty this one."""
         for digest, (data, uses) in self._items.items():
             for _ in range(uses):

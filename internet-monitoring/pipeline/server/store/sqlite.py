@@ -157,7 +157,7 @@ class SQLiteChunkStore(SQLiteIngest, SQLiteReads, SQLiteControl):
                 log.warning("store_close_failed path=%s error=%s", self.path, exc)
             log.info("store_closed path=%s", self.path)
 
-    def __enter__(self) -> "SQLiteChunkStore":
+    def __enter__(self) -> SQLiteChunkStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

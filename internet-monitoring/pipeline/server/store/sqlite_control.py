@@ -24,9 +24,9 @@ class SQLiteControl(SQLiteBase):
 
     def save_window(self, sensor_id: str, window_id: str, state: dict[str, Any]) -> None:
         self._write([(
-            "INSERT INTO windows (sensor_id, window_id, state, updated_at) VALUES (?, ?, ?, ?)"
+            ("INSERT INTO windows (sensor_id, window_id, state, updated_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (sensor_id, window_id) DO UPDATE SET state = excluded.state,"
-            " updated_at = excluded.updated_at",
+            " updated_at = excluded.updated_at"),
             (sensor_id, window_id, json.dumps(state, sort_keys=True), self._clock()))],
             "save_window failed")
 
@@ -41,9 +41,9 @@ class SQLiteControl(SQLiteBase):
 
     def save_sensor_state(self, sensor_id: str, state: dict[str, Any]) -> None:
         self._write([(
-            "INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
+            ("INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
             " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
-            " updated_at = excluded.updated_at",
+            " updated_at = excluded.updated_at"),
             (sensor_id, json.dumps(state, sort_keys=True), self._clock()))],
             "save_sensor_state failed")
 
@@ -92,15 +92,15 @@ class SQLiteControl(SQLiteBase):
             statements.extend(("DELETE FROM windows WHERE sensor_id = ? AND window_id = ?",
                                (sensor_id, wid)) for wid in gone)
             statements.extend((
-                "INSERT INTO windows (sensor_id, window_id, state, updated_at)"
+                ("INSERT INTO windows (sensor_id, window_id, state, updated_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (sensor_id, window_id) DO UPDATE SET"
-                " state = excluded.state, updated_at = excluded.updated_at",
+                " state = excluded.state, updated_at = excluded.updated_at"),
                 (sensor_id, wid, json.dumps(doc, sort_keys=True), now))
                 for wid, doc in windows.items())
             statements.append((
-                "INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
+                ("INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
-                " updated_at = excluded.updated_at",
+                " updated_at = excluded.updated_at"),
                 (sensor_id, json.dumps(state, sort_keys=True), now)))
         return statements
 
@@ -205,7 +205,7 @@ class SQLiteControl(SQLiteBase):
             if not os.access(target, os.W_OK):
                 raise StoreError(f"store path {target} is not writable")
         self._write([(
-            "INSERT INTO store_meta (key, value) VALUES ('write_check', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ("INSERT INTO store_meta (key, value) VALUES ('write_check', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
             (repr(self._clock()),))], "store is not writable")
 
