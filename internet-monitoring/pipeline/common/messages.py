@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import binascii
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 from pipeline.common.errors import (
     FieldTypeError,
     FieldValueError,
     PayloadTooLarge,
 )
-from pipeline.common.wire_fields import (  # noqa: F401 - re-exported: callers import them here
+from pipeline.common.wire_fields import (  # re-exported: callers import them here
     b64,
     check_schema_version,
     check_text,
@@ -128,7 +128,7 @@ class Command:
     BODY_TYPE = "command"
 
 
-Body = Union[Heartbeat, ChunkRequest, ChunkAck, CommandResponse, Command]
+Body = Heartbeat | ChunkRequest | ChunkAck | CommandResponse | Command
 BODY_TYPES: dict[str, type] = {
     cls.BODY_TYPE: cls for cls in (Heartbeat, ChunkRequest, ChunkAck, CommandResponse, Command)
 }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Container, Sequence, Union
+from typing import Container, Protocol, Sequence
 
 from pipeline.common.backoff import Backoff, is_permanent_rejection
 from pipeline.common.batch import ChunkRejection
@@ -31,7 +31,18 @@ RETRY_AFTER_CAP_S = 300.0
 REFUSAL_STATUSES = (401, 403)  # about the credential: the chunk stays queued, retried
 
 #: What the server said about one chunk of an accepted POST (None: the body was unreadable).
-ChunkOutcome = Union[IngestResult, ChunkRejection, None]
+ChunkOutcome = IngestResult | ChunkRejection | None
+
+
+class BackoffSettings(Protocol):
+    """A config ``backoff`` section, as far as the delivery policy reads it."""
+
+    @property
+    def initial_s(self) -> float: ...
+    @property
+    def max_s(self) -> float: ...
+    @property
+    def jitter(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -45,11 +56,11 @@ class DeliveryPolicy:
     split_min: int = BATCH_SPLIT_MIN
 
     @classmethod
-    def from_backoff(cls, backoff: object) -> DeliveryPolicy:
+    def from_backoff(cls, backoff: BackoffSettings) -> DeliveryPolicy:
         """From a config ``backoff`` section (``initial_s``, ``max_s``, ``jitter``)."""
-        return cls(initial_s=float(getattr(backoff, "initial_s")),
-                   max_s=float(getattr(backoff, "max_s")),
-                   jitter=float(getattr(backoff, "jitter")))
+        return cls(initial_s=float(backoff.initial_s),
+                   max_s=float(backoff.max_s),
+                   jitter=float(backoff.jitter))
 
     def max_delay(self) -> float:
         """No retry waits longer than this."""
@@ -93,7 +104,7 @@ class Quarantined:
     message: str
 
 
-Verdict = Union[Delivered, Quarantined]
+Verdict = Delivered | Quarantined
 
 
 @dataclass(frozen=True)
@@ -151,7 +162,7 @@ class Done:
     """Nothing left pending in this send."""
 
 
-Action = Union[Answered, Retry, Split, FallBackToSingles, Done]
+Action = Answered | Retry | Split | FallBackToSingles | Done
 
 
 def quarantine_reason(status: int, code: str) -> str:
@@ -231,8 +242,8 @@ class Delivery:
         self.pending = tuple(retry)
         actions: list[Action] = [Answered(tuple(verdicts), accepted=True)]
         if not self.pending:
-            return actions + [Done()]
-        return actions + [self._retry(self._backoff.next(), CAUSE_PARTIAL)]
+            return [*actions, Done()]
+        return [*actions, self._retry(self._backoff.next(), CAUSE_PARTIAL)]
 
     def _on_refused_for_good(self, answer: AttemptAnswer) -> list[Action]:
         pending, self.pending = self.pending, ()

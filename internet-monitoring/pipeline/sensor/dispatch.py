@@ -115,7 +115,8 @@ class Dispatcher:
             self.in_flight[info.sequence] = InFlight(request.window_id, now, posting=True)
         return SendPlan(request.window_id, tuple(chosen))
 
-    def on_post_delivered(self, sequence: int, now: float, *, http_ack: bool = False) -> tuple[int, ...]:
+    def on_post_delivered(self, sequence: int, now: float, *, http_ack: bool = False
+                          ) -> tuple[int, ...]:
         """The server answered 200 for this chunk. With the ``http_ack`` capability that
         answer is the durable confirmation: returns the sequence to delete."""
         item = self.in_flight.get(sequence)

@@ -31,6 +31,7 @@ This module holds ``DurableQueue``; its parts live next to it: ``queue_schema`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import sqlite3
@@ -423,7 +424,9 @@ class DurableQueue:
             try:
                 conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
             except sqlite3.Error as exc:
-                self.health.failed("checkpoint", error_kind(exc), exc)
+                # error_kind is None for a non-disk error: recorded as before (kind None);
+                # whether it belongs in the disk-health record at all is an open question.
+                self.health.failed("checkpoint", error_kind(exc), exc)  # type: ignore[arg-type]
 
     def restore_headroom(self) -> bool:
         """Timer hook (the agent's tick): reclaim space and put the reserve back if the disk
@@ -457,7 +460,7 @@ class DurableQueue:
         total = DropTally()
         while True:
             step = DropTally()
-            self._with_room("prune", lambda: self._prune_step(cutoff, batch, step))
+            self._with_room("prune", functools.partial(self._prune_step, cutoff, batch, step))
             if not step.events:
                 break
             total.chunks += step.chunks

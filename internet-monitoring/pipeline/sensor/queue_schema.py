@@ -11,7 +11,7 @@ CHUNK_COLUMNS = (
     "created_at, logical_timestamp_ms, attributes, enqueued_at, nbytes"
 )
 
-SCHEMA_SQL = f"""
+SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL

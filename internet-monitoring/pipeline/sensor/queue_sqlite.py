@@ -6,6 +6,7 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
+from typing import Literal
 
 from pipeline.common.errors import QueueError, QueueFull
 from pipeline.common.headroom import KIND_FULL, KIND_IO, DiskHealth
@@ -32,7 +33,7 @@ class Transaction:
         return self._conn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: object) -> bool:
+                 traceback: object) -> Literal[False]:
         if exc_type is None:
             try:
                 self._conn.execute("COMMIT")
@@ -66,7 +67,7 @@ class Translate:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: object) -> bool:
+                 traceback: object) -> Literal[False]:
         if not isinstance(exc, sqlite3.Error):
             return False
         kind = error_kind(exc)

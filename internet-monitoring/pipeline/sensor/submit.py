@@ -199,7 +199,7 @@ class SubmitServer:
             error = PayloadTooLarge(f"event larger than {self._max_bytes} bytes", field="body")
             return web.json_response(error.to_json(), status=error.http_status)
         try:
-            attrs = check_attributes({k: v for k, v in request.query.items()})
+            attrs = check_attributes(dict(request.query.items()))
             event = await asyncio.to_thread(enqueue_traced, self._queue, self._tracing,
                                             self._sensor_id, data, attrs)
         except PipelineError as exc:

@@ -25,7 +25,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Self, Sequence
 
 import aiohttp
 
@@ -301,7 +301,7 @@ class ControlConnection:
         if not self._ws.closed:
             try:
                 await asyncio.wait_for(self._ws.close(), timeout=2.0)
-            except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 log.debug("control_close_failed error=%s", exc)
 
     async def _answer_ping(self, data: bytes) -> None:
@@ -329,7 +329,7 @@ class ControlConnection:
                 try:
                     await asyncio.wait_for(self._ws.close(code=1011, message=b"ping timeout"),
                                            timeout=1.0)
-                except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     pass
                 return
 
@@ -352,7 +352,7 @@ class ControlClient:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> ControlClient:
+    def from_config(cls, config: Any) -> Self:
         control = config.control
         return cls(url=control.url, sensor_id=config.sensor_id, token=_token_source(config),
                    headers=control.headers, tls=control.tls,
@@ -388,7 +388,7 @@ class ControlClient:
             if exc.status == 403:
                 raise Forbidden(reason, field="control") from exc
             raise ConnectionError(f"control handshake failed: HTTP {exc.status}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise TimeoutError(f"control connect timed out after {self._connect_timeout}s") from exc
         except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
             raise ConnectionError(f"control connect failed: {exc}") from exc
@@ -432,7 +432,7 @@ class IngestClient:
         self._ssl = build_ssl_context(self.tls, self.url, "ingest")
 
     @classmethod
-    def from_config(cls, config: Any) -> IngestClient:
+    def from_config(cls, config: Any) -> Self:
         ingest = config.ingest
         return cls(url=ingest.url, token=_token_source(config), timeout=ingest.timeout,
                    headers=dict(ingest.headers or {}), tls=ingest.tls,
@@ -507,7 +507,7 @@ class IngestClient:
                                                   else -1)
                 return (response.status, raw, response.content_type,
                         response.headers.get("Retry-After"))
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise TimeoutError(f"ingest POST timed out after {self.timeout}s") from exc
         except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
             raise ConnectionError(f"ingest POST failed: {exc}") from exc

@@ -228,11 +228,11 @@ class RecordingIngest(IngestClient):
 
     calls: list[tuple[str, bool, int]]
 
-    async def post_chunk(self, chunk, *, proto: bool = False):  # type: ignore[override]
+    async def post_chunk(self, chunk, *, proto: bool = False):
         self.calls.append(("chunk", proto, 1))
         return await super().post_chunk(chunk, proto=proto)
 
-    async def post_batch(self, chunks: Sequence[Any], *, proto: bool = True):  # type: ignore[override]
+    async def post_batch(self, chunks: Sequence[Any], *, proto: bool = True):
         self.calls.append(("batch", proto, len(chunks)))
         return await super().post_batch(chunks, proto=proto)
 
@@ -370,7 +370,7 @@ class CuttingIngest(RecordingIngest):
 
     limit = 10
 
-    async def post_batch(self, chunks: Sequence[Any], *, proto: bool = True):  # type: ignore[override]
+    async def post_batch(self, chunks: Sequence[Any], *, proto: bool = True):
         if len(chunks) > self.limit:
             self.calls.append(("cut", proto, len(chunks)))
             raise ConnectionError("connection reset by peer")

@@ -67,10 +67,12 @@ def test_schema_version_major_is_the_one_both_codecs_accept() -> None:
     for version in (f"{major + 1}.0.0", f"{major - 1}.9.9"):
         e, c = dataclasses.replace(env, schema_version=version), \
             dataclasses.replace(chunk, schema_version=version)
-        for decode, data in ((decode_envelope, encode_envelope(e)),
-                             (decode_envelope_proto, encode_envelope_proto(e)),
-                             (decode_chunk, encode_chunk(c)),
-                             (decode_chunk_proto, encode_chunk_proto(c))):
+        cases: tuple[tuple[Callable[[Any], object], Any], ...] = (
+            (decode_envelope, encode_envelope(e)),
+            (decode_envelope_proto, encode_envelope_proto(e)),
+            (decode_chunk, encode_chunk(c)),
+            (decode_chunk_proto, encode_chunk_proto(c)))
+        for decode, data in cases:
             with pytest.raises(UnsupportedSchemaVersion) as info:
                 decode(data)
             assert info.value.field == "schema_version"
@@ -93,7 +95,7 @@ PAIRS: list[tuple[type, Any, set[str]]] = [
 ]
 
 
-def _check_field_type(cls: type, name: str, hint: Any, fd: FieldDescriptor) -> None:
+def _check_field_type(cls: type, name: str, hint: Any, fd: Any) -> None:
     args = typing.get_args(hint)
     optional = type(None) in args and typing.get_origin(hint) is not tuple
     if optional:

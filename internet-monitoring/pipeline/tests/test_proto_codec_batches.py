@@ -88,8 +88,9 @@ def test_frames_and_batch_are_the_same_wire() -> None:
 
 @pytest.mark.parametrize("proto", [True, False], ids=["proto", "json"])
 def test_batch_size_limits(proto: bool) -> None:
-    encode = encode_batch_proto if proto else batch.encode_batch
-    decode = decode_batch_proto_lenient if proto else batch.decode_batch_lenient
+    encode: Callable[[list[Chunk]], Any] = encode_batch_proto if proto else batch.encode_batch
+    decode: Callable[[Any], list[Any]] = (decode_batch_proto_lenient if proto
+                                          else batch.decode_batch_lenient)
     with pytest.raises(FieldValueError) as empty:
         decode(encode([]))
     assert empty.value.field == "chunks"
@@ -139,6 +140,7 @@ STORED = IngestResult(stored=True, duplicate=False, sequence=42, event_id=GOLDEN
 def test_batch_answer_json_shape() -> None:
     items = batch.decode_batch_lenient(batch.encode_batch([GOLDEN_CHUNK, _bad()]))
     conflict = SequenceConflict("sequence 44 already holds another chunk")
+    assert isinstance(items[1], ProtocolError)
     doc = json.loads(batch.encode_batch_result([STORED, items[1]], items))
     assert doc == {"results": [
         {"stored": True, "duplicate": False, "sequence": 42, "event_id": GOLDEN_CHUNK.event_id,
@@ -147,7 +149,7 @@ def test_batch_answer_json_shape() -> None:
          "field": "chunk_index"},
     ]}
     # A store-side error on a decoded chunk carries that chunk's sequence.
-    doc = json.loads(batch.encode_batch_result([conflict, STORED], items[:1] + [GOLDEN_CHUNK]))
+    doc = json.loads(batch.encode_batch_result([conflict, STORED], [*items[:1], GOLDEN_CHUNK]))
     assert doc["results"][0] == {"error": "sequence_conflict", "sequence": 42,
                                  "message": "sequence 44 already holds another chunk"}
 

@@ -146,6 +146,12 @@ def test_any_chunk_with_one_fault_is_refused_identically(chunk: Chunk, fault: An
     assert type(refused) is error and refused.field == field
 
 
+def _with_body(envelope: Envelope, **changes: Any) -> Envelope:
+    """The envelope with fields of its body changed (any body type)."""
+    body: Any = envelope.body
+    return dataclasses.replace(envelope, body=dataclasses.replace(body, **changes))
+
+
 ENVELOPE_FAULTS: list[tuple[str, int, Callable[[Envelope], Envelope], type[ProtocolError], str]] = [
     ("bad sensor", 0, lambda e: dataclasses.replace(e, sensor_id="a/b"), FieldValueError,
      "sensor_id"),
@@ -157,25 +163,19 @@ ENVELOPE_FAULTS: list[tuple[str, int, Callable[[Envelope], Envelope], type[Proto
      FieldTypeError, "capabilities"),
     ("long sent_at", 0, lambda e: dataclasses.replace(e, sent_at="t" * 65), PayloadTooLarge,
      "sent_at"),
-    ("negative depth", 0, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, queue_depth=-1)), FieldValueError,
+    ("negative depth", 0, lambda e: _with_body(e, queue_depth=-1), FieldValueError,
      "body.queue_depth"),
-    ("negative stats", 0, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, dropped_total=-1)), FieldValueError,
+    ("negative stats", 0, lambda e: _with_body(e, dropped_total=-1), FieldValueError,
      "body.dropped_total"),
-    ("nan skew", 0, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, clock_skew_ms=float("nan"))), FieldValueError,
+    ("nan skew", 0, lambda e: _with_body(e, clock_skew_ms=float("nan")), FieldValueError,
      "body.clock_skew_ms"),
-    ("zero max_chunks", 1, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, max_chunks=0)), FieldValueError, "body.max_chunks"),
-    ("long window id", 1, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, window_id="w" * 257)), PayloadTooLarge,
+    ("zero max_chunks", 1, lambda e: _with_body(e, max_chunks=0), FieldValueError,
+     "body.max_chunks"),
+    ("long window id", 1, lambda e: _with_body(e, window_id="w" * 257), PayloadTooLarge,
      "body.window_id"),
-    ("negative ack", 2, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, committed_sequences=(1, 2, -3))),
+    ("negative ack", 2, lambda e: _with_body(e, committed_sequences=(1, 2, -3)),
      FieldValueError, "body.committed_sequences[2]"),
-    ("long message", 3, lambda e: dataclasses.replace(
-        e, body=dataclasses.replace(e.body, message="m" * 4097)), PayloadTooLarge,
+    ("long message", 3, lambda e: _with_body(e, message="m" * 4097), PayloadTooLarge,
      "body.message"),
 ]
 

@@ -114,7 +114,6 @@ def test_a_duplicate_id_from_another_process_is_refused(qpath: Path) -> None:
 
 
 def test_generated_event_ids_are_distinct_time_ordered_version_7_uuids(qpath: Path) -> None:
-    import time
 
     before = time.time_ns() // 1_000_000
     with DurableQueue(qpath, synchronous="NORMAL") as queue:
@@ -246,7 +245,7 @@ def filled(qpath: Path) -> Iterator[tuple[DurableQueue, list[QueuedChunk]]]:
 
 
 def test_window_respects_since_and_max_chunks(filled: tuple[DurableQueue, list]) -> None:
-    queue, chunks = filled
+    queue, _chunks = filled
     assert [c.sequence for c in queue.read_window(0, 3, 10**9)] == [1, 2, 3]
     assert [c.sequence for c in queue.read_window(2, 3, 10**9)] == [3, 4, 5]
     assert [c.sequence for c in queue.read_window(4, 100, 10**9)] == [5, 6]
@@ -268,7 +267,7 @@ def test_window_respects_max_bytes_in_order(filled: tuple[DurableQueue, list]) -
 
 def test_window_returns_one_chunk_even_when_it_alone_is_too_big(
         filled: tuple[DurableQueue, list]) -> None:
-    queue, chunks = filled
+    queue, _chunks = filled
     window = queue.read_window(4, 100, 10)
     assert [c.sequence for c in window] == [5]
     assert window[0].nbytes > 10

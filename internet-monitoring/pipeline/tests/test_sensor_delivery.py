@@ -121,7 +121,7 @@ def test_retry_after_is_honoured_and_capped() -> None:
 
 def test_network_error_on_a_single_chunk_never_splits() -> None:
     actions = single().on_network_error()
-    assert len(actions) == 1 and actions[0].cause == CAUSE_NETWORK  # type: ignore[union-attr]
+    assert len(actions) == 1 and actions[0].cause == CAUSE_NETWORK
 
 
 def test_keep_only_drops_chunks_acked_meanwhile() -> None:

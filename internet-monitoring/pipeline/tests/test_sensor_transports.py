@@ -335,7 +335,7 @@ async def test_ping_timeout_closes_a_silent_connection(answer_pings):
         channel = await client.connect()
         try:
             result = await asyncio.wait_for(channel.receive(), timeout=1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = "still open"
         if answer_pings:
             assert result == "still open" and not channel.closed

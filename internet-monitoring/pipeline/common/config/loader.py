@@ -62,9 +62,19 @@ def _expected(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    key: Any = cls  # (functools.cache types its arguments as Hashable, a class is one)
+    return _cached_hints(key)
+
+
+@functools.cache
+def _cached_hints(cls: Any) -> dict[str, Any]:
     return get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    """A dataclass type: a config section (a plain bool, so ``tp`` stays ``Any``)."""
+    return is_dataclass(tp)
 
 
 def _wrong_type(key: str, tp: Any, value: Any) -> NoReturn:
@@ -82,7 +92,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             got = repr(value[:64]) if isinstance(value, str) else _kind(value)
             fail(key, f"expected {_expected(tp)}, got {got}")
         return value
-    if is_dataclass(tp):
+    if _is_section(tp):
         return _build(tp, value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -203,7 +213,7 @@ def _resolve(cls: type, segments: list[str], env_name: str) -> tuple[str, list[s
     for segment in segments:
         real = [a for a in get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
         tp = real[0] if len(real) == 1 else tp
-        if is_dataclass(tp):
+        if _is_section(tp):
             name = segment.lower()
             if not name:
                 fail(dotted, f"{env_name} has an empty key segment (a stray '__')")
@@ -272,7 +282,7 @@ def _source_of(key: str | None, sources: Mapping[str, str]) -> str | None:
         return None
     best = None
     for dotted, env_name in sources.items():
-        if key == dotted or key.startswith(dotted + ".") or key.startswith(dotted + "["):
+        if key == dotted or key.startswith((dotted + ".", dotted + "[")):
             if best is None or len(dotted) > len(best[0]):
                 best = (dotted, env_name)
     return best[1] if best else None
