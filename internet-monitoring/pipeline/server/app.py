@@ -324,9 +324,9 @@ class PipelineServer:
         await self.security.close()
         # In-flight POSTs finish (and commit) before the committer is drained.
         for name in ("ingest", "control", "stream"):
-            runner = self._runners.pop(name, None)
-            if runner is not None:
-                await runner.cleanup()
+            started = self._runners.pop(name, None)
+            if started is not None:
+                await started.cleanup()
         await self._abort()
         self._up = False
         if self._own_tracing:
@@ -483,7 +483,7 @@ class PipelineServer:
                                          snapshots=self.snapshots.updated_at(),
                                          windows_open=self.manager.windows_open(),
                                          acks_pending=self.manager.acks_pending())
-            except Exception:  # noqa: BLE001 - the timer must survive one bad tick
+            except Exception:  # the timer must survive one bad tick
                 log.exception("timer_failed")
 
     async def _warm_dashboard(self) -> None:

@@ -141,7 +141,7 @@ class OffsetTracker:
                 "ranges": [[s, e] for s, e in zip(self._starts, self._ends)]}
 
     @classmethod
-    def restore(cls, snapshot: Mapping[str, Any]) -> "OffsetTracker":
+    def restore(cls, snapshot: Mapping[str, Any]) -> OffsetTracker:
         """Rebuild a tracker from ``snapshot()`` output, validating it."""
         watermark = snapshot.get("watermark", 0)
         ranges = snapshot.get("ranges", [])
@@ -176,7 +176,7 @@ class OffsetTracker:
         ends[lo:hi] = [end]
         self._absorb()
 
-    def copy(self) -> "OffsetTracker":
+    def copy(self) -> OffsetTracker:
         clone = OffsetTracker(self._watermark)
         clone._starts = list(self._starts)
         clone._ends = list(self._ends)

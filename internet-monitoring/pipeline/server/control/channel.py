@@ -116,7 +116,7 @@ class ControlConnection:
         self.connected_at = connected_at
         self.peer = peer
         self.capabilities: frozenset[str] = frozenset()
-        self.peer_certificate: dict[str, Any] | None = None
+        self.peer_certificate: Mapping[str, Any] | None = None
         # The credential that let this socket in (security sweeps close it once revoked).
         self.token_sha256: str | None = None
         self.cert_bound = False
@@ -176,7 +176,8 @@ class ControlConnection:
     async def flush(self, timeout: float = 2.0) -> None:
         """Let queued frames go out (used before a deliberate close)."""
         deadline = time.monotonic() + timeout
-        while not self._outbound.empty() and not self.ws.closed and time.monotonic() < deadline:
+        # Polls a queue and a socket this loop does not own (no event to wait for).
+        while not self._outbound.empty() and not self.ws.closed and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
     async def close(self, code: int, reason: str) -> None:
@@ -185,7 +186,7 @@ class ControlConnection:
         self._closing = True
         try:
             await self.ws.close(code=code, message=close_reason(reason))
-        except (ConnectionError, RuntimeError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, RuntimeError):
             pass
         await self.stop_sender()
 

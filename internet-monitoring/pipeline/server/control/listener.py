@@ -71,7 +71,7 @@ async def control_handler(request: web.Request) -> web.StreamResponse:
     await manager.register(sensor_id, conn)
     try:
         await _read_frames(manager, conn)
-    except Exception:  # noqa: BLE001 - after the upgrade no HTTP error can be answered
+    except Exception:  # after the upgrade no HTTP error can be answered
         log.exception("control_handler_crashed sensor_id=%s", sensor_id)
         await conn.close(1011, "internal error")
     finally:

@@ -89,7 +89,7 @@ class Window:
         return doc
 
     @classmethod
-    def from_state(cls, doc: dict[str, object]) -> "Window":
+    def from_state(cls, doc: dict[str, object]) -> Window:
         data = dict(doc)
         data["status"] = WindowStatus(str(data.get("status", "quiet")))
         return cls(**data)  # type: ignore[arg-type]
@@ -315,7 +315,8 @@ class SensorSession:
                 self.windows.clear()
                 self._changed = True
 
-    def on_committed(self, items: Sequence[Committed], watermark: int, now: float) -> list[ChunkAck]:
+    def on_committed(self, items: Sequence[Committed], watermark: int, now: float
+                     ) -> list[ChunkAck]:
         """Chunks made durable: returns the acks to send, one per window."""
         if watermark > self.watermark:
             self.watermark = watermark

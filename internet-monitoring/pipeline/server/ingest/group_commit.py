@@ -202,7 +202,7 @@ class GroupCommitter:
             return
         try:
             self._on_commit(records)
-        except Exception:  # noqa: BLE001 - post-commit bugs must not undo the commit
+        except Exception:  # post-commit bugs must not undo the commit
             log.exception("post_commit_hook_failed chunks=%d", len(records))
 
     @staticmethod

@@ -110,7 +110,7 @@ async def error_middleware(request: web.Request,
         return error_response(exc.status, {"error": code, "message": exc.reason}, headers)
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001 - the last line of defence: log, answer 500 JSON
+    except Exception:  # the last line of defence: log, answer 500 JSON
         log.exception("request_crashed method=%s path=%s", request.method, request.path)
         return error_response(500, {"error": "internal", "message": "internal server error"})
 

@@ -91,6 +91,7 @@ class DashboardFeed:
         with self._lock:
             now = self.clock()
             keep_s = 2 * self.config.reporting_window_s
+            budget: float
             if self._last_row is None:
                 self._last_row = self.reader.first_row_completed_since(now - keep_s)
                 budget = FIRST_BUDGET

@@ -86,7 +86,7 @@ class Thresholds:
     latency_warning_ms: float = 150.0
 
     @classmethod
-    def from_config(cls, config: DashboardConfig) -> "Thresholds":
+    def from_config(cls, config: DashboardConfig) -> Thresholds:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
@@ -463,7 +463,7 @@ def _sensors(g: _Groups, window: Window, health: Mapping[str, SensorHealth], th:
 
 def _alerts(health: Mapping[str, SensorHealth], g: _Groups, window: Window,
             labels: Mapping[str, DashboardSensorConfig]) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for sid in sorted(health):
         journeys = sorted({t for (s, t) in g.by_sensor_journey if s == sid})
         for c in health[sid].conditions:

@@ -309,7 +309,7 @@ def document(read_protected: bool = True) -> dict[str, Any]:
     read_security: list[dict[str, list[str]]] = [{"streamToken": []}] if read_protected else []
     list_security = read_security
     read_errors = _AUTH if read_protected else (400, 429)
-    admin = [{"adminToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     paths: dict[str, Any] = {
         "/v1/ingest/chunk": {"post": {
             "operationId": "ingestChunk",

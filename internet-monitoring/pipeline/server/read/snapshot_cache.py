@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 
 
 class EventLike(Protocol):
-    sensor_id: str
-    event_id: str
-    logical_timestamp_ms: int
-    data: bytes
+    @property
+    def sensor_id(self) -> str: ...
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def logical_timestamp_ms(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
 
 
 def iso_utc(ts: float) -> str:
@@ -57,14 +61,14 @@ class Snapshot:
 
     @classmethod
     def from_event(cls, event: EventLike, updated_at: float, arrival: int = 0,
-                   max_payload_bytes: int | None = None) -> "Snapshot":
+                   max_payload_bytes: int | None = None) -> Snapshot:
         omitted = max_payload_bytes is not None and len(event.data) > max_payload_bytes
         return cls(sensor_id=event.sensor_id, event_id=event.event_id,
                    logical_timestamp_ms=int(event.logical_timestamp_ms),
                    updated_at=updated_at, payload=b"" if omitted else bytes(event.data),
                    arrival=arrival, payload_omitted=omitted)
 
-    def newer_than(self, other: "Snapshot") -> bool:
+    def newer_than(self, other: Snapshot) -> bool:
         return ((self.logical_timestamp_ms, self.arrival)
                 > (other.logical_timestamp_ms, other.arrival))
 

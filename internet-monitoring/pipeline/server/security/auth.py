@@ -106,20 +106,20 @@ class TokenAuthenticator:
 
     @classmethod
     def from_entries(cls, sensors: Iterable[Any], fleet_token: str | None = None,
-                     fleet_token_sha256: str | None = None) -> "TokenAuthenticator":
+                     fleet_token_sha256: str | None = None) -> TokenAuthenticator:
         """Build from ``auth.sensors`` entries (mappings or objects with the same fields):
         ``{id, token?, token_sha256?, tokens?: [{token?, token_sha256?, not_after?}]}``."""
         return cls(credentials_from_entries(sensors),
                    fleet_token_sha256=fleet_digest(fleet_token, fleet_token_sha256))
 
     @classmethod
-    def from_config(cls, config: Any) -> "TokenAuthenticator":
+    def from_config(cls, config: Any) -> TokenAuthenticator:
         """From a ``ServerConfig`` (``auth.sensors``, ``auth.fleet_token[_sha256]``)."""
         auth = config.auth
         return cls.from_entries(auth.sensors, fleet_token=getattr(auth, "fleet_token", "") or None,
                                 fleet_token_sha256=getattr(auth, "fleet_token_sha256", "") or None)
 
-    def replace_with(self, other: "TokenAuthenticator") -> None:
+    def replace_with(self, other: TokenAuthenticator) -> None:
         """Take over ``other``'s credentials in place (reload): every holder of this object
         (control manager, ingest context, security gate) sees the new set at once."""
         self._by_digest = dict(other._by_digest)

@@ -59,7 +59,7 @@ def _is_placeholder_item(item: Any, sensor_id: str) -> bool:
         hash_token(p.format(id=sensor_id)) for p in _PLACEHOLDER_HASHES}
 
 
-def _drop_placeholders(entry: CommentedMap, at: str, sensor_id: str) -> list[str]:
+def _drop_placeholders(entry: dict[str, Any], at: str, sensor_id: str) -> list[str]:
     removed: list[str] = []
     for name in ("token", "token_sha256"):
         value = entry.get(name)
@@ -77,7 +77,7 @@ def _drop_placeholders(entry: CommentedMap, at: str, sensor_id: str) -> list[str
     return removed
 
 
-def _sensors_of(doc: CommentedMap) -> CommentedSeq:
+def _sensors_of(doc: dict[str, Any]) -> list[Any]:
     auth = doc.get("auth")
     if auth is None:
         auth = doc["auth"] = CommentedMap()
@@ -91,7 +91,7 @@ def _sensors_of(doc: CommentedMap) -> CommentedSeq:
     return sensors
 
 
-def insert_token(doc: CommentedMap, sensor_id: str, digest: str) -> AddedToken:
+def insert_token(doc: dict[str, Any], sensor_id: str, digest: str) -> AddedToken:
     """Put ``digest`` into ``doc``'s ``auth.sensors`` entry of ``sensor_id`` (sans-I/O)."""
     sensors = _sensors_of(doc)
     for i, entry in enumerate(sensors):

@@ -100,7 +100,7 @@ class CredentialOverlay:
             (e.sensor_id, e.token_sha256): e for e in entries}
 
     @classmethod
-    def load(cls, path: Path) -> "CredentialOverlay":
+    def load(cls, path: Path) -> CredentialOverlay:
         """A missing file is an empty overlay; an unreadable one is a ``ConfigError``."""
         try:
             text = path.read_text(encoding="utf-8")

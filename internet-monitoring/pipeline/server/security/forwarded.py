@@ -79,7 +79,7 @@ class ProxyTrust:
     address_header: str = "X-Real-IP"
 
     @classmethod
-    def from_config(cls, config: ProxyConfig) -> "ProxyTrust":
+    def from_config(cls, config: ProxyConfig) -> ProxyTrust:
         """Raises ConfigError when proxies are trusted but certificates cannot be read."""
         if config.trusted_proxies:
             _require_x509()

@@ -109,7 +109,7 @@ def gate_settings(config: ServerConfig) -> dict[str, Any]:
         "cert_only": auth.client_cert_only,
         "mtls_listeners": frozenset(
             name for name in LISTENERS
-            if getattr(config, name).tls.enabled and getattr(config, name).tls.client_ca
+            if (getattr(config, name).tls.enabled and getattr(config, name).tls.client_ca)
             or name in config.proxy.require_client_cert),
         "proxy": ProxyTrust.from_config(config.proxy),
         "read_token_sha256": hash_token(config.stream.token) if config.stream.token else None,
@@ -315,7 +315,7 @@ class SecurityManager:
     # -- file watch ---------------------------------------------------------------------
 
     def _watched(self) -> list[Path]:
-        paths = list(self._watch_extra) + [overlay_path(self.config)]
+        paths = [*list(self._watch_extra), overlay_path(self.config)]
         for name in LISTENERS:
             tls = getattr(self.config, name).tls
             if tls.enabled:
@@ -399,7 +399,7 @@ class SecurityManager:
                 raise ConflictError(f"sensor {sensor_id} is not connected", field="sensor_id")
             try:
                 response = await asyncio.wait_for(waiter, timeout=timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("token_rotation_unconfirmed sensor_id=%s command_id=%s new=%s",
                             sensor_id, command_id, token_hint(token))
                 return 202, {**answer, "confirmed": False, "previous_not_after": None}

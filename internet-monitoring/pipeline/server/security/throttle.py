@@ -40,7 +40,7 @@ class TokenBucket:
     updated: float
 
     @classmethod
-    def full(cls, rate: float, burst: float, now: float) -> "TokenBucket":
+    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
         return cls(rate=rate, burst=burst, tokens=burst, updated=now)
 
     def refill(self, now: float) -> None:
