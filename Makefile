@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(PY) -m bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
 
 proto: $(STAMP)
-	cd internet-monitoring && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. pipeline/proto/control.proto pipeline/proto/data.proto
+	cd internet-monitoring && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. pipeline/proto/control.proto pipeline/proto/data.proto pipeline/proto/remote_write.proto
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,191 @@
+"""Prometheus remote write 1.0 bodies: decoding, checking and encoding, no I/O.
+
+A remote-write request is a protobuf ``WriteRequest`` compressed with snappy's block
+format (not the framed format), sent with ``Content-Encoding: snappy`` and
+``Content-Type: application/x-protobuf``. The sensor's receiver decodes and checks every
+body before it queues anything (a body it refuses is answered 400 or 413 and never
+retried by Prometheus); the server decodes queued events again to read their samples and
+encodes requests when it forwards them.
+
+A queued remote-write event holds the *uncompressed* serialised ``WriteRequest`` (the
+chunker gzips it anyway) and carries the attribute ``content_type`` =
+``EVENT_CONTENT_TYPE``. Serialised ``WriteRequest`` messages concatenate into one valid
+``WriteRequest`` holding all their series, so a batch of requests is one event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import cramjam
+from google.protobuf.message import DecodeError
+
+from pipeline.common.errors import PayloadTooLarge, ProtocolError
+from pipeline.proto.remote_write_pb2 import WriteRequest
+
+#: The attribute a queued event carries, and its value for remote-write events.
+CONTENT_TYPE_ATTRIBUTE = "content_type"
+EVENT_CONTENT_TYPE = "application/x-protobuf;proto=prometheus.WriteRequest"
+
+#: What a remote-write 1.0 sender sends (and what the forwarder sends).
+HTTP_CONTENT_TYPE = "application/x-protobuf"
+HTTP_CONTENT_ENCODING = "snappy"
+VERSION_HEADER = "X-Prometheus-Remote-Write-Version"
+VERSION = "0.1.0"
+
+NAME_LABEL = "__name__"
+_MAX_VARINT_BYTES = 5  # snappy's length preamble is a 32-bit varint
+
+
+class RemoteWriteMalformed(ProtocolError):
+    """The body is not a remote-write 1.0 request (answered 400: the sender must not retry)."""
+
+    code = "bad_remote_write"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One time series: its labels (sorted by name) and its samples (timestamp ms, value)."""
+
+    labels: tuple[tuple[str, str], ...]
+    samples: tuple[tuple[int, float], ...]
+
+    @property
+    def name(self) -> str:
+        return dict(self.labels).get(NAME_LABEL, "")
+
+
+@dataclass(frozen=True)
+class DecodedWrite:
+    """A checked request: its uncompressed protobuf bytes (what gets queued) and counts."""
+
+    raw: bytes
+    series: int
+    samples: int
+
+
+def check_headers(content_type: str | None, content_encoding: str | None) -> None:
+    """RemoteWriteMalformed unless the headers say protobuf compressed with snappy.
+
+    A ``proto=`` parameter other than ``prometheus.WriteRequest`` (remote write 2.0) is
+    refused: this receiver speaks 1.0."""
+    media, _, params = (content_type or "").partition(";")
+    if media.strip().lower() != HTTP_CONTENT_TYPE:
+        raise RemoteWriteMalformed(
+            f"Content-Type must be {HTTP_CONTENT_TYPE} (got {content_type or 'none'!r})",
+            field="Content-Type")
+    proto = _parameter(params, "proto")
+    if proto is not None and proto != "prometheus.WriteRequest":
+        raise RemoteWriteMalformed(f"only remote write 1.0 (prometheus.WriteRequest) is"
+                                   f" accepted, not proto={proto}", field="Content-Type")
+    if (content_encoding or "").strip().lower() != HTTP_CONTENT_ENCODING:
+        raise RemoteWriteMalformed(
+            f"Content-Encoding must be snappy (got {content_encoding or 'none'!r})",
+            field="Content-Encoding")
+
+
+def _parameter(params: str, name: str) -> str | None:
+    for part in params.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == name:
+            return value.strip().strip('"')
+    return None
+
+
+def uncompressed_length(body: bytes) -> int:
+    """The length snappy's block format announces in its varint preamble."""
+    length = 0
+    for index, byte in enumerate(body[:_MAX_VARINT_BYTES]):
+        length |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            return length
+    raise RemoteWriteMalformed("body is not snappy block-compressed (bad length preamble)")
+
+
+def decompress(body: bytes, *, max_bytes: int) -> bytes:
+    """The uncompressed body; PayloadTooLarge before decompressing anything over ``max_bytes``."""
+    if not body:
+        raise RemoteWriteMalformed("empty body")
+    announced = uncompressed_length(body)
+    if announced > max_bytes:
+        raise PayloadTooLarge(f"body decompresses to {announced} bytes, over the limit of"
+                              f" {max_bytes}")
+    try:
+        raw = bytes(cramjam.snappy.decompress_raw(body))
+    except cramjam.DecompressionError as exc:
+        raise RemoteWriteMalformed(f"body is not valid snappy: {exc}") from exc
+    if len(raw) != announced:
+        raise RemoteWriteMalformed("snappy body is truncated")
+    return raw
+
+
+def parse(raw: bytes) -> WriteRequest:
+    """The ``WriteRequest`` in ``raw``, checked (see ``check_request``)."""
+    request = WriteRequest()
+    try:
+        request.ParseFromString(raw)
+    except DecodeError as exc:
+        raise RemoteWriteMalformed(f"body is not a protobuf WriteRequest: {exc}") from exc
+    check_request(request)
+    return request
+
+
+def check_request(request: WriteRequest) -> None:
+    """RemoteWriteMalformed naming the first series that breaks remote write 1.0's rules:
+    every series has a ``__name__`` and no label name empty or given twice.
+
+    Names are not held to the classic ``[a-zA-Z_][a-zA-Z0-9_]*``: Prometheus 3 sends UTF-8
+    names, and protobuf has already checked they are UTF-8."""
+    for index, series in enumerate(request.timeseries):
+        where = f"timeseries[{index}]"
+        seen: set[str] = set()
+        for label in series.labels:
+            if not label.name:
+                raise RemoteWriteMalformed(f"{where}: a label has an empty name")
+            if label.name in seen:
+                raise RemoteWriteMalformed(f"{where}: label {label.name!r} given twice")
+            seen.add(label.name)
+        if NAME_LABEL not in seen:
+            raise RemoteWriteMalformed(f"{where}: no __name__ label")
+
+
+def decode(body: bytes, *, content_type: str | None, content_encoding: str | None,
+           max_bytes: int) -> DecodedWrite:
+    """Check a request's headers and body all the way through; nothing is kept of a body
+    that fails. ``max_bytes`` bounds the uncompressed size (PayloadTooLarge, 413)."""
+    check_headers(content_type, content_encoding)
+    raw = decompress(body, max_bytes=max_bytes)
+    request = parse(raw)
+    samples = sum(len(s.samples) for s in request.timeseries)
+    return DecodedWrite(raw=raw, series=len(request.timeseries), samples=samples)
+
+
+def series_of(request: WriteRequest) -> list[Series]:
+    """The request's series as plain data, labels sorted by name."""
+    return [Series(labels=tuple(sorted((label.name, label.value) for label in ts.labels)),
+                   samples=tuple((s.timestamp, s.value) for s in ts.samples))
+            for ts in request.timeseries]
+
+
+def build(series: Iterable[Series]) -> WriteRequest:
+    """A ``WriteRequest`` of ``series`` (labels written sorted, as the spec asks)."""
+    request = WriteRequest()
+    for one in series:
+        ts = request.timeseries.add()
+        for name, value in sorted(one.labels):
+            ts.labels.add(name=name, value=value)
+        for timestamp, sample in one.samples:
+            ts.samples.add(timestamp=timestamp, value=sample)
+    return request
+
+
+def encode(request: WriteRequest) -> bytes:
+    """The HTTP body for ``request``: serialised and snappy block-compressed."""
+    return bytes(cramjam.snappy.compress_raw(request.SerializeToString()))
+
+
+def same_value(a: float, b: float) -> bool:
+    """Sample values compare equal when both are NaN (Prometheus's stale markers are NaN)."""
+    return (math.isnan(a) and math.isnan(b)) or a == b
