@@ -29,7 +29,7 @@ tools:
 	@bash scripts/install-test-tools.sh
 
 test: $(STAMP) tools
-	$(PY) -m pytest -q -p no:cacheprovider
+	PY=$(PY) bash scripts/run-tests.sh
 
 # ruff (style and bug rules) and mypy (types; strict on the pure cores), both configured in
 # pyproject.toml and installed by the dev extra. CI runs this before make test.
