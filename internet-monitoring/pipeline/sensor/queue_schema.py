@@ -11,40 +11,34 @@ CHUNK_COLUMNS = (
     "created_at, logical_timestamp_ms, attributes, enqueued_at, nbytes"
 )
 
-SCHEMA_SQL = """
+# A queued chunk's columns after its sequence; a quarantined chunk keeps the same ones.
+_CHUNK_FIELDS = """\
+    event_id             TEXT    NOT NULL,
+    chunk_index          INTEGER NOT NULL,
+    chunk_count          INTEGER NOT NULL,
+    payload              BLOB    NOT NULL,
+    chunk_sha256         BLOB    NOT NULL,
+    event_sha256         BLOB    NOT NULL,
+    created_at           TEXT    NOT NULL,
+    logical_timestamp_ms INTEGER NOT NULL,
+    attributes           TEXT    NOT NULL,
+    enqueued_at          REAL    NOT NULL,
+    nbytes               INTEGER NOT NULL"""
+
+SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS chunks (
     sequence             INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id             TEXT    NOT NULL,
-    chunk_index          INTEGER NOT NULL,
-    chunk_count          INTEGER NOT NULL,
-    payload              BLOB    NOT NULL,
-    chunk_sha256         BLOB    NOT NULL,
-    event_sha256         BLOB    NOT NULL,
-    created_at           TEXT    NOT NULL,
-    logical_timestamp_ms INTEGER NOT NULL,
-    attributes           TEXT    NOT NULL,
-    enqueued_at          REAL    NOT NULL,
-    nbytes               INTEGER NOT NULL
+{_CHUNK_FIELDS}
 );
 CREATE INDEX IF NOT EXISTS chunks_enqueued_at ON chunks (enqueued_at);
 CREATE INDEX IF NOT EXISTS chunks_event_id ON chunks (event_id, chunk_index);
 CREATE TABLE IF NOT EXISTS quarantine (
     sequence             INTEGER PRIMARY KEY,
-    event_id             TEXT    NOT NULL,
-    chunk_index          INTEGER NOT NULL,
-    chunk_count          INTEGER NOT NULL,
-    payload              BLOB    NOT NULL,
-    chunk_sha256         BLOB    NOT NULL,
-    event_sha256         BLOB    NOT NULL,
-    created_at           TEXT    NOT NULL,
-    logical_timestamp_ms INTEGER NOT NULL,
-    attributes           TEXT    NOT NULL,
-    enqueued_at          REAL    NOT NULL,
-    nbytes               INTEGER NOT NULL,
+{_CHUNK_FIELDS},
     reason               TEXT    NOT NULL,
     quarantined_at       REAL    NOT NULL
 );

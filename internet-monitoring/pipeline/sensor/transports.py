@@ -109,8 +109,27 @@ class ControlTransport(Protocol):
     async def close(self) -> None: ...
 
 
+class _ErrorBody:
+    """The JSON error body of a refused POST, read the same way for one chunk or a batch."""
+
+    error: Mapping[str, Any] | None
+
+    @property
+    def error_code(self) -> str:
+        if self.error and isinstance(self.error.get("error"), str):
+            return str(self.error["error"])[:64]
+        return ""
+
+    @property
+    def error_message(self) -> str:
+        """The server's reason (``message`` of the JSON error body), or ""."""
+        if self.error and isinstance(self.error.get("message"), str):
+            return str(self.error["message"])[:200]
+        return ""
+
+
 @dataclass(frozen=True)
-class PostResult:
+class PostResult(_ErrorBody):
     """The server's answer to one chunk POST.
 
     ``result`` is the parsed 200 body (None if it could not be read); ``error`` the JSON
@@ -127,22 +146,9 @@ class PostResult:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
-    @property
-    def error_code(self) -> str:
-        if self.error and isinstance(self.error.get("error"), str):
-            return str(self.error["error"])[:64]
-        return ""
-
-    @property
-    def error_message(self) -> str:
-        """The server's reason (``message`` of the JSON error body), or ""."""
-        if self.error and isinstance(self.error.get("message"), str):
-            return str(self.error["message"])[:200]
-        return ""
-
 
 @dataclass(frozen=True)
-class BatchPostResult:
+class BatchPostResult(_ErrorBody):
     """The server's answer to one batch POST (capability ``batch``).
 
     ``outcomes`` (200 only) answers the batch's chunks in order: an ``IngestResult`` or a
@@ -155,19 +161,6 @@ class BatchPostResult:
     outcomes: tuple[BatchOutcome, ...] | None = None
     error: Mapping[str, Any] | None = None
     retry_after: float | None = None
-
-    @property
-    def error_code(self) -> str:
-        if self.error and isinstance(self.error.get("error"), str):
-            return str(self.error["error"])[:64]
-        return ""
-
-    @property
-    def error_message(self) -> str:
-        """The server's reason (``message`` of the JSON error body), or ""."""
-        if self.error and isinstance(self.error.get("message"), str):
-            return str(self.error["message"])[:200]
-        return ""
 
 
 class IngestTransport(Protocol):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Iterator
 
 import pytest
+
+from pipeline.common import backoff
 
 
 def on_ci() -> bool:
@@ -26,6 +29,14 @@ def require_tool(*names: str) -> str:
     if on_ci():
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def no_delays() -> Iterator[None]:
+    """Backoff delays off (``common.backoff``'s testing switch) for the test's length."""
+    backoff.set_testing(True)
+    yield
+    backoff.set_testing(False)
 
 
 @pytest.fixture

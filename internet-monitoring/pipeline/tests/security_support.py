@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import socket
+import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,3 +149,19 @@ def enqueue(queue: DurableQueue, agent: SensorAgent, count: int, size: int = 200
 def stored_events(server: PipelineServer, sensor_id: str) -> set[str]:
     assert server.store is not None
     return {e.event_id for e in server.store.events(sensor_id, after=0, limit=10_000)}
+
+
+def presented_cert(port: int, ca: Path) -> bytes:
+    """The certificate (DER) a TLS listener on 127.0.0.1:``port`` presents in a fresh
+    handshake verified against ``ca``: what a sensor connecting now would see."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def cert_der(path: Path) -> bytes:
+    """A PEM certificate file as DER, to compare with ``presented_cert``."""
+    return ssl.PEM_cert_to_DER_cert(path.read_text())

@@ -211,6 +211,16 @@ def fill(queue: DurableQueue, count: int, size: int = 150 * 1024) -> dict[str, b
 
 
 @asynccontextmanager
+async def serving(server: MiniServer) -> AsyncIterator[MiniServer]:
+    """``server`` started on its ephemeral port, closed afterwards (the tests' fixture)."""
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
 async def running(agent: SensorAgent) -> AsyncIterator[SensorAgent]:
     task = asyncio.create_task(agent.run())
     try:

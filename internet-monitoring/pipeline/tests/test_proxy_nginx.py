@@ -38,7 +38,7 @@ from pipeline.common.config import (
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.processes import SensorProcess, ServerProcess, free_port
 from pipeline.tests.conftest import require_tool
-from pipeline.tests.security_support import Leaf, Pki, make_pki
+from pipeline.tests.security_support import Leaf, Pki, cert_der, make_pki, presented_cert
 from pipeline.tests.server_support import eventually
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -320,20 +320,6 @@ def urllib_get(url: str) -> str:
         return resp.read().decode()
 
 
-def handshake_cert(port: int, ca: Path) -> bytes:
-    """The certificate Nginx presents in a fresh TLS handshake (DER)."""
-    ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return der
-
-
-def pem_der(path: Path) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(path.read_text())
-
-
 async def ws_status(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> int:
     try:
         ws = await http.ws_connect(url, headers=headers)
@@ -426,14 +412,14 @@ async def test_real_agent_through_real_nginx_mutual_tls(stack: Stack):
 
     # 5. Certbot renewal: new files in place, the documented deploy hook (nginx -t, then
     #    nginx -s reload), new handshakes see them.
-    assert handshake_cert(stack.nginx.port, pki.ca) == pem_der(pki.server.cert)
+    assert presented_cert(stack.nginx.port, pki.ca) == cert_der(pki.server.cert)
     shutil.copy(pki.rotated_server.cert, stack.certs / "fullchain.pem")
     shutil.copy(pki.rotated_server.key, stack.certs / "privkey.pem")
     await asyncio.to_thread(stack.nginx.run_hook, deploy_hook())
-    renewed = pem_der(pki.rotated_server.cert)
+    renewed = cert_der(pki.rotated_server.cert)
 
     async def renewed_served() -> bool:
-        return await asyncio.to_thread(handshake_cert, stack.nginx.port, pki.ca) == renewed
+        return await asyncio.to_thread(presented_cert, stack.nginx.port, pki.ca) == renewed
 
     await eventually(renewed_served, timeout=10, what="renewed certificate served")
     final = submit(sensor.queue_path, 2, "after-renewal")

@@ -9,7 +9,6 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from pipeline.common import backoff
 from pipeline.common.messages import (
     ChunkAck,
     Command,
@@ -23,23 +22,15 @@ from pipeline.tests.sensor_agent_support import (
     fill,
     make_config,
     running,
+    serving,
 )
 from pipeline.tests.server_support import eventually
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[MiniServer]:
-    srv = MiniServer()
-    await srv.start()
-    yield srv
-    await srv.close()
-
-
-@pytest.fixture
-def no_delays() -> Any:
-    backoff.set_testing(True)
-    yield
-    backoff.set_testing(False)
+    async with serving(MiniServer()) as srv:
+        yield srv
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ import os
 import signal
 import sys
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import aiohttp
 import pytest
 import yaml
 
-from pipeline.common import backoff
 from pipeline.common.config import sensor_config_from_dict
 from pipeline.sensor.agent import SensorAgent
 from pipeline.sensor.queue import DurableQueue
@@ -26,23 +25,15 @@ from pipeline.tests.sensor_agent_support import (
     fill,
     make_config,
     running,
+    serving,
 )
 from pipeline.tests.server_support import eventually
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[MiniServer]:
-    srv = MiniServer()
-    await srv.start()
-    yield srv
-    await srv.close()
-
-
-@pytest.fixture
-def no_delays() -> Any:
-    backoff.set_testing(True)
-    yield
-    backoff.set_testing(False)
+    async with serving(MiniServer()) as srv:
+        yield srv
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import ssl
 from pathlib import Path
 
 import pytest
 
 from pipeline.sim.processes import ServerProcess
-from pipeline.tests.security_support import Leaf, Pki, make_pki
+from pipeline.tests.security_support import Leaf, Pki, cert_der, make_pki, presented_cert
 from pipeline.tests.server_support import eventually
 
 TOKENS = {"pi-01": "renewal-token-pi-01-0123456789"}
@@ -86,22 +84,12 @@ def start_server(tmp_path: Path, layout: CertbotLayout, watch_s: float) -> Serve
     return server
 
 
-def presented(port: int, ca: Path) -> bytes:
-    """The certificate (DER) the listener presents in a fresh TLS handshake."""
-    ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return der
-
-
 def der(leaf: Leaf) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(leaf.cert.read_text())
+    return cert_der(leaf.cert)
 
 
 async def serves(server: ServerProcess, pki: Pki, leaf: Leaf) -> bool:
-    return await asyncio.to_thread(presented, server.control_port, pki.ca) == der(leaf)
+    return await asyncio.to_thread(presented_cert, server.control_port, pki.ca) == der(leaf)
 
 
 async def test_file_watch_picks_up_a_certbot_renewal(tmp_path, pki):
