@@ -47,3 +47,16 @@ def chromium() -> str:
 @pytest.fixture
 def promtool() -> str:
     return require_tool("promtool")
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    """A DSN for a fresh, empty PostgreSQL schema of this test's own (dropped afterwards).
+    Skips locally / fails under CI=true without PostgreSQL (tests/pg_support.py)."""
+    from pipeline.tests.pg_support import drop_schema, fresh_dsn
+
+    dsn, schema = fresh_dsn()
+    try:
+        yield dsn
+    finally:
+        drop_schema(schema)

@@ -1,8 +1,8 @@
 """The store contract: what every backend of the store port must do, tested through the
 port alone (``open_store(config)`` and ``ChunkStore``'s methods, no SQL).
 
-The ``backend`` fixture runs every test once per engine in ``ENGINES``; a new backend
-(PostgreSQL) adds its ``Backend`` below and runs this module unchanged. Tests that look
+The ``backend`` fixture runs every test once per engine in ``ENGINES`` (SQLite in a
+temporary directory, PostgreSQL in a fresh schema of the test database, dropped after). Tests that look
 at SQLite rows, files or pragmas live in ``test_store.py``.
 """
 
@@ -12,6 +12,7 @@ import hashlib
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,12 +33,14 @@ from pipeline.common.errors import (
 )
 from pipeline.common.messages import Chunk
 from pipeline.server.store import ENGINES, ChunkStore, open_store
+from pipeline.tests.pg_support import drop_schema, dsn_for, fresh_dsn
 from pipeline.tests.store_support import EPOCH_A, EPOCH_B, SENSOR, event_bytes, make_chunks
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One engine with a place of its own: ``open`` may be called again to reopen it."""
+    """One engine with a place of its own: ``open`` may be called again to reopen it.
+    ``where`` is a directory (SQLite) or the name of a fresh PostgreSQL schema."""
 
     engine: str
     where: Path
@@ -46,14 +49,30 @@ class Backend:
              clock: Callable[[], float] = time.time) -> ChunkStore:
         config = StoreConfig(engine=self.engine,  # type: ignore[arg-type]
                              path=str(self.where / "store.sqlite3"),
+                             dsn=dsn_for(str(self.where)) if self.engine == "postgres" else "",
                              synchronous=synchronous,  # type: ignore[arg-type]
                              reserve_bytes=0)
         return open_store(config, clock=clock)
 
 
+@contextmanager
+def place(engine: str) -> Iterator[Path]:
+    """A fresh place for ``engine``: a temporary directory, or a PostgreSQL schema."""
+    if engine == "postgres":
+        _dsn, schema = fresh_dsn("contract")
+        try:
+            yield Path(schema)
+        finally:
+            drop_schema(schema)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 @pytest.fixture(params=ENGINES)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return Backend(request.param, tmp_path)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    with place(request.param) as where:
+        yield Backend(request.param, where)
 
 
 @pytest.fixture
@@ -412,8 +431,8 @@ ALL_CHUNKS = _all_chunks()
 def test_any_delivery_order_completes_each_event_exactly_once(
         engine: str, picks: list[int], batch_size: int, reopen: bool) -> None:
     deliveries = [ALL_CHUNKS[i] for i in picks]
-    with tempfile.TemporaryDirectory() as tmp:
-        backend = Backend(engine, Path(tmp))
+    with place(engine) as where:
+        backend = Backend(engine, where)
         s = backend.open(synchronous="NORMAL")
         completed: list[str] = []
         try:

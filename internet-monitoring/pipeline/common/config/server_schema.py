@@ -48,9 +48,15 @@ class StoreConfig:
     synchronous: Synchronous = "FULL"
     # Disk held back so checkpoints, control state and retention work on a full disk.
     reserve_bytes: int = 64 * MIB
+    # PostgreSQL (engine: postgres): connections each server process keeps open.
+    pool_min_size: int = 1
+    pool_max_size: int = 4
 
     def validate(self, at: str) -> None:
         check_positive(at, "retention_hours", self.retention_hours)
+        check_positive(at, "pool_max_size", self.pool_max_size)
+        if not 0 <= self.pool_min_size <= self.pool_max_size:
+            fail(dotted_key(at, "pool_min_size"), "must be between 0 and pool_max_size")
         if self.reserve_bytes < 0:
             fail(dotted_key(at, "reserve_bytes"), "must be 0 (off) or a number of bytes")
         if self.engine == "sqlite":

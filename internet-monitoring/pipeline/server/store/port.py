@@ -12,7 +12,6 @@ None at once when the store is busy, and the caller does the whole write in a th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from pipeline.common.headroom import DiskHealth
@@ -31,9 +30,7 @@ from pipeline.server.store.records import (
 class ChunkStore(Protocol):
     """What the server needs from a store."""
 
-    # -- identity and health (metrics, /readyz, the read side) ------------------------
-    @property
-    def path(self) -> Path: ...  # where the read side finds the store's data
+    # -- health (metrics, /readyz); the read side opens its own reader --------------
     @property
     def health(self) -> DiskHealth: ...
     @property
