@@ -50,7 +50,7 @@ from pipeline.server.control.channel import ControlManager
 from pipeline.server.control.listener import control_server
 from pipeline.server.read.dashboard_feed import DashboardFeed, load_sample
 from pipeline.server.read.dashboard_kpis import Thresholds
-from pipeline.server.read.event_reader import EventReader
+from pipeline.server.read.readers import Reader, open_reader
 from pipeline.server.read.dashboard import DashboardPage, add_dashboard_routes
 from pipeline.server.security.gate import GATE_KEY, LISTENER_KEY, security_middleware
 from pipeline.server.ingest.group_commit import CommitRecord, GroupCommitter
@@ -156,7 +156,7 @@ class PipelineServer:
         self.snapshots = SnapshotCache(
             max_payload_bytes=config.memory.snapshot_payload_max_kib * 1024)
         self.store: ChunkStore | None = None
-        self.reader: EventReader | None = None
+        self.reader: Reader | None = None
         self.feed: DashboardFeed | None = None
         self._sample: dict[str, Any] | None = None
         self.manager: ControlManager | None = None
@@ -190,7 +190,7 @@ class PipelineServer:
         try:
             if cfg.dashboard.sample_path:
                 self._sample = load_sample(cfg.dashboard.sample_path)
-            self.reader = await asyncio.to_thread(EventReader, store.path)
+            self.reader = await asyncio.to_thread(open_reader, cfg.store)
             self.feed = DashboardFeed(self.reader, cfg.dashboard)
             self.manager = ControlManager(
                 self.scheduler, self.authenticator, metrics=self.metrics, store=store,
@@ -220,16 +220,17 @@ class PipelineServer:
         self._up = True
         log.info("server_started control_port=%s ingest_port=%s stream_port=%s store=%s "
                  "sensors=%d snapshots=%d", self.control_port, self.ingest_port,
-                 self.stream_port, cfg.store.path, len(self.authenticator.sensor_ids),
+                 self.stream_port, _store_name(cfg), len(self.authenticator.sensor_ids),
                  len(self.snapshots.all()))
 
     def _open_store(self) -> ChunkStore:
-        path = Path(self.config.store.path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
-                              field="store.path") from exc
+        if self.config.store.engine == "sqlite":
+            path = Path(self.config.store.path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"store.path: cannot create {path.parent}: {exc.strerror}",
+                                  field="store.path") from exc
         memory = self.config.memory
         return open_store(self.config.store, max_event_bytes=self.config.limits.max_event_bytes,
                           cache_kib=memory.sqlite_cache_kib,
@@ -538,3 +539,12 @@ class PipelineServer:
                 log.info("retention_pruned removed=%d retention_hours=%d", removed, hours)
             except PipelineError as exc:
                 log.warning("retention_prune_failed error=%s", exc.code)
+
+
+def _store_name(config: ServerConfig) -> str:
+    """Where the store is, for the log (a PostgreSQL DSN without its password)."""
+    if config.store.engine == "postgres":
+        from pipeline.server.store.pg_store import redacted
+
+        return redacted(config.store.dsn)
+    return config.store.path

@@ -29,7 +29,8 @@ from pipeline.server.read.dashboard_kpis import (
     build_payload,
     sample_from_result,
 )
-from pipeline.server.read.event_reader import EventReader, ResultRow
+from pipeline.server.read.event_reader import ResultRow
+from pipeline.server.read.readers import Reader
 from pipeline.server.read.snapshot_cache import decode_json_payload, iso_utc
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class LatestResult:
 class DashboardFeed:
     """Samples and latest-per-test results; ``refresh`` runs in a worker thread."""
 
-    def __init__(self, reader: EventReader, config: DashboardConfig,
+    def __init__(self, reader: Reader, config: DashboardConfig,
                  clock: Callable[[], float] = time.time) -> None:
         self.reader = reader
         self.config = config

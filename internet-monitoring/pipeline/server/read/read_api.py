@@ -30,7 +30,8 @@ from aiohttp import web
 from pipeline.common.errors import FieldValueError, NotFound
 from pipeline.server.read.dashboard_feed import DashboardFeed, sensor_states
 from pipeline.server.read.dashboard_kpis import sensor_health
-from pipeline.server.read.event_reader import MAX_TS_MS, EventQuery, EventReader
+from pipeline.server.read.event_reader import MAX_TS_MS, EventQuery
+from pipeline.server.read.readers import Reader
 from pipeline.server.ingest.context import IngestContext
 from pipeline.server.ingest.listener import (
     DEFAULT_PAGE,
@@ -52,7 +53,7 @@ _FIELD_MAX = 200
 
 @dataclass
 class ReadContext:
-    reader: EventReader
+    reader: Reader
     feed: DashboardFeed
     allow_origins: tuple[str, ...] = ("*",)
     sample: dict[str, Any] | None = None

@@ -1,0 +1,159 @@
+"""``EventReader``'s PostgreSQL twin: the read API and dashboard's queries on a small pool of
+read-only connections of their own (never the store's ingest connections), each bounded by
+``LIMIT`` and walking an index of every live day partition (``events_latest`` for time
+ranges, ``events_by_sensor``/``events_by_row`` for row cursors)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from pipeline.common.errors import StoreError
+from pipeline.server.read.event_reader import (
+    _BUCKETS,
+    _SPREAD,
+    MAX_DECODED_BYTES,
+    EventQuery,
+    ResultRow,
+    _result_rows,
+)
+from pipeline.server.store.pg_schema import EVENT_COLUMNS, row_to_event, translate
+from pipeline.server.store.pg_store import redacted
+from pipeline.server.store.records import StoredEvent
+
+log = logging.getLogger("pipeline.server.read")
+
+READ_TIMEOUT_S = 5.0
+_RESULT_COLUMNS = ("row_id, sensor_id, event_id, logical_timestamp_ms, completed_at, encoding,"
+                   f" CASE WHEN octet_length(data) <= {MAX_DECODED_BYTES} THEN data END")
+
+
+def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
+    # (row_id mod p) first: the product stays far inside BIGINT; same residue as SQLite's.
+    if fraction >= 1.0:
+        return "", ()
+    return (f" AND ((row_id % {_BUCKETS}) * {_SPREAD}) % {_BUCKETS} < %s",
+            (max(1, int(fraction * _BUCKETS)),))
+
+
+class PgEventReader:
+    """Read-only queries on the store's database; thread-safe (a pool of up to two)."""
+
+    def __init__(self, dsn: str, *, open_timeout_s: float = 10.0) -> None:
+        self.where = redacted(dsn)
+        self._pool: ConnectionPool[Any] = ConnectionPool(
+            dsn, min_size=1, max_size=2, open=False, configure=self._configure,
+            name="reader", kwargs={"connect_timeout": max(1, int(open_timeout_s)),
+                                   "autocommit": True})
+        try:
+            self._pool.open(wait=True, timeout=open_timeout_s)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise StoreError(f"store.dsn: cannot connect to PostgreSQL ({self.where}) for"
+                             " reading") from exc
+        self._closed = False
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET default_transaction_read_only = on")
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        if self._closed:
+            raise StoreError("store reader is closed")
+        try:
+            with self._pool.connection(timeout=READ_TIMEOUT_S) as conn:
+                return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        except PoolTimeout as exc:
+            raise StoreError(f"read failed: no database connection ({self.where})") from exc
+        except psycopg.Error as exc:
+            raise translate(exc, "read failed") from exc
+
+    def events(self, q: EventQuery) -> list[StoredEvent]:
+        direction = "DESC" if q.order == "desc" else "ASC"
+        rows = self._rows(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = %s AND row_id > %s"
+            " AND row_id < %s AND logical_timestamp_ms >= %s AND logical_timestamp_ms < %s"
+            f" ORDER BY row_id {direction} LIMIT %s",
+            (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
+        return [row_to_event(r) for r in rows]
+
+    def events_capped(self, q: EventQuery, max_bytes: int | None
+                      ) -> tuple[list[StoredEvent], bool]:
+        """``events`` holding at most ``max_bytes`` of event data (at least one event),
+        with whether the cap cut the page short (rows streamed from a server cursor)."""
+        if max_bytes is None:
+            return self.events(q), False
+        direction = "DESC" if q.order == "desc" else "ASC"
+        out: list[StoredEvent] = []
+        total = 0
+        if self._closed:
+            raise StoreError("store reader is closed")
+        try:
+            with self._pool.connection(timeout=READ_TIMEOUT_S) as conn, conn.transaction(), \
+                    conn.cursor(name="events_capped") as cursor:
+                cursor.itersize = 16
+                cursor.execute(
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = %s AND row_id > %s"
+                    " AND row_id < %s AND logical_timestamp_ms >= %s"
+                    f" AND logical_timestamp_ms < %s ORDER BY row_id {direction} LIMIT %s",
+                    (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
+                for row in cursor:
+                    event = row_to_event(row)
+                    if out and total + len(event.data) > max_bytes:
+                        return out, True
+                    out.append(event)
+                    total += len(event.data)
+        except PoolTimeout as exc:
+            raise StoreError(f"read failed: no database connection ({self.where})") from exc
+        except psycopg.Error as exc:
+            raise translate(exc, "read failed") from exc
+        return out, False
+
+    def count_in_range(self, sensor_id: str, since_ms: int, until_ms: int) -> int:
+        rows = self._rows("SELECT COUNT(*) FROM events WHERE sensor_id = %s AND"
+                          " logical_timestamp_ms >= %s AND logical_timestamp_ms < %s",
+                          (sensor_id, since_ms, until_ms))
+        return int(rows[0][0])
+
+    def in_range(self, sensor_id: str, since_ms: int, until_ms: int, limit: int,
+                 fraction: float = 1.0) -> list[ResultRow]:
+        sample, extra = _sample_clause(fraction)
+        rows = self._rows(
+            f"SELECT {_RESULT_COLUMNS} FROM events WHERE sensor_id = %s"
+            f" AND logical_timestamp_ms >= %s AND logical_timestamp_ms < %s{sample}"
+            " ORDER BY logical_timestamp_ms, row_id LIMIT %s",
+            (sensor_id, since_ms, until_ms, *extra, max(0, limit)))
+        return _result_rows(rows)
+
+    def last_row_id(self) -> int:
+        return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
+
+    def results_between(self, after_row: int, upto_row: int, limit: int,
+                        fraction: float = 1.0) -> tuple[list[ResultRow], int | None]:
+        sample, extra = _sample_clause(fraction)
+        rows = self._rows(f"SELECT {_RESULT_COLUMNS} FROM events WHERE row_id > %s"
+                          f" AND row_id <= %s{sample} ORDER BY row_id LIMIT %s",
+                          (after_row, upto_row, *extra, max(0, limit)))
+        last = int(rows[-1][0]) if len(rows) == limit else None
+        return _result_rows(rows), last
+
+    def first_row_completed_since(self, completed_at: float) -> int:
+        rows = self._rows("SELECT MIN(row_id) FROM events WHERE completed_at >= %s",
+                          (completed_at,))
+        first = rows[0][0] if rows else None
+        if first is None:
+            return self.last_row_id()
+        return int(first) - 1
+
+    def has_events(self, sensor_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM events WHERE sensor_id = %s LIMIT 1",
+                               (sensor_id,)))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
