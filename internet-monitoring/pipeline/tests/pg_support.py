@@ -8,7 +8,9 @@ missing PostgreSQL skips the test with the reason; under ``CI=true`` it fails it
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -84,3 +86,83 @@ def fresh_dsn(prefix: str = "t") -> tuple[str, str]:
     require_postgres()
     schema = create_schema(prefix)
     return dsn_for(schema), schema
+
+
+class CuttableProxy:
+    """A TCP relay on a free loopback port to PostgreSQL that a test can cut (every open
+    connection closed, new ones refused) and restore: "the database went away" without
+    touching the PostgreSQL other developers share."""
+
+    def __init__(self, target: tuple[str, int] = (HOST, PORT)) -> None:
+        self._target = target
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self.restore()
+
+    def dsn_for(self, schema: str) -> str:
+        return (f"host=127.0.0.1 port={self.port} dbname={DATABASE} user={USER}"
+                f" connect_timeout=2 options='-c search_path={schema}'")
+
+    def restore(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    close = cut
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

@@ -35,7 +35,7 @@ def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
     # (row_id mod p) first: the product stays far inside BIGINT; same residue as SQLite's.
     if fraction >= 1.0:
         return "", ()
-    return (f" AND ((row_id % {_BUCKETS}) * {_SPREAD}) % {_BUCKETS} < %s",
+    return (f" AND ((row_id %% {_BUCKETS}) * {_SPREAD}) %% {_BUCKETS} < %s",
             (max(1, int(fraction * _BUCKETS)),))
 
 

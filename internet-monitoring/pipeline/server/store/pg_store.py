@@ -42,6 +42,18 @@ def redacted(dsn: str) -> str:
     return " ".join(f"{k}={parts[k]}" for k in keep if parts.get(k))
 
 
+def _probe(dsn: str, where: str, timeout_s: float) -> None:
+    """One plain connection first: an unreachable or refusing database is reported at once,
+    with libpq's reason, instead of after the pool's whole open timeout."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=max(1, int(timeout_s))) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"store.dsn: cannot connect to PostgreSQL ({where}): {reason}"
+                         ) from exc
+
+
 class PostgresChunkStore(PgIngest, PgReads, PgControl):
     """``ChunkStore`` on a PostgreSQL database (``dsn``: a libpq connection string)."""
 
@@ -66,6 +78,7 @@ class PostgresChunkStore(PgIngest, PgReads, PgControl):
         # OFF is the only mode that gives up durability: commits return before the WAL is
         # flushed (a crash of the database loses the last ones). Anything else: on.
         self._synchronous_commit = "off" if synchronous.upper() == "OFF" else "on"
+        _probe(dsn, self.where, open_timeout_s)
         self._pool: ConnectionPool[Any] = ConnectionPool(
             dsn, min_size=max(1, pool_min_size), max_size=pool_max_size, open=False,
             configure=self._configure, name="store",
