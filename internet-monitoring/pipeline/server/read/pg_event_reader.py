@@ -46,7 +46,7 @@ class PgEventReader:
         self.where = redacted(dsn)
         self._pool: ConnectionPool[Any] = ConnectionPool(
             dsn, min_size=1, max_size=2, open=False, configure=self._configure,
-            name="reader", kwargs={"connect_timeout": max(1, int(open_timeout_s)),
+            check=ConnectionPool.check_connection, name="reader", kwargs={"connect_timeout": max(1, int(open_timeout_s)),
                                    "autocommit": True})
         try:
             self._pool.open(wait=True, timeout=open_timeout_s)

@@ -82,6 +82,9 @@ class PostgresChunkStore(PgIngest, PgReads, PgControl):
         self._pool: ConnectionPool[Any] = ConnectionPool(
             dsn, min_size=max(1, pool_min_size), max_size=pool_max_size, open=False,
             configure=self._configure, name="store",
+            # One empty round trip per checkout: a connection the database dropped while
+            # idle (restart, failover, a cut network) is replaced instead of failing a batch.
+            check=ConnectionPool.check_connection,
             kwargs={"connect_timeout": max(1, int(open_timeout_s))})
         try:
             self._pool.open(wait=True, timeout=open_timeout_s)
