@@ -72,13 +72,13 @@ def dsn_for(schema: str) -> str:
 def create_schema(prefix: str = "t") -> str:
     schema = f"{prefix}_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(BASE_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]
+        conn.execute(f"CREATE SCHEMA {schema}")
     return schema
 
 
 def drop_schema(schema: str) -> None:
     with psycopg.connect(BASE_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")  # type: ignore[arg-type]
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def fresh_dsn(prefix: str = "t") -> tuple[str, str]:

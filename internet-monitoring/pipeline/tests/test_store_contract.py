@@ -2,8 +2,8 @@
 port alone (``open_store(config)`` and ``ChunkStore``'s methods, no SQL).
 
 The ``backend`` fixture runs every test once per engine in ``ENGINES`` (SQLite in a
-temporary directory, PostgreSQL in a fresh schema of the test database, dropped after). Tests that look
-at SQLite rows, files or pragmas live in ``test_store.py``.
+temporary directory, PostgreSQL in a fresh schema of the test database, dropped after).
+Tests that look at SQLite rows, files or pragmas live in ``test_store.py``.
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ class PgEventReader:
         self.where = redacted(dsn)
         self._pool: ConnectionPool[Any] = ConnectionPool(
             dsn, min_size=1, max_size=2, open=False, configure=self._configure,
-            check=ConnectionPool.check_connection, name="reader", kwargs={"connect_timeout": max(1, int(open_timeout_s)),
-                                   "autocommit": True})
+            check=ConnectionPool.check_connection, name="reader",
+            kwargs={"connect_timeout": max(1, int(open_timeout_s)), "autocommit": True})
         try:
             self._pool.open(wait=True, timeout=open_timeout_s)
         except PoolTimeout as exc:
@@ -65,7 +65,7 @@ class PgEventReader:
             raise StoreError("store reader is closed")
         try:
             with self._pool.connection(timeout=READ_TIMEOUT_S) as conn:
-                return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+                return conn.execute(sql, params).fetchall()
         except PoolTimeout as exc:
             raise StoreError(f"read failed: no database connection ({self.where})") from exc
         except psycopg.Error as exc:

@@ -27,10 +27,10 @@ def open_store(config: StoreConfig, *, max_event_bytes: int = DEFAULT_MAX_EVENT_
                max_pages: int | None = None,
                clock: Callable[[], float] = time.time) -> ChunkStore:
     """Open the store ``config`` describes (``store.path``, ``synchronous``,
-    ``reserve_bytes`` for SQLite; ``store.dsn`` and the pool sizes for PostgreSQL). ``max_event_bytes`` is the ingest limit
-    (``limits.max_event_bytes``); ``cache_kib`` and ``slice_cache_bytes`` the memory
-    budget (``memory.sqlite_cache_kib``, ``memory.slice_cache_kib``); ``max_pages`` and
-    ``clock`` are for tests."""
+    ``reserve_bytes`` for SQLite; ``store.dsn`` and the pool sizes for PostgreSQL).
+    ``max_event_bytes`` is the ingest limit (``limits.max_event_bytes``); ``cache_kib``
+    and ``slice_cache_bytes`` the memory budget (``memory.sqlite_cache_kib``,
+    ``memory.slice_cache_kib``); ``max_pages`` and ``clock`` are for tests."""
     check_engine(config)
     if config.engine == "postgres":
         return PostgresChunkStore(config.dsn, pool_min_size=config.pool_min_size,

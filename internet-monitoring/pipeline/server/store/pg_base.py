@@ -87,7 +87,7 @@ class PgBase:
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._connection("read failed") as conn:
-            rows = conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            rows = conn.execute(sql, params).fetchall()
             conn.rollback()
             return rows
 
@@ -96,7 +96,7 @@ class PgBase:
         statements = list(statements)
         with self._connection(what) as conn:
             for sql, params in statements:
-                conn.execute(sql, params)  # type: ignore[arg-type]
+                conn.execute(sql, params)
             conn.commit()
 
     def _failed(self, what: str, exc: psycopg.Error) -> None:

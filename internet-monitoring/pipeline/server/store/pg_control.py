@@ -81,7 +81,7 @@ class PgControl(PgBase):
         conn = self._getconn("save_control_state failed")
         try:
             for sql, params in statements:
-                conn.execute(sql, params)  # type: ignore[arg-type]
+                conn.execute(sql, params)
         except psycopg.Error as exc:
             self._putconn(conn)
             self._failed("save_control_state failed", exc)
@@ -108,8 +108,8 @@ class PgControl(PgBase):
         statements: list[tuple[str, Sequence[Any]]] = []
         for sensor_id, gone, windows, state in changes:
             if gone:
-                statements.append(("DELETE FROM windows WHERE sensor_id = %s AND"
-                                   " window_id = ANY(%s)", (sensor_id, list(gone))))
+                statements.append((("DELETE FROM windows WHERE sensor_id = %s AND"
+                                   " window_id = ANY(%s)"), (sensor_id, list(gone))))
             statements.extend((_UPSERT_WINDOW, (sensor_id, wid, json.dumps(doc, sort_keys=True),
                                                 now)) for wid, doc in windows.items())
             statements.append((_UPSERT_SENSOR, (sensor_id, json.dumps(state, sort_keys=True),
@@ -169,9 +169,9 @@ class PgControl(PgBase):
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK_KEY,))
                     if count:
-                        row = conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()  # type: ignore[arg-type]
+                        row = conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()
                         removed += int(row[0]) if row else 0
-                    conn.execute(f"DROP TABLE IF EXISTS {name}")  # type: ignore[arg-type]
+                    conn.execute(f"DROP TABLE IF EXISTS {name}")
                 log.info("store_partition_dropped table=%s day=%d ended=%.0f", table, day,
                          (day + 1) * DAY_S)
         with self._days_lock:
@@ -182,7 +182,7 @@ class PgControl(PgBase):
         total = 0
         while True:
             with self._connection("prune failed") as conn:
-                n = conn.execute(sql, (older_than, batch)).rowcount  # type: ignore[arg-type]
+                n = conn.execute(sql, (older_than, batch)).rowcount
                 conn.commit()
             total += max(n, 0)
             if n < batch:
@@ -224,7 +224,7 @@ class PgControl(PgBase):
 
     def check_writable(self) -> None:
         """Raise StoreError unless a durable write succeeds right now (for /readyz)."""
-        self._write([("INSERT INTO store_meta (key, value) VALUES ('write_check', %s)"
-                      " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        self._write([(("INSERT INTO store_meta (key, value) VALUES ('write_check', %s)"
+                      " ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
                       (repr(self._clock()),))], "store is not writable")
         self._recovered()
