@@ -15,6 +15,8 @@ Sections (``--only`` picks some; all by default)::
             resident memory per connection and heartbeat handling p99
     reads   Protobuf-batch ingest while the dashboard and read API are read (a heavy read
             every 0.5 s at most), next to the same ingest without reads (bench/reads.py)
+    postgres  JSON 1.0 and Protobuf-batch ingest with store.engine: postgres next to the
+            same load on SQLite, one server process (bench/pg.py)
 
 Each figure is the median of ``--runs`` runs (3 by default) with min-max. ``--quick``
 (or ``BENCH_QUICK=1``): one run of smaller loads, for a smoke check (not for docs/performance.md).
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import drain as drain_mod
+from bench import pg as pg_mod
 from bench import reads as reads_mod
 from bench.procs import (
     LOAD_CPU,
@@ -55,7 +58,7 @@ from bench.procs import (
 )
 
 KIB = 1024
-SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns", "reads")
+SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns", "reads", "postgres")
 
 
 @dataclass(frozen=True)
@@ -396,6 +399,17 @@ def section_reads(work: Path, scale: Scale) -> list[Row]:
                 extra={"reads_per_s": read_rates})]
 
 
+def section_postgres(work: Path, scale: Scale) -> list[Row]:
+    def load(port: int, mode: str, size: int, conc: int, requests: int, batch: int,
+             prefix: str) -> dict[str, Any]:
+        return _loadgen(port, mode, size, conc, requests, batch, prefix)
+
+    return [Row("postgres", name, "chunks/s", pg_runs, baseline_name="SQLite store",
+                baseline_runs=sqlite_runs, extra=extra)
+            for name, pg_runs, sqlite_runs, extra in pg_mod.measure(
+                work, scale.runs, scale.n, load)]
+
+
 def _fmt(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
@@ -489,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt("conns", lambda: section_conns(root, scale))
         if "reads" in only:
             attempt("reads", lambda: section_reads(root, scale))
+        if "postgres" in only:
+            attempt("postgres", lambda: section_postgres(root, scale))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
