@@ -32,7 +32,7 @@ def _schema() -> str:
     name = f"bench_{uuid.uuid4().hex[:12]}"
     try:
         with psycopg.connect(BASE_DSN, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {name}")  # type: ignore[arg-type]
+            conn.execute(f"CREATE SCHEMA {name}")
     except psycopg.Error as exc:
         raise BenchError(f"postgres: no database at {BASE_DSN!r}: {exc}") from exc
     return name
@@ -42,7 +42,7 @@ def _drop(schema: str) -> None:
     import psycopg
 
     with psycopg.connect(BASE_DSN, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")  # type: ignore[arg-type]
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def _one_run(work: Path, engine: str, mode: str, requests: int, batch: int, run: int,
