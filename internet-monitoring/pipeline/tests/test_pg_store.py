@@ -17,8 +17,8 @@ from typing import Callable
 import psycopg
 import pytest
 
-from pipeline.common.config import StoreConfig
-from pipeline.common.errors import StoreError
+from pipeline.common.config import StoreConfig, load_server_config
+from pipeline.common.errors import ConfigError, StoreError
 from pipeline.server.read.event_reader import EventQuery
 from pipeline.server.read.readers import open_reader
 from pipeline.server.store import ChunkStore, open_store
@@ -38,6 +38,33 @@ def pg_store(dsn: str, clock: Callable[[], float] = time.time) -> ChunkStore:
 def catalog(dsn: str, sql: str) -> list[tuple[object, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(sql).fetchall()
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+
+
+@pytest.mark.parametrize(("store", "key"), [
+    ({"engine": "postgres", "dsn": ""}, "store.dsn"),
+    ({"engine": "postgres", "dsn": "dbname=x", "pool_max_size": 0}, "store.pool_max_size"),
+    ({"engine": "postgres", "dsn": "dbname=x", "pool_min_size": 5, "pool_max_size": 4},
+     "store.pool_min_size"),
+])
+def test_bad_postgres_settings_name_their_key(store: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_server_config_from({"store": store})
+    assert info.value.field == key
+
+
+def load_server_config_from(doc: dict[str, object]) -> object:
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+        yaml.safe_dump(doc, f)
+        f.flush()
+        return load_server_config(f.name, env={})
 
 
 # ---------------------------------------------------------------------------------------
