@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.tests.pg_support import require_postgres
 
 REPO = Path(__file__).resolve().parents[3]
 
 
+@pytest.mark.postgres
 def test_bench_runs_every_section_and_writes_one_table_and_json(tmp_path: Path) -> None:
     require_postgres()  # the postgres section needs it (fails under CI=true without it)
     out = tmp_path / "results.json"

@@ -29,6 +29,8 @@ SENSORS = {f"pg-{i}": f"token-pg-{i}-{'x' * 24}" for i in range(2)}
 EVENTS_PER_SENSOR = 150
 DRAIN_TIMEOUT_S = 180.0
 
+pytestmark = pytest.mark.postgres
+
 
 class PgFleet:
     def __init__(self, workdir: Path, dsn: str) -> None:

@@ -30,6 +30,8 @@ from pipeline.tests.store_support import SENSOR, make_chunks
 T0 = 1_796_000_000_000
 TESTS = ("speed", "dns", "ping")
 
+pytestmark = pytest.mark.postgres
+
 
 def pg_store(dsn: str, clock: Callable[[], float] = time.time) -> ChunkStore:
     return open_store(StoreConfig(engine="postgres", dsn=dsn), clock=clock)

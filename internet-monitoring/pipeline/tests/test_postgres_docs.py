@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import yaml
 
 from pipeline.common.config import StoreConfig
@@ -28,6 +29,8 @@ from pipeline.tests.store_support import make_chunks
 REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "postgres.md"
 FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+pytestmark = pytest.mark.postgres
 
 
 def blocks(kind: str) -> list[str]:

@@ -69,7 +69,11 @@ def place(engine: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-@pytest.fixture(params=ENGINES)
+ENGINE_PARAMS = [pytest.param(e, marks=pytest.mark.postgres) if e == "postgres" else e
+                 for e in ENGINES]
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     with place(request.param) as where:
         yield Backend(request.param, where)
@@ -424,7 +428,7 @@ def _all_chunks() -> list[Chunk]:
 ALL_CHUNKS = _all_chunks()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, len(ALL_CHUNKS) - 1), min_size=1, max_size=25),
        st.integers(1, 6), st.booleans())
