@@ -251,3 +251,15 @@ def test_reader_pages_by_time_and_samples(pg_dsn: str) -> None:
             reader.close()
     finally:
         store.close()
+
+
+def test_dsn_is_shown_without_its_password_and_lock_keys_are_stable() -> None:
+    from pipeline.server.store.pg_base import lock_key
+    from pipeline.server.store.pg_store import redacted
+
+    shown = redacted("host=db.example port=5433 dbname=pipe user=srv password=s3cret")
+    assert shown == "host=db.example port=5433 dbname=pipe user=srv"
+    assert "s3cret" not in redacted("postgresql://srv:s3cret@db.example/pipe")
+    assert lock_key("public", "pi-01") == lock_key("public", "pi-01")
+    assert lock_key("public", "pi-01") != lock_key("other", "pi-01")
+    assert -2**63 <= lock_key("public", "pi-01") < 2**63

@@ -9,6 +9,8 @@ Layout::
     slices.py      decompressed slices kept for their event's completion
     sqlite*.py     the SQLite backend: schema and migration, transactions, WAL
                    checkpointing and headroom, ingest, reads, control state and retention
+    pg*.py         the PostgreSQL backend: schema, migrations and day partitions, pool and
+                   advisory locks, batch probes, ingest, reads, control state and retention
 
 Callers import from here (``from pipeline.server.store import ...``).
 """
@@ -25,6 +27,7 @@ from pipeline.server.store.ledger import (
     StoreProgress,
 )
 from pipeline.server.store.opening import ENGINES, check_engine, open_store
+from pipeline.server.store.pg_store import PostgresChunkStore
 from pipeline.server.store.port import ChunkStore
 from pipeline.server.store.records import (
     ChunkOutcome,
@@ -48,7 +51,8 @@ from pipeline.server.store.sqlite_schema import translate as _translate
 __all__ = [
     "ChunkKeys", "ChunkOutcome", "ChunkStore", "Completed", "Conflict", "ControlChange",
     "DEFAULT_MAX_EVENT_BYTES", "ENCODING_GZIP", "ENCODING_IDENTITY", "ENGINES", "Finished",
-    "Partial", "Piece", "PreparedIngest", "PreparedWrite", "Rejected", "RejectedEvent",
+    "Partial", "Piece", "PostgresChunkStore", "PreparedIngest", "PreparedWrite", "Rejected",
+    "RejectedEvent",
     "SCHEMA_VERSION", "SQLiteChunkStore", "SliceCache", "StoreLate", "StoreProgress",
     "StoredEvent", "_EVENT_COLUMNS", "_row_to_event", "_translate", "check_engine",
     "open_store",
