@@ -45,7 +45,7 @@ from pipeline.server.store.ledger import (
     judge_keys,
 )
 from pipeline.server.store.pg_base import PgBase
-from pipeline.server.store.pg_probe import BatchView, EventKey, probe
+from pipeline.server.store.pg_probe import BatchView, EventKey, read_probes, send_probes
 from pipeline.server.store.pg_schema import ENCODING_GZIP, day_of, translate
 from pipeline.server.store.records import ChunkOutcome, StoredEvent
 
@@ -127,16 +127,26 @@ class PgIngest(PgBase):
         conn = self._getconn("ingest failed")
         try:
             sensors = {c.sensor_id for c in chunks}
-            self._lock_sensors(conn, sensors)
-            work = self._load_trackers(conn, sensors)
-            view = probe(conn, valid)
+            # One round trip: the statements run in order on the server, so the offsets
+            # and probes (each with a fresh read-committed snapshot) are read only once
+            # the locks are held.
+            with conn.pipeline():
+                self._lock_sensors(conn, sensors)
+                offsets = self._send_offsets_query(conn, sensors)
+                sent = send_probes(conn, valid)
+            work = self._read_trackers(offsets)
+            view = read_probes(sent)
             writes = _Writes()
             day = day_of(now)
             for item in pending:
                 if item.error is None:
                     self._decide(conn, item, work, view, writes, now, day)
-            self._send(conn, writes, work, {(c.sensor_id, c.queue_epoch) for c in chunks},
-                       now, day)
+            with conn.pipeline():
+                self._send(conn, writes, work,
+                           {(c.sensor_id, c.queue_epoch) for c in chunks}, now, day)
+            if writes.events:  # their row ids come back: after the pipeline's sync
+                with conn.cursor() as cur:
+                    self._insert_events(cur, writes.events, now, day)
         except psycopg.Error as exc:
             self._putconn(conn)
             self._failed("ingest failed", exc)
@@ -184,14 +194,17 @@ class PgIngest(PgBase):
             _log_rejected(item.chunk, exc)
 
     @staticmethod
-    def _load_trackers(conn: psycopg.Connection[Any], sensors: set[str]
-                       ) -> dict[OffsetKey, OffsetTracker]:
+    def _send_offsets_query(conn: psycopg.Connection[Any], sensors: set[str]
+                            ) -> psycopg.Cursor[Any]:
+        return conn.execute("SELECT sensor_id, epoch, watermark, ranges FROM offsets"
+                            " WHERE sensor_id = ANY(%s)", (sorted(sensors),))
+
+    @staticmethod
+    def _read_trackers(cursor: psycopg.Cursor[Any]) -> dict[OffsetKey, OffsetTracker]:
         """The sensors' committed offsets as the database has them now (under their
         locks: no other server can move them until this transaction ends)."""
         work: dict[OffsetKey, OffsetTracker] = {}
-        for sensor_id, epoch, watermark, ranges in conn.execute(
-                "SELECT sensor_id, epoch, watermark, ranges FROM offsets"
-                " WHERE sensor_id = ANY(%s)", (sorted(sensors),)):
+        for sensor_id, epoch, watermark, ranges in cursor.fetchall():
             work[(sensor_id, epoch)] = OffsetTracker.restore(
                 {"watermark": int(watermark), "ranges": json.loads(ranges)})
         return work
@@ -301,7 +314,8 @@ class PgIngest(PgBase):
     def _send(self, conn: psycopg.Connection[Any], writes: _Writes,
               work: Mapping[OffsetKey, OffsetTracker], touched: set[OffsetKey], now: float,
               day: int) -> None:
-        """Every write of the batch: one pipelined ``executemany`` per kind."""
+        """Every write of the batch but the events: one ``executemany`` per kind, all in
+        the caller's pipeline (one round trip)."""
         with conn.cursor() as cur:
             if writes.chunks:
                 cur.executemany(
@@ -330,8 +344,6 @@ class PgIngest(PgBase):
                     [(sid, ev, p.epoch, p.chunk_count, p.received, p.event_sha256,
                       p.created_at, p.logical_timestamp_ms, p.attributes, p.first_sequence,
                       p.last_sequence, now) for (sid, ev), p in writes.partials.items()])
-            if writes.events:
-                self._insert_events(cur, writes.events, now, day)
             if writes.rejected:
                 cur.executemany(
                     "INSERT INTO rejected_events (sensor_id, event_id, epoch, event_sha256,"

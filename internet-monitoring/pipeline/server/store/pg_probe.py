@@ -1,5 +1,6 @@
 """What one ingest batch knows about its chunks, read from PostgreSQL in two statements
-(whatever the batch size), then kept up to date in memory while the batch decides.
+(whatever the batch size, sent in the same pipeline as the sensors' locks and offsets),
+then kept up to date in memory while the batch decides.
 
 ``BatchView`` answers the ledger's two questions for each chunk (``keys``, ``state``) as the
 database would inside the transaction once the batch's earlier chunks were written, so the
@@ -72,23 +73,34 @@ class BatchView:
         return isinstance(state, Finished) and state.completed
 
 
-def probe(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> BatchView:
-    """Read what is stored under every key of ``chunks`` (two statements)."""
-    view = BatchView()
+def send_probes(conn: psycopg.Connection[Any], chunks: list[Chunk]
+                ) -> tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]] | None:
+    """Send the two probe statements for every key of ``chunks`` (in a pipeline their
+    answers come with the next sync); None when there is nothing to probe."""
     if not chunks:
-        return view
+        return None
     seqs = sorted({(c.sensor_id, c.queue_epoch, c.sequence) for c in chunks})
     slots = sorted({(c.sensor_id, c.event_id, c.chunk_index) for c in chunks})
-    for tag, sid, epoch, seq, event_id, index, digest in conn.execute(KEYS_SQL, (
-            [k[0] for k in seqs], [k[1] for k in seqs], [k[2] for k in seqs],
-            [k[0] for k in slots], [k[1] for k in slots], [k[2] for k in slots])):
+    keys = conn.execute(KEYS_SQL, (
+        [k[0] for k in seqs], [k[1] for k in seqs], [k[2] for k in seqs],
+        [k[0] for k in slots], [k[1] for k in slots], [k[2] for k in slots]))
+    events = sorted({(c.sensor_id, c.event_id) for c in chunks})
+    states = conn.execute(STATES_SQL, ([k[0] for k in events], [k[1] for k in events]) * 3)
+    return keys, states
+
+
+def read_probes(sent: tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]] | None) -> BatchView:
+    """The ``BatchView`` the answers of ``send_probes`` describe."""
+    view = BatchView()
+    if sent is None:
+        return view
+    keys, states = sent
+    for tag, sid, epoch, seq, event_id, index, digest in keys.fetchall():
         if tag == 0:
             view.by_sequence[(sid, epoch, int(seq))] = (event_id, int(index), bytes(digest))
         else:
             view.by_slot[(sid, event_id, int(index))] = bytes(digest)
-    events = sorted({(c.sensor_id, c.event_id) for c in chunks})
-    sensors, ids = [k[0] for k in events], [k[1] for k in events]
-    for row in conn.execute(STATES_SQL, (sensors, ids) * 3):
+    for row in states.fetchall():
         key = (row[1], row[2])
         if row[0] == 0:
             view.partial_rows.add(key)
