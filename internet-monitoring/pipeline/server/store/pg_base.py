@@ -20,7 +20,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pipeline.common.errors import StoreError
-from pipeline.common.headroom import KIND_FULL, DiskHealth
+from pipeline.common.headroom import DiskHealth
 from pipeline.server.store.pg_schema import day_of, ensure_partitions, error_kind, translate
 from pipeline.server.store.slices import SliceCache
 
@@ -140,6 +140,3 @@ class PgBase:
     def _recovered(self) -> None:
         if self.health.full:
             self.health.recovered()
-
-    def _note_full(self, operation: str, exc: object) -> None:
-        self.health.failed(operation, KIND_FULL, exc)

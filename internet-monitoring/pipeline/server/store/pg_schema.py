@@ -31,7 +31,6 @@ from psycopg import errors as pg_errors
 from pipeline.common import chunking
 from pipeline.common.errors import PipelineError, StorageFull, StoreError
 from pipeline.common.headroom import KIND_FULL, KIND_IO
-from pipeline.server.store.ledger import ChunkKeys, EventState, Finished, Partial
 from pipeline.server.store.records import StoredEvent
 
 log = logging.getLogger("pipeline.server.store")
@@ -239,55 +238,3 @@ def stored_data(row: Sequence[Any]) -> bytes:
         raise StoreError(f"stored event {row[3]} of {row[1]} is damaged: {exc.message}"
                          ) from exc
     return data
-
-
-# ---------------------------------------------------------------------------------------
-# The ingest probes (each arm an index probe per live day partition)
-
-CHUNK_KEYS_SQL = (
-    "SELECT 0, event_id, chunk_index, chunk_sha256 FROM chunks"
-    " WHERE sensor_id = %s AND epoch = %s AND sequence = %s"
-    " UNION ALL SELECT 1, event_id, chunk_index, chunk_sha256 FROM chunks"
-    " WHERE sensor_id = %s AND event_id = %s AND chunk_index = %s")
-
-EVENT_STATE_SQL = (
-    "SELECT 0, epoch, chunk_count, received, event_sha256, first_sequence, last_sequence,"
-    " created_at, logical_timestamp_ms, attributes FROM partial_events"
-    " WHERE sensor_id = %s AND event_id = %s"
-    " UNION ALL SELECT 1, NULL, NULL, NULL, event_sha256, NULL, NULL, NULL, NULL, NULL"
-    " FROM events WHERE sensor_id = %s AND event_id = %s"
-    " UNION ALL SELECT 2, NULL, NULL, NULL, event_sha256, NULL, NULL, NULL, NULL, NULL"
-    " FROM rejected_events WHERE sensor_id = %s AND event_id = %s")
-
-_NOTHING_STORED = ChunkKeys()
-
-
-def read_chunk_keys(conn: psycopg.Connection[Any], sensor_id: str, epoch: str,
-                    sequence: int, event_id: str, chunk_index: int,
-                    committed_before: bool) -> ChunkKeys:
-    same_sequence: tuple[str, int, bytes] | None = None
-    same_slot: bytes | None = None
-    for tag, found_event, index, digest in conn.execute(
-            CHUNK_KEYS_SQL, (sensor_id, epoch, sequence, sensor_id, event_id, chunk_index)):
-        if tag == 0:
-            same_sequence = (found_event, int(index), bytes(digest))
-        else:
-            same_slot = bytes(digest)
-    if same_sequence is None and same_slot is None and not committed_before:
-        return _NOTHING_STORED
-    return ChunkKeys(same_sequence, same_slot, committed_before)
-
-
-def read_event_state(conn: psycopg.Connection[Any], sensor_id: str,
-                     event_id: str) -> EventState:
-    finished: Finished | None = None
-    for row in conn.execute(EVENT_STATE_SQL, (sensor_id, event_id) * 3):
-        tag = row[0]
-        if tag == 0:
-            return Partial(epoch=row[1], chunk_count=int(row[2]), received=int(row[3]),
-                           event_sha256=bytes(row[4]), first_sequence=int(row[5]),
-                           last_sequence=int(row[6]), created_at=row[7],
-                           logical_timestamp_ms=int(row[8]), attributes=row[9])
-        if finished is None or tag == 1:
-            finished = Finished(bytes(row[4]), completed=tag == 1)
-    return finished
