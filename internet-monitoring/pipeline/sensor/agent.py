@@ -17,6 +17,7 @@ Tasks while running::
     │   └── _serve        _heartbeat_loop + _receive_loop for one connection
     ├── _tick_loop        every second: dispatcher.on_tick, new-data detection, pruning
     ├── SubmitServer      optional local ``POST /v1/submit``
+    ├── SensorSources     optional remote-write receiver and scrapes (sensor/sources.py)
     └── ChunkSender (sensor/sender.py): one task per planned chunk or batch,
         send_chunk_with_backoff (POSTs bounded by a semaphore; what to do after each
         attempt is decided by sensor.delivery.Delivery)
@@ -60,6 +61,7 @@ from pipeline.sensor.metrics import AgentCollector, SensorMetricsServer
 from pipeline.sensor.refusals import RefusalLog
 from pipeline.sensor.reload import credential_only_changes
 from pipeline.sensor.sender import AgentLinks, ChunkSender, log_task_failure
+from pipeline.sensor.sources import SensorSources
 from pipeline.sensor.time_sync import ClockSkewEstimator
 from pipeline.sensor.transports import (
     ControlChannel,
@@ -153,6 +155,8 @@ class SensorAgent:
             links=AgentLinks(both=self._both, request_heartbeat=self._request_heartbeat,
                              log_refusal=self._log_refusal))
         self.registry.register(AgentCollector(self))
+        self.sources = SensorSources(config, queue, registry=self.registry,
+                                     on_committed=self.notify_enqueued)
 
     # ------------------------------------------------------------------ public
 
@@ -259,8 +263,10 @@ class SensorAgent:
         try:
             await self._start_metrics_server()
             await self._start_submit_server()
+            await self.sources.start()
             await self._control_loop()
         finally:
+            await self._close_quietly(self.sources.close(), "sources")
             ticker.cancel()
             for task in self._other_tasks:
                 task.cancel()

@@ -85,6 +85,11 @@ from pipeline.common.config.server_schema import (
     TokenConfig,
 )
 from pipeline.common.config.shared_schema import TracingConfig
+from pipeline.common.config.sources_schema import (
+    RemoteWriteSourceConfig,
+    ScrapeTargetConfig,
+    SourcesConfig,
+)
 from pipeline.common.config.yaml_reader import read_yaml_file
 
 log = logging.getLogger(__name__)
@@ -130,7 +135,8 @@ __all__ = [
     "BASE_CAPABILITIES", "DEFAULT_CAPABILITIES", "DEFAULT_SNAPSHOT_FIELDS", "IGNORED", "KIB",
     "LISTENER_NAMES", "LOG_LEVELS", "MAX_SLICE_SIZE", "MAX_SNAPSHOT_FIELDS", "MIB",
     "MIN_SLICE_SIZE", "SENSOR_ENV_PREFIX", "SENSOR_TOKEN_ENV", "SERVER_ENV_PREFIX",
-    "STREAM_TOKEN_ENV", "Synchronous", "AuthConfig", "BackoffConfig", "ControlConfig",
+    "STREAM_TOKEN_ENV", "Synchronous", "RemoteWriteSourceConfig", "ScrapeTargetConfig",
+    "SourcesConfig", "AuthConfig", "BackoffConfig", "ControlConfig",
     "DashboardConfig", "DashboardSensorConfig", "HeartbeatConfig", "IngestConfig",
     "LimitsConfig", "LoggingConfig", "MemoryConfig", "MetricsConfig", "ProxyConfig",
     "SchedulerConfig", "SensorAuthConfig", "SensorConfig", "SensorControlConfig",

@@ -23,6 +23,7 @@ from pipeline.common.config.checks import (
     ignored_field,
 )
 from pipeline.common.config.shared_schema import TracingConfig
+from pipeline.common.config.sources_schema import SourcesConfig
 from pipeline.common.messages import SENSOR_ID_RE
 from pipeline.version import SOFTWARE_VERSION
 
@@ -185,6 +186,7 @@ class SensorConfig:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     metrics: SensorMetricsConfig = field(default_factory=SensorMetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
 
     def __post_init__(self) -> None:
         if not self.queue.path:
