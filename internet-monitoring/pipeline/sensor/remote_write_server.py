@@ -21,11 +21,17 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from pipeline.common.config.sources_schema import RemoteWriteSourceConfig, is_loopback_host
 from pipeline.common.errors import ConfigError, PayloadTooLarge, PipelineError, QueueError
-from pipeline.common.remote_write import DecodedWrite, RemoteWriteMalformed, decode
+from pipeline.common.remote_write import (
+    DecodedWrite,
+    RemoteWriteMalformed,
+    check_headers,
+    decode,
+)
 from pipeline.sensor.group_commit import GroupCommitter
 from pipeline.sensor.metrics import parse_listen
 
@@ -90,7 +96,8 @@ class RemoteWriteServer:
         # The body cap is enforced while reading (aiohttp stops at client_max_size).
         app = web.Application(client_max_size=self._settings.max_body_bytes)
         app.router.add_post(WRITE_PATH, self._handle)
-        runner = web.AppRunner(app, access_log=None)
+        # auto_decompress off: a gzip/deflate body is refused by its header, never inflated.
+        runner = web.AppRunner(app, access_log=None, auto_decompress=False)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
         try:
@@ -120,6 +127,9 @@ class RemoteWriteServer:
         return web.Response(status=204)
 
     async def _read(self, request: web.Request) -> DecodedWrite:
+        content_type = request.headers.get("Content-Type")
+        content_encoding = request.headers.get("Content-Encoding")
+        check_headers(content_type, content_encoding)
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"body of {request.content_length} bytes is over the limit"
@@ -129,8 +139,9 @@ class RemoteWriteServer:
         except web.HTTPRequestEntityTooLarge as exc:
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes "
                                   "(sources.remote_write.max_body_bytes)") from exc
-        return decode(body, content_type=request.headers.get("Content-Type"),
-                      content_encoding=request.headers.get("Content-Encoding"),
+        except (web.HTTPException, aiohttp.ClientPayloadError, ValueError) as exc:
+            raise RemoteWriteMalformed(f"body could not be read: {exc}") from exc
+        return decode(body, content_type=content_type, content_encoding=content_encoding,
                       max_bytes=self._settings.max_decompressed_bytes)
 
     def _refuse(self, refusal: Refusal) -> web.Response:

@@ -52,10 +52,15 @@ class Scraper:
         #: (job, outcome) -> scrapes; outcome ok / failed / not_queued.
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
+    async def open(self) -> None:
+        """The HTTP client only (``scrape_once`` on demand, no interval tasks)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers={"Accept": ACCEPT})
+
     async def start(self) -> None:
         if not self._targets:
             return
-        self._session = aiohttp.ClientSession(headers={"Accept": ACCEPT})
+        await self.open()
         for target in self._targets:
             self._tasks.append(asyncio.create_task(self._loop(target),
                                                    name=f"scrape-{target.job}"))
