@@ -79,10 +79,21 @@ def test_server_example_loads_and_spells_out_every_default() -> None:
     assert all("change-me" in s.token for s in config.auth.sensors if s.token)
 
 
+def _uncomment_scrape(text: str) -> str:
+    """The example with its commented ``sources.scrape`` entry made live."""
+    text = text.replace("  scrape: []", "  scrape:")
+    return "\n".join(line.replace("  #  ", "    ", 1) if line.startswith("  #  ") else line
+                     for line in text.splitlines())
+
+
 def test_sensor_example_loads_and_spells_out_every_default() -> None:
     path = EXAMPLES / "sensor.yml"
     config = load_sensor_config(path, env={})
-    assert _missing_keys(SensorConfig, [yaml.safe_load(path.read_text())]) == []
+    # sources.scrape is empty by default; its keys are spelled out in a commented entry.
+    with_scrape = yaml.safe_load(_uncomment_scrape(path.read_text()))
+    assert with_scrape["sources"]["scrape"], "the commented scrape entry is gone"
+    sensor_config_from_dict(with_scrape)
+    assert _missing_keys(SensorConfig, [yaml.safe_load(path.read_text()), with_scrape]) == []
     assert config.token == "change-me-pi-01"  # the example server.yml accepts it for pi-01
     normalised = dataclasses.replace(config, token="", software_version=SOFTWARE_VERSION)
     assert normalised == SensorConfig(sensor_id="pi-01")
