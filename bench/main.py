@@ -17,6 +17,9 @@ Sections (``--only`` picks some; all by default)::
             every 0.5 s at most), next to the same ingest without reads (bench/reads.py)
     postgres  JSON 1.0 and Protobuf-batch ingest with store.engine: postgres next to the
             same load on SQLite, one server process (bench/pg.py)
+    remote_write  Prometheus remote write into a real sensor agent, 4 senders, 500 samples
+            per request; then the agent's CPU and resident memory while it drains to a
+            real server and while idle (bench/remote_write.py)
 
 Each figure is the median of ``--runs`` runs (3 by default) with min-max. ``--quick``
 (or ``BENCH_QUICK=1``): one run of smaller loads, for a smoke check (not for docs/performance.md).
@@ -42,6 +45,7 @@ from typing import Any, Callable
 from bench import drain as drain_mod
 from bench import pg as pg_mod
 from bench import reads as reads_mod
+from bench import remote_write as rw_mod
 from bench.procs import (
     LOAD_CPU,
     SERVER_CPU,
@@ -58,7 +62,8 @@ from bench.procs import (
 )
 
 KIB = 1024
-SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns", "reads", "postgres")
+SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns", "reads", "postgres",
+            "remote_write")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Scale:
     conns_duration_s: float = 30.0
     conns_interval_s: float = 5.0
     ingest_only: tuple[str, ...] = ()  # "mode:size:concurrency"; empty = all
+    rw_requests: int = 8_000
+    rw_idle_s: float = 20.0
 
     def n(self, full: int, minimum: int = 1) -> int:
         return max(minimum, int(full * self.factor))
@@ -84,9 +91,11 @@ class Scale:
 FULL = Scale()
 TINY = Scale(runs=1, factor=0.01, flat_rows=300, queue_backlog=300, queue_events=50,
              drain_small=100, drain_big=20, connections=20, conns_duration_s=2.5,
-             conns_interval_s=1.0, ingest_only=("json:1024:1", "proto_batch:1024:8"))
+             conns_interval_s=1.0, ingest_only=("json:1024:1", "proto_batch:1024:8"),
+             rw_requests=80, rw_idle_s=1.0)
 QUICK = Scale(runs=1, factor=0.15, flat_rows=20_000, queue_backlog=10_000, queue_events=400,
-              drain_small=2_000, connections=500, conns_duration_s=11.0)
+              drain_small=2_000, connections=500, conns_duration_s=11.0, rw_requests=1_200,
+              rw_idle_s=5.0)
 
 
 @dataclass
@@ -410,6 +419,45 @@ def section_postgres(work: Path, scale: Scale) -> list[Row]:
                 work, scale.runs, scale.n, load)]
 
 
+def section_remote_write(work: Path, scale: Scale) -> list[Row]:
+    runs = []
+    for run in range(scale.runs):
+        workdir = work / f"remote-write-{run}"
+        try:
+            runs.append(rw_mod.run_once(workdir, scale.rw_requests, 4, 500, scale.rw_idle_s))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def col(key: str) -> list[float]:
+        return [float(r[key]) for r in runs]
+
+    # CPU figures may be 0 (no tick in the idle window); Row wants positive numbers.
+    def pct(key: str) -> list[float]:
+        return [max(value, 0.001) for value in col(key)]
+
+    return [
+        Row("remote_write", f"remote write into the sensor, 4 senders, 500 samples/request "
+            f"({scale.rw_requests:,} requests)", "requests/s", col("requests_per_s"),
+            target=">= 1,000/s", target_check=lambda r: r.median >= 1000,
+            extra={"samples_per_s": col("samples_per_s"),
+                   "latency_p99_ms": col("latency_p99_ms"), "events": col("events")}),
+        Row("remote_write", "sensor agent resident memory, idle (after the drain)", "MiB",
+            col("rss_idle_mib"), higher_is_better=False, target="<= 60 MiB",
+            target_check=lambda r: r.median <= 60,
+            extra={"rss_start_mib": col("rss_start_mib"),
+                   "rss_receive_mib": col("rss_receive_mib")}),
+        Row("remote_write", "sensor agent resident memory, peak while draining", "MiB",
+            col("rss_drain_mib"), higher_is_better=False, target="<= 60 MiB",
+            target_check=lambda r: r.median <= 60),
+        Row("remote_write", f"sensor agent CPU, idle ({scale.rw_idle_s:g} s, connected)",
+            "% of a core", pct("idle_cpu_pct"), higher_is_better=False, target="<= 1 %",
+            target_check=lambda r: r.median <= 1.0),
+        Row("remote_write", "sensor agent CPU while draining its backlog to the server",
+            "% of a core", pct("drain_cpu_pct"), higher_is_better=False,
+            extra={"drain_s": col("drain_s")}),
+    ]
+
+
 def _fmt(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
@@ -505,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt("reads", lambda: section_reads(root, scale))
         if "postgres" in only:
             attempt("postgres", lambda: section_postgres(root, scale))
+        if "remote_write" in only:
+            attempt("remote_write", lambda: section_remote_write(root, scale))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -96,6 +96,8 @@ BAD = [
     ("not a WriteRequest", rw.encode(rw.build([])) [:1] + b"\x0a\x05\x0a\x03\x0a\x01", HEADERS,
      ""),
     ("no __name__", body(rw.Series((("job", "x"),), ((T0, 1.0),))), HEADERS, "no __name__"),
+    ("empty __name__", body(rw.Series((("__name__", ""), ("job", "x")), ((T0, 1.0),))),
+     HEADERS, "the __name__ label is empty"),
 ]
 
 
