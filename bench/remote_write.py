@@ -8,9 +8,9 @@ pointing at a server that is not started yet. Then, in order:
    keep-alive connections with one request each in flight, ``samples`` samples per
    request (one sample per series, six labels, like a Prometheus agent's batches of node
    exporter series), bodies encoded before the clock starts; every answer must be 204.
-2. **drain**: the server starts; from its first healthy answer the agent's CPU time (``/proc/<pid>/stat``) and peak
-   resident memory are sampled until its queue is empty (everything committed on the
-   server, whose event count must equal what was queued).
+2. **drain**: the server starts; from its first healthy answer the agent's CPU time
+   (``/proc/<pid>/stat``) and peak resident memory are sampled until its queue is empty
+   (everything committed on the server, whose event count must equal what was queued).
 3. **idle**: connected, empty queue, nothing arriving: CPU time over ``idle_s`` seconds
    and resident memory.
 """

@@ -1,11 +1,13 @@
 """The sensor role adds the pipeline's remote_write entry to the Prometheus agent config
 the platform renders (kept as it is otherwise), renders sources.remote_write.listen, and
-the result passes ``promtool check config``; switched off, the entry goes again; run for real with ansible-core."""
+the result passes ``promtool check config``; switched off, the entry goes again. Run for
+real with ansible-core."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,7 +17,7 @@ from pipeline.tests.deploy_support import lab_vars, make_lab, run_playbook
 
 #: The platform's promagent config as its template renders it: scrape jobs, external label
 #: sensor, the cloud remote_write with queue_config and headers.
-PLATFORM_PROMAGENT = {
+PLATFORM_PROMAGENT: dict[str, Any] = {
     "global": {"scrape_interval": "15s", "external_labels": {"sensor": "pi-01"}},
     "scrape_configs": [
         {"job_name": "node", "static_configs": [{"targets": ["localhost:9100"]}]},

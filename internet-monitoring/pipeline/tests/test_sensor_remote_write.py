@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import aiohttp
 import pytest
@@ -48,7 +48,7 @@ class CountingQueue(DurableQueue):
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> AsyncIterator[CountingQueue]:
+def queue(tmp_path: Path) -> Iterator[CountingQueue]:
     q = CountingQueue(tmp_path / "queue.db")
     yield q
     q.close()
@@ -160,7 +160,7 @@ async def test_full_queue_answers_503_with_retry_after_and_loses_nothing(tmp_pat
                                                                          ) -> None:
     # A queue file capped by max_pages: SQLite reports a full disk, the queue QueueFull.
     queue = DurableQueue(tmp_path / "queue.db", max_pages=64, reserve_bytes=0)
-    fillers = []
+    fillers: list[EnqueuedEvent] = []
     try:
         while True:
             fillers.append(queue.enqueue(bytes(range(256)) * 40 + len(fillers).to_bytes(4)))

@@ -3,7 +3,6 @@ queues what it read as a remote-write event, labelled and timed as Prometheus wo
 
 from __future__ import annotations
 
-import asyncio
 import math
 from pathlib import Path
 from typing import AsyncIterator
