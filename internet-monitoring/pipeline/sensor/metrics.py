@@ -26,6 +26,9 @@ exact values with ``registry.get_sample_value``)::
                                                              failed: kind disk_full / io_error
     pipeline_asyncio_tasks                          gauge    tasks alive on the agent's loop
 
+The remote-write receiver's and the scraper's counters (``sensor_remote_write_*``,
+``sensor_scrapes_total``) are collected by ``sensor/sources.py`` on the same registry.
+
 "this run" counters restart at 0 with the agent process; "file" figures live in the queue
 file and survive restarts. ``sensor_queue_depth``, ``sensor_chunk_retry_total`` and
 ``control_channel_connected`` carry the runbook names the server uses for the same facts,

@@ -118,7 +118,8 @@ class RemoteWriteServer:
     async def _handle(self, request: web.Request) -> web.Response:
         try:
             decoded = await self._read(request)
-            await self._committer.write(decoded.raw)
+            if decoded.series:  # metadata only: nothing the pipeline keeps
+                await self._committer.write(decoded.raw)
         except PipelineError as exc:
             return self._refuse(refusal_for(exc, self._settings.retry_after_s))
         self.outcomes["accepted"] += 1

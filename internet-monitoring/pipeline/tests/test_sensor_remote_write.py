@@ -255,3 +255,19 @@ def _unchecked(listen: str) -> Any:
     from pipeline.common.config.sources_schema import RemoteWriteSourceConfig
 
     return RemoteWriteSourceConfig(listen=listen)
+
+
+async def test_a_request_without_series_is_answered_and_queues_nothing(
+        queue: CountingQueue, tmp_path: Path) -> None:
+    from pipeline.proto.remote_write_pb2 import WriteRequest
+
+    metadata_only = WriteRequest()
+    metadata_only.metadata.add(metric_family_name="probe_success", help="1 if it worked")
+    sources, url = await _started(sources_for(queue, tmp_path))
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await post(session, url, rw.encode(metadata_only))
+    finally:
+        await sources.close()
+    assert status == 204
+    assert queued_writes(queue) == [] and queue.transactions == 0
