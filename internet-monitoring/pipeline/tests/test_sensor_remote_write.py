@@ -271,3 +271,29 @@ async def test_a_request_without_series_is_answered_and_queues_nothing(
         await sources.close()
     assert status == 204
     assert queued_writes(queue) == [] and queue.transactions == 0
+
+
+async def test_metrics_count_requests_by_outcome_samples_and_commits(
+        queue: CountingQueue, tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    config = sensor_config_from_dict({
+        "sensor_id": "pi-rw-01", "token": "t" * 32, "queue": {"path": str(tmp_path / "q.db")},
+        "sources": {"remote_write": {"listen": "127.0.0.1:0"}}})
+    sources, url = await _started(SensorSources(config, queue, registry=registry))
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert (await post(session, url, body(series(1, 4))))[0] == 204
+            assert (await post(session, url, b"junk"))[0] == 400
+    finally:
+        await sources.close()
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"sensor_id": "pi-rw-01", **labels})
+
+    assert value("sensor_remote_write_requests_total", outcome="accepted") == 1
+    assert value("sensor_remote_write_requests_total", outcome="malformed") == 1
+    assert value("sensor_remote_write_requests_total", outcome="unavailable") == 0
+    assert value("sensor_remote_write_samples_total") == 4
+    assert value("sensor_remote_write_commits_total") == queue.transactions == 1
