@@ -54,7 +54,7 @@ async def test_prometheus_agent_writes_every_scraped_value_once(tmp_path: Path) 
                           "queue_config": {"batch_send_deadline": "1s", "max_shards": 2},
                           "metadata_config": {"send": False}}]}
     (tmp_path / "agent.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "wb")
+    log = (tmp_path / "prometheus.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         prometheus, "--enable-feature=agent", f"--config.file={tmp_path / 'agent.yml'}",
         f"--storage.agent.path={tmp_path / 'wal'}",
