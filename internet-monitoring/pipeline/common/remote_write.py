@@ -23,7 +23,7 @@ import cramjam
 from google.protobuf.message import DecodeError
 
 from pipeline.common.errors import PayloadTooLarge, ProtocolError
-from pipeline.proto.remote_write_pb2 import WriteRequest
+from pipeline.proto.remote_write_pb2 import Label, WriteRequest, WriteRequestView
 
 #: The attribute a queued event carries, and its value for remote-write events.
 CONTENT_TYPE_ATTRIBUTE = "content_type"
@@ -37,6 +37,10 @@ VERSION = "0.1.0"
 
 NAME_LABEL = "__name__"
 _MAX_VARINT_BYTES = 5  # snappy's length preamble is a 32-bit varint
+#: Label sets (their serialised labels) already found valid: Prometheus sends the same
+#: series in every request, and checking a set costs ~2 us in Python against ~0.5 us to
+#: look it up. Bounded (about 0.5 KiB per set; emptied when full).
+LABEL_SET_CACHE_MAX = 8192
 
 
 class RemoteWriteMalformed(ProtocolError):
@@ -164,6 +168,50 @@ def check_request(request: WriteRequest) -> int:
     raise AssertionError("the fast pass found a problem the detailed pass did not")
 
 
+class LabelSetCache:
+    """Label sets known to pass ``check_request``'s rules, keyed by their exact bytes."""
+
+    def __init__(self, capacity: int = LABEL_SET_CACHE_MAX) -> None:
+        self._capacity = capacity
+        self._known: set[tuple[bytes, ...]] = set()
+
+    def count_if_valid(self, raw: bytes) -> int | None:
+        """The number of samples in ``raw`` (already parsed as a ``WriteRequest``) when
+        every series' labels pass the rules; None when one may not (the caller then runs
+        ``check_request`` for the verdict and the reason)."""
+        view = WriteRequestView()
+        view.ParseFromString(raw)
+        known = self._known
+        samples = 0
+        for series in view.timeseries:
+            key = tuple(series.labels)
+            if key not in known:
+                if not _labels_ok(key):
+                    return None
+                if len(known) >= self._capacity:
+                    known.clear()
+                known.add(key)
+            samples += len(series.samples)
+        return samples
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+def _labels_ok(encoded: tuple[bytes, ...]) -> bool:
+    names: dict[str, str] = {}
+    for item in encoded:
+        try:
+            label = Label.FromString(item)
+        except DecodeError:
+            return False
+        names[label.name] = label.value
+    return len(names) == len(encoded) and "" not in names and bool(names.get(NAME_LABEL))
+
+
+_CACHE = LabelSetCache()
+
+
 def decode(body: bytes, *, content_type: str | None, content_encoding: str | None,
            max_bytes: int) -> DecodedWrite:
     """Check a request's headers and body all the way through; nothing is kept of a body
@@ -175,7 +223,9 @@ def decode(body: bytes, *, content_type: str | None, content_encoding: str | Non
         request.ParseFromString(raw)
     except DecodeError as exc:
         raise RemoteWriteMalformed(f"body is not a protobuf WriteRequest: {exc}") from exc
-    samples = check_request(request)
+    samples = _CACHE.count_if_valid(raw)
+    if samples is None:
+        samples = check_request(request)  # raises naming the series and the reason
     return DecodedWrite(raw=raw, series=len(request.timeseries), samples=samples)
 
 

@@ -62,6 +62,37 @@ def test_decoder_either_accepts_or_refuses_with_a_4xx_error(data: bytes) -> None
     assert all(one.name for one in rw.series_of(request))
 
 
+names = st.sampled_from(["", "__name__", "job", "instance", "a", "é"])
+label_lists = st.lists(st.tuples(names, st.sampled_from(["", "x", "up", "☕"])), max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(label_lists, min_size=1, max_size=4), st.booleans())
+def test_cached_label_check_gives_the_full_checks_verdict(series_labels: list[
+        list[tuple[str, str]]], twice: bool) -> None:
+    """decode() trusts label sets it has seen before; its verdict must be check_request's,
+    including on the second sight of a set (``twice``)."""
+    request = rw.WriteRequest()
+    for labels in series_labels:
+        ts = request.timeseries.add()
+        for name, value in labels:  # as given: unsorted, repeated, empty
+            ts.labels.add(name=name, value=value)
+        ts.samples.add(timestamp=1, value=2.0)
+    data = rw.encode(request)
+    try:
+        expected: int | str = rw.check_request(rw.WriteRequest.FromString(
+            request.SerializeToString()))
+    except rw.RemoteWriteMalformed as exc:
+        expected = exc.message
+    for _ in range(2 if twice else 1):
+        try:
+            got: int | str = rw.decode(data, content_type=rw.HTTP_CONTENT_TYPE,
+                                       content_encoding="snappy", max_bytes=LIMIT).samples
+        except rw.RemoteWriteMalformed as exc:
+            got = exc.message
+        assert got == expected
+
+
 class LiveReceiver:
     """Queue + sources on an event loop in a thread, so Hypothesis can drive it."""
 
