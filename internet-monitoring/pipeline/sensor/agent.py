@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from prometheus_client import CollectorRegistry
 
 from pipeline.common.backoff import Backoff
+from pipeline.common.heap_trim import HeapTrimmer
 from pipeline.common.errors import AuthError, PipelineError, ProtocolError, QueueError
 from pipeline.common.messages import (
     CAP_EPOCH,
@@ -157,6 +158,7 @@ class SensorAgent:
         self.registry.register(AgentCollector(self))
         self.sources = SensorSources(config, queue, registry=self.registry,
                                      on_committed=self.notify_enqueued)
+        self.heap = HeapTrimmer()  # RSS back to the OS after a drain or a burst of writes
 
     # ------------------------------------------------------------------ public
 
@@ -505,6 +507,8 @@ class SensorAgent:
         while True:
             try:
                 await self._tick()
+                self.heap.tick(self.deleted + self.sources.committer.requests,
+                               self.dispatcher.in_flight_count())
                 if time.monotonic() - last_prune >= PRUNE_INTERVAL_S:
                     last_prune = time.monotonic()
                     await asyncio.to_thread(self.queue.prune, self._clock())

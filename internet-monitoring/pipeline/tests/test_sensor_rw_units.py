@@ -46,3 +46,29 @@ def test_scrape_target_instance_and_timeout_as_prometheus() -> None:
     tls = ScrapeTargetConfig(url="https://pi:9443/metrics", job="x", interval=5)
     assert tls.instance == "pi:9443" and tls.effective_timeout == 4.0
     assert ScrapeTargetConfig(url="https://pi/m", job="x").instance == "pi:443"
+
+
+def test_heap_trimmer_trims_once_per_quiet_spell_after_work() -> None:
+    from pipeline.common.heap_trim import HeapTrimmer
+
+    now = [0.0]
+    calls: list[int] = []
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        return 1
+
+    trimmer = HeapTrimmer(min_interval_s=30, clock=lambda: now[0], trim=trim)
+    assert not trimmer.tick(0, 0)         # no work yet
+    assert not trimmer.tick(10, 0)        # working (activity grew)
+    assert not trimmer.tick(10, 3)        # still in flight
+    assert trimmer.tick(10, 0)            # quiet after work: trim
+    assert not trimmer.tick(10, 0)        # once per quiet spell
+    assert not trimmer.tick(20, 0)
+    now[0] = 10.0
+    assert not trimmer.tick(20, 0)        # quiet again, but within the interval
+    now[0] = 31.0
+    assert trimmer.tick(20, 0)
+    assert calls == [0, 0] and trimmer.trims == 2
+    # Without glibc's malloc_trim it decides the same and does nothing.
+    assert not HeapTrimmer(load=False).tick(5, 0)
