@@ -388,6 +388,37 @@ def test_prune_in_batches_keeps_recent_data_and_offsets(backend: Backend) -> Non
         s.close()
 
 
+# ---------------------------------------------------------------------------------------
+# Forwarding cursors (server/forward/): durable, per sink and sensor, never moving back
+
+
+def test_forward_cursors_round_trip_and_only_move_forward(backend: Backend) -> None:
+    s = backend.open()
+    try:
+        assert s.forward_cursors("cloud") == {}
+        for i in range(1, 4):
+            s.ingest(make_chunks(f"a{i}".encode(), i))
+        s.ingest(make_chunks(b"b1", 1, sensor="pi-02"))
+        assert s.event_sensors() == sorted([SENSOR, "pi-02"])
+        rows = [e.row_id for e in s.events(SENSOR)]
+        assert s.events_after_count(SENSOR, 0) == 3
+        s.save_forward_cursor("cloud", SENSOR, rows[1])
+        s.save_forward_cursor("cloud", SENSOR, rows[0])  # a late save does not move it back
+        s.save_forward_cursor("other", SENSOR, rows[2])
+        assert s.forward_cursors("cloud") == {SENSOR: rows[1]}
+        assert s.events_after_count(SENSOR, rows[1]) == 1
+        assert [e.data for e in s.events(SENSOR, after=rows[1])] == [b"a3"]
+    finally:
+        s.close()
+    s = backend.open()
+    try:
+        assert s.forward_cursors("cloud") == {SENSOR: rows[1]}
+        assert s.forward_cursors("other") == {SENSOR: rows[2]}
+        assert s.forward_cursors("none") == {}
+    finally:
+        s.close()
+
+
 def test_ingest_from_several_threads(store: ChunkStore) -> None:
     chunks = [make_chunks(f"t{i}".encode(), i)[0] for i in range(1, 81)]
     errors: list[BaseException] = []

@@ -3,7 +3,8 @@ transaction per ingest batch (one fsync per batch, not per chunk).
 
 ``SQLiteChunkStore`` is assembled from its parts: ``sqlite_base`` (connection, lock,
 transactions, headroom, checkpointing), ``sqlite_ingest`` (ingest, deciding through the
-ledger), ``sqlite_reads`` and ``sqlite_control`` (control state, retention);
+ledger), ``sqlite_reads``, ``sqlite_control`` (control state, retention) and ``sqlite_forward``
+(forwarding cursors);
 ``sqlite_schema`` holds the tables and the migration. Here: opening, setup, closing.
 """
 
@@ -24,6 +25,7 @@ from pipeline.server.offsets import OffsetBook, OffsetTracker
 from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite_base import BATCH_SLICES_UNBOUNDED, BUSY_TIMEOUT_MS
 from pipeline.server.store.sqlite_control import SQLiteControl
+from pipeline.server.store.sqlite_forward import SQLiteForward
 from pipeline.server.store.sqlite_ingest import DEFAULT_MAX_EVENT_BYTES, SQLiteIngest
 from pipeline.server.store.sqlite_reads import SQLiteReads
 from pipeline.server.store.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
@@ -36,7 +38,7 @@ SLICE_CACHE_BYTES = 32 * 1024 * 1024
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-class SQLiteChunkStore(SQLiteIngest, SQLiteReads, SQLiteControl):
+class SQLiteChunkStore(SQLiteIngest, SQLiteReads, SQLiteControl, SQLiteForward):
     """``ChunkStore`` on an SQLite file (WAL, ``synchronous=FULL`` unless told otherwise)."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",

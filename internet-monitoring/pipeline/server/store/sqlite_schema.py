@@ -13,6 +13,8 @@ Tables (every ingest step is an index lookup, never a scan)::
     rejected_events events whose reassembly failed, or partial events expired by retention.
     offsets         per (sensor_id, epoch): watermark and the committed ranges above it.
     windows, sensor_state   control-state JSON, written off the ingest path.
+    forward_cursors per (sink, sensor_id): the events.row_id a forwarder has passed (the
+                    durable outbox of server/forward/ is "events after the cursor").
 
 The SQL sticks to what PostgreSQL accepts too (``ON CONFLICT ... DO UPDATE``,
 ``IN (SELECT ... LIMIT n)``, no engine-only functions).
@@ -115,6 +117,12 @@ SCHEMA = (
         sensor_id TEXT PRIMARY KEY,
         state TEXT NOT NULL,
         updated_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS forward_cursors (
+        sink TEXT NOT NULL,
+        sensor_id TEXT NOT NULL,
+        row_id INTEGER NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (sink, sensor_id))""",
     """CREATE TABLE IF NOT EXISTS store_meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
