@@ -63,6 +63,9 @@ from pipeline.server.control.scheduler import RequestScheduler
 from pipeline.server.security.manager import SecurityManager, add_security_routes
 from pipeline.server.control.session import Committed, WindowPolicy
 from pipeline.server.read.snapshot_cache import SnapshotCache, StreamMessage
+from pipeline.server.read.rw_snapshot import SeriesBook, field_name
+from pipeline.server.forward.forwarder import Forwarder
+from pipeline.server.forward.plan import is_remote_write
 from pipeline.server.store import ChunkStore, check_engine, open_store
 from pipeline.server.read.stream import StreamHub, stream_server
 
@@ -155,6 +158,8 @@ class PipelineServer:
                                           global_max_windows=config.scheduler.global_max_windows)
         self.snapshots = SnapshotCache(
             max_payload_bytes=config.memory.snapshot_payload_max_kib * 1024)
+        self.series_book = SeriesBook()
+        self.forwarder: Forwarder | None = None
         self.store: ChunkStore | None = None
         self.reader: Reader | None = None
         self.feed: DashboardFeed | None = None
@@ -200,12 +205,18 @@ class PipelineServer:
             await self._restore_watermarks()
             latest = await asyncio.to_thread(store.latest_events)
             self.snapshots.warm((e, e.completed_at) for e in latest)
+            for event in latest:
+                if is_remote_write(event.attributes):
+                    self._on_remote_write(event, warm=True)
             if self.metrics.snapshot_fields:
                 for snap in self.snapshots.all():
                     self.metrics.on_snapshot_payload(snap.sensor_id, snap.payload)
             self.committer = GroupCommitter(store, executor=self._store_thread,
                                             on_commit=self._after_commit)
             self.committer.start()
+            if cfg.forward.remote_write.enabled:
+                self.forwarder = Forwarder(store, cfg.forward.remote_write, self.registry)
+                await self.forwarder.start()
             self.manager.start()
             await self._start_listeners(contexts)
         except BaseException:
@@ -343,6 +354,9 @@ class PipelineServer:
         self._runners.clear()
         if self.committer is not None:
             await self.committer.close()
+        if self.forwarder is not None:
+            forwarder, self.forwarder = self.forwarder, None
+            await forwarder.stop()
         if self.manager is not None:
             await self.manager.close()
         if self.reader is not None:
@@ -437,6 +451,10 @@ class PipelineServer:
                         gauge_payloads.setdefault(sensor_id, []).append(event.data)
         for sensor_id, payloads in gauge_payloads.items():
             self.metrics.on_snapshot_payloads(sensor_id, payloads)
+        if self.forwarder is not None:
+            for sensor_id, share in grouped.items():
+                if share.events:
+                    self.forwarder.notify(sensor_id)
         for sensor_id, share in grouped.items():
             self.metrics.on_stored_batch(sensor_id, stored=share.stored,
                                          stored_bytes=share.stored_bytes,
@@ -457,7 +475,8 @@ class PipelineServer:
     def _on_event_completed(self, event: Any) -> bool:
         """Snapshot cache and stream; True when the event is its sensor's new latest
         result and feeds the snapshot gauges (applied once per batch and sensor)."""
-        self.snapshots.update(event, event.completed_at)
+        series = self._on_remote_write(event) if is_remote_write(event.attributes) else None
+        self.snapshots.update(event, event.completed_at, series)
         self.metrics.on_event_completed()
         log.debug("event_completed sensor_id=%s event_id=%s size=%d", event.sensor_id,
                   event.event_id, len(event.data))
@@ -465,6 +484,20 @@ class PipelineServer:
         return bool(self.metrics.snapshot_fields) and latest is not None \
             and latest.event_id == event.event_id \
             and len(event.data) <= SNAPSHOT_GAUGE_MAX_BYTES
+
+    def _on_remote_write(self, event: Any, warm: bool = False) -> tuple[dict[str, Any], ...]:
+        """A remote-write event's samples into the series book and, for the metric names
+        in ``metrics.snapshot_metrics``, into ``pipeline_snapshot_value``."""
+        changed = self.series_book.update(event.sensor_id, event.data)
+        follow = self.config.metrics.snapshot_metrics
+        for (name, labels), value in changed.items():
+            if name in follow:
+                self.metrics.snapshot_value.labels(event.sensor_id,
+                                                   field_name(name, labels)).set(value)
+        series = self.series_book.series(event.sensor_id)
+        if warm:
+            self.snapshots.update(event, event.completed_at, series)
+        return series
 
     # -- background ---------------------------------------------------------------------
 

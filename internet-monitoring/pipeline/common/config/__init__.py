@@ -84,6 +84,12 @@ from pipeline.common.config.server_schema import (
     TlsConfig,
     TokenConfig,
 )
+from pipeline.common.config.forward_schema import (
+    BasicAuthConfig,
+    ForwardConfig,
+    ForwardTlsConfig,
+    RemoteWriteForwardConfig,
+)
 from pipeline.common.config.shared_schema import TracingConfig
 from pipeline.common.config.sources_schema import (
     RemoteWriteSourceConfig,
@@ -136,7 +142,8 @@ __all__ = [
     "LISTENER_NAMES", "LOG_LEVELS", "MAX_SLICE_SIZE", "MAX_SNAPSHOT_FIELDS", "MIB",
     "MIN_SLICE_SIZE", "SENSOR_ENV_PREFIX", "SENSOR_TOKEN_ENV", "SERVER_ENV_PREFIX",
     "STREAM_TOKEN_ENV", "Synchronous", "RemoteWriteSourceConfig", "ScrapeTargetConfig",
-    "SourcesConfig", "AuthConfig", "BackoffConfig", "ControlConfig",
+    "SourcesConfig", "AuthConfig", "BackoffConfig", "BasicAuthConfig",
+    "ControlConfig", "ForwardConfig", "ForwardTlsConfig", "RemoteWriteForwardConfig",
     "DashboardConfig", "DashboardSensorConfig", "HeartbeatConfig", "IngestConfig",
     "LimitsConfig", "LoggingConfig", "MemoryConfig", "MetricsConfig", "ProxyConfig",
     "SchedulerConfig", "SensorAuthConfig", "SensorConfig", "SensorControlConfig",

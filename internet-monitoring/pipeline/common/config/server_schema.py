@@ -21,6 +21,7 @@ from pipeline.common.config.checks import (
     fail,
     parse_not_after,
 )
+from pipeline.common.config.forward_schema import ForwardConfig
 from pipeline.common.config.shared_schema import TracingConfig
 from pipeline.common.messages import SENSOR_ID_RE
 
@@ -231,6 +232,7 @@ DEFAULT_SNAPSHOT_FIELDS = ("download_mbps", "upload_mbps", "latency_ms", "lookup
                            "rtt_ms", "loss_pct", "rssi_dbm", "ttfb_ms")
 _SNAPSHOT_FIELD_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 MAX_SNAPSHOT_FIELDS = 64
+_METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -240,8 +242,16 @@ class MetricsConfig:
 
     enabled: bool = True
     snapshot_fields: tuple[str, ...] = DEFAULT_SNAPSHOT_FIELDS
+    # Remote-write metric names whose latest sample per series is exported the same way
+    # (field = the series in Prometheus text form, see docs/remote-write.md).
+    snapshot_metrics: tuple[str, ...] = ()
 
     def validate(self, at: str) -> None:
+        if len(self.snapshot_metrics) > MAX_SNAPSHOT_FIELDS:
+            fail(dotted_key(at, "snapshot_metrics"), f"at most {MAX_SNAPSHOT_FIELDS} names")
+        for i, name in enumerate(self.snapshot_metrics):
+            if not _METRIC_NAME_RE.fullmatch(name):
+                fail(dotted_key(at, f"snapshot_metrics[{i}]"), "must be a metric name")
         if len(self.snapshot_fields) > MAX_SNAPSHOT_FIELDS:
             fail(dotted_key(at, "snapshot_fields"), f"at most {MAX_SNAPSHOT_FIELDS} fields")
         for i, name in enumerate(self.snapshot_fields):
@@ -405,3 +415,4 @@ class ServerConfig:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)

@@ -17,7 +17,7 @@ import asyncio
 import base64
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from datetime import datetime, timezone
 from typing import Any, Iterable, Protocol
@@ -58,15 +58,18 @@ class Snapshot:
     payload: bytes
     arrival: int = 0
     payload_omitted: bool = False  # larger than the cache's limit: read it from the store
+    # Latest remote-write sample per series of the sensor (read/rw_snapshot.py), or ().
+    series: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_event(cls, event: EventLike, updated_at: float, arrival: int = 0,
-                   max_payload_bytes: int | None = None) -> Snapshot:
+                   max_payload_bytes: int | None = None,
+                   series: tuple[dict[str, Any], ...] = ()) -> Snapshot:
         omitted = max_payload_bytes is not None and len(event.data) > max_payload_bytes
         return cls(sensor_id=event.sensor_id, event_id=event.event_id,
                    logical_timestamp_ms=int(event.logical_timestamp_ms),
                    updated_at=updated_at, payload=b"" if omitted else bytes(event.data),
-                   arrival=arrival, payload_omitted=omitted)
+                   arrival=arrival, payload_omitted=omitted, series=series)
 
     def newer_than(self, other: Snapshot) -> bool:
         return ((self.logical_timestamp_ms, self.arrival)
@@ -90,6 +93,8 @@ class Snapshot:
         }
         if self.payload_omitted:
             doc["payload_omitted"] = True
+        if self.series:
+            doc["series"] = list(self.series)
         return doc
 
 
@@ -146,10 +151,18 @@ class SnapshotCache:
                                             self.max_payload_bytes))
         return len(self._latest)
 
-    def update(self, event: EventLike, now: float) -> Snapshot:
-        """A newly completed event: cache it if latest and publish it to every subscriber."""
-        snapshot = Snapshot.from_event(event, now, self._next_arrival(), self.max_payload_bytes)
-        self._offer(snapshot)
+    def update(self, event: EventLike, now: float,
+               series: tuple[dict[str, Any], ...] | None = None) -> Snapshot:
+        """A newly completed event: cache it if latest and publish it to every subscriber.
+        ``series`` (the sensor's latest remote-write samples, when they changed) also
+        replaces those of the cached snapshot when this event is not the latest one."""
+        current = self._latest.get(event.sensor_id)
+        if series is None:
+            series = current.series if current is not None else ()
+        snapshot = Snapshot.from_event(event, now, self._next_arrival(), self.max_payload_bytes,
+                                       series)
+        if not self._offer(snapshot) and current is not None and current.series != series:
+            self._latest[event.sensor_id] = replace(current, series=series)
         for sub in list(self._subscribers):
             if not sub.offer(snapshot):
                 self._subscribers.discard(sub)
