@@ -19,7 +19,7 @@ import aiohttp
 from pipeline.common import remote_write
 from pipeline.common.config import RemoteWriteForwardConfig
 from pipeline.common.remote_write import Series
-from pipeline.version import __version__
+from pipeline.version import SOFTWARE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class RemoteWriteClient:
         headers.update({"Content-Type": remote_write.HTTP_CONTENT_TYPE,
                         "Content-Encoding": remote_write.HTTP_CONTENT_ENCODING,
                         remote_write.VERSION_HEADER: remote_write.VERSION,
-                        "User-Agent": f"pipeline-server/{__version__}"})
+                        "User-Agent": f"pipeline-server/{SOFTWARE_VERSION}"})
         return headers
 
     async def send(self, series: Sequence[Series]) -> Answer:
