@@ -8,6 +8,7 @@ builds the TLS context, the credentials and the request, and never raises for an
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
 from dataclasses import dataclass
@@ -55,17 +56,22 @@ class RemoteWriteClient:
         self._ssl = client_ssl_context(config)
         self._session: aiohttp.ClientSession | None = None
 
-    def _auth(self) -> aiohttp.BasicAuth | None:
+    def _authorization(self) -> str | None:
+        """``Basic ...`` from ``basic_auth`` (the password file is read at every send)."""
         basic = self.config.basic_auth
         if not basic.username:
             return None
         password = basic.password
         if basic.password_file:
             password = Path(basic.password_file).read_text(encoding="utf-8").strip()
-        return aiohttp.BasicAuth(basic.username, password)
+        pair = f"{basic.username}:{password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
 
     def _headers(self) -> dict[str, str]:
         headers = dict(self.config.headers)
+        authorization = self._authorization()
+        if authorization is not None:
+            headers["Authorization"] = authorization
         headers.update({"Content-Type": remote_write.HTTP_CONTENT_TYPE,
                         "Content-Encoding": remote_write.HTTP_CONTENT_ENCODING,
                         remote_write.VERSION_HEADER: remote_write.VERSION,
@@ -83,13 +89,13 @@ class RemoteWriteClient:
             if self.config.tls.server_name:
                 kwargs["server_hostname"] = self.config.tls.server_name
         try:
-            auth = self._auth()
             async with self._session.post(self.config.url, data=body, headers=self._headers(),
-                                          auth=auth, **kwargs) as response:  # type: ignore[arg-type]
+                                          **kwargs) as response:  # type: ignore[arg-type]
                 text = (await response.content.read(REASON_MAX_BYTES)).decode(
                     "utf-8", "replace").strip()
                 return Answer(response.status, text)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            # includes an unreadable password_file: retried, and logged by the caller
             return Answer(None, f"{type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
