@@ -74,7 +74,7 @@ async def receiver_site(tmp_path: Path) -> AsyncIterator[tuple[Receiver, int, di
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]
     yield receiver, port, files
     await runner.cleanup()
 
@@ -117,7 +117,8 @@ async def test_forwards_with_tls_auth_headers_and_the_sensor_label(
     try:
         await eventually(lambda: len(receiver.samples()) == 3, what="three samples")
         await eventually(lambda: store.forward_cursors(SINK).get(SENSOR, 0) > 0
-                         and store.events_after_count(SENSOR, store.forward_cursors(SINK)[SENSOR]) == 0,
+                         and store.events_after_count(
+                             SENSOR, store.forward_cursors(SINK)[SENSOR]) == 0,
                          what="cursor at the end")
     finally:
         await forwarder.stop()

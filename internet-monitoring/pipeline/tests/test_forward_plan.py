@@ -75,8 +75,8 @@ def test_sends_in_order_and_cursor_only_after_an_events_last_part() -> None:
               rw_event(7, "m", [(6, 6.0)])]
     assert box.load(events) == []
     assert box.read_after == 7
-    order = []
-    cursors = []
+    order: list[int] = []
+    cursors: list[int | None] = []
     while box.head() is not None:
         head = box.head()
         assert head is not None
@@ -94,7 +94,7 @@ def test_retry_backs_off_exponentially_bounded_and_resets_after_success() -> Non
     box.load([rw_event(1, "m", [(1, 1.0)]), rw_event(2, "m", [(2, 2.0)])])
     delays = [box.on_answer(status).retry_after for status in (503, None, 429, 500, 502, 500)]
     assert all(d is not None for d in delays)
-    assert 0.4 <= delays[0] <= 0.6 and 0.8 <= delays[1] <= 1.2  # type: ignore[operator]
+    assert 0.4 <= delays[0] <= 0.6 and 0.8 <= delays[1] <= 1.2
     assert max(delays) <= 4.0 * 1.2  # type: ignore[type-var]
     assert sent_samples(box) == [(1, 1.0)]  # the head is still the first event
     assert box.on_answer(200).cursor == 1

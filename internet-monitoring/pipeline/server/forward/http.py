@@ -7,7 +7,6 @@ builds the TLS context, the credentials and the request, and never raises for an
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import ssl
@@ -94,7 +93,7 @@ class RemoteWriteClient:
                 text = (await response.content.read(REASON_MAX_BYTES)).decode(
                     "utf-8", "replace").strip()
                 return Answer(response.status, text)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
             # includes an unreadable password_file: retried, and logged by the caller
             return Answer(None, f"{type(exc).__name__}: {exc}")
 
