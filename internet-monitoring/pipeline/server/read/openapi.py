@@ -121,6 +121,17 @@ def _schemas() -> dict[str, Any]:
                 "sensor_id": {"type": "string"}, "event_id": {"type": "string"},
                 "logical_timestamp_ms": {"type": "integer"}, "updated_at": {"type": "string"},
                 "payload_base64": {"type": "string"}, "payload_json": {},
+                "series": {"type": "array", "items": _ref("Series"),
+                           "description": "latest sample of each remote-write series of "
+                                          "the sensor (docs/remote-write.md)"},
+            },
+        },
+        "Series": {
+            "type": "object", "required": ["name", "labels", "value", "timestamp_ms"],
+            "properties": {
+                "name": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "value": {"type": "number", "nullable": True}, "timestamp_ms": {"type": "integer"},
             },
         },
         "Event": {
