@@ -121,12 +121,12 @@ def _schemas() -> dict[str, Any]:
                 "sensor_id": {"type": "string"}, "event_id": {"type": "string"},
                 "logical_timestamp_ms": {"type": "integer"}, "updated_at": {"type": "string"},
                 "payload_base64": {"type": "string"}, "payload_json": {},
-                "series": {"type": "array", "items": _ref("Series"),
+                "series": {"type": "array", "items": _ref("RemoteWriteSeries"),
                            "description": "latest sample of each remote-write series of "
                                           "the sensor (docs/remote-write.md)"},
             },
         },
-        "Series": {
+        "RemoteWriteSeries": {
             "type": "object", "required": ["name", "labels", "value", "timestamp_ms"],
             "properties": {
                 "name": {"type": "string"},
