@@ -82,7 +82,8 @@ class Forwarder:
             self._ensure(sensor_id, 0)
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._scanner, *self._tasks.values()) if t is not None]
+        scanner, self._scanner = self._scanner, None
+        tasks = [t for t in (scanner, *self._tasks.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -105,13 +106,30 @@ class Forwarder:
         if sensor_id in self._tasks:
             return
         self._wake[sensor_id] = asyncio.Event()
-        self._tasks[sensor_id] = asyncio.get_running_loop().create_task(
-            self._run(sensor_id, cursor), name=f"forward-{sensor_id}")
+        task = asyncio.get_running_loop().create_task(self._run(sensor_id, cursor),
+                                                      name=f"forward-{sensor_id}")
+        self._tasks[sensor_id] = task
+        task.add_done_callback(lambda done: self._ended(sensor_id, done))
+
+    def _ended(self, sensor_id: str, task: asyncio.Task[None]) -> None:
+        """A sensor's task that died (a bug, not a store or network error: those are
+        retried inside) is forgotten, so the next scan starts it again from its cursor."""
+        if self._tasks.get(sensor_id) is task:
+            del self._tasks[sensor_id]
+            self._wake.pop(sensor_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("forward_task_failed sensor_id=%s error=%r", sensor_id,
+                      task.exception())
 
     async def _run(self, sensor_id: str, cursor: int) -> None:
-        if cursor == 0:  # started by notify: the durable cursor may be further on
-            cursors = await asyncio.to_thread(self.store.forward_cursors, SINK)
-            cursor = cursors.get(sensor_id, 0)
+        while cursor == 0:  # started by notify: the durable cursor may be further on
+            try:
+                cursor = (await asyncio.to_thread(self.store.forward_cursors, SINK)
+                          ).get(sensor_id, -1)
+            except PipelineError as exc:
+                log.warning("forward_store_failed sensor_id=%s error=%s", sensor_id, exc.code)
+                await asyncio.sleep(STORE_RETRY_S)
+        cursor = max(cursor, 0)
         cfg = self.config
         outbox = SensorOutbox(sensor_id, cursor, samples_per_send=cfg.samples_per_send,
                               label=cfg.sensor_label,
