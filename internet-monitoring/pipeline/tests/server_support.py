@@ -130,10 +130,12 @@ class MiniSensor:
     ws: aiohttp.ClientWebSocketResponse | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def enqueue(self, data: bytes, logical_timestamp_ms: int | None = None) -> str:
+    def enqueue(self, data: bytes, logical_timestamp_ms: int | None = None,
+                attributes: dict[str, str] | None = None) -> str:
         event_id, docs = chunk_docs(self.sensor_id, data, self.next_sequence,
                                     logical_timestamp_ms=logical_timestamp_ms)
         for doc in docs:
+            doc["attributes"].update(attributes or {})
             self.queue[doc["sequence"]] = doc
         self.next_sequence += len(docs)
         return event_id
@@ -233,7 +235,8 @@ class MiniSensor:
             self.drop_once.discard(seq)
             self.records.append(Record("dropped", time.monotonic(), seq))
             return 0
-        doc = dict(self.queue[seq], attributes={"window_id": window_id})
+        queued = self.queue[seq]
+        doc = dict(queued, attributes={**queued["attributes"], "window_id": window_id})
         delay = 0.05
         while True:
             async with self.http.post(urls(self.server)["ingest"] + "/v1/ingest/chunk",

@@ -204,3 +204,41 @@ async def test_five_hundred_sensors_filter_sort_and_keep_their_rows(tmp_path, ch
             assert await page.evaluate(
                 "Array.from(document.querySelectorAll('tr.sensor-row'))"
                 ".every(r => r.__kept === true)")
+
+
+async def test_remote_write_series_show_as_a_prometheus_card(tmp_path, chromium):
+    """A sensor's remote-write results (snapshot ``series``) appear in one card on its
+    page, loaded with the page and then updated live from the stream."""
+    from pipeline.common import remote_write as rw
+
+    def rw_result(value: float, ts: int) -> bytes:
+        series = rw.Series((("__name__", "probe_success"), ("instance", "https://a.example"),
+                            ("sensor", "pi-01")), ((ts, value),))
+        return rw.build([series]).SerializeToString()
+
+    config = server_config(tmp_path, auth={"sensors": [{"id": "pi-01",
+                                                        "token": SENSORS["pi-01"]}]})
+    now_ms = int(time.time() * 1000)
+    key = json.dumps('probe_success{instance="https://a.example"}')
+    cell = ("(Array.from(document.querySelectorAll('.test-card[data-test=\"prometheus\"]"
+            f" tr.field')).find((r) => r.dataset.field === {key}) || {{}}).querySelector")
+    value = f"({cell} ? {cell}('.value').textContent : null)"
+    async with running_server(config) as server, aiohttp.ClientSession() as http:
+        sensor = MiniSensor(http, server, "pi-01", SENSORS["pi-01"])
+        sensor.enqueue(rw_result(1.0, now_ms - 2000), now_ms - 2000, attributes={
+            rw.CONTENT_TYPE_ATTRIBUTE: rw.EVENT_CONTENT_TYPE})
+        await sensor.connect()
+        await sensor.drained()
+        try:
+            async with chromium_page(chromium, tmp_path / "profile") as page:
+                await page.navigate(urls(server)["ingest"] + "/#/sensor/pi-01")
+                await page.wait_for(f"{value} === '1'",
+                                    what="the Prometheus card with the stored sample")
+                sensor.enqueue(rw_result(0.0, now_ms), now_ms, attributes={
+                    rw.CONTENT_TYPE_ATTRIBUTE: rw.EVENT_CONTENT_TYPE})
+                await sensor.heartbeat()
+                await sensor.drained()
+                await page.wait_for(f"{value} === '0'",
+                                    what="the live sample in the Prometheus card")
+        finally:
+            await sensor.close()
