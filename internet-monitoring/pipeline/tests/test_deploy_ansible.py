@@ -156,6 +156,7 @@ def check_server_files(lab: Lab) -> None:
     assert doc["stream"]["token"] == STREAM_TOKEN
     assert doc["control"]["tls"]["cert"] == "/tls/control.crt"
     assert doc["dashboard"] == {"sample_path": "", "allow_origins": ["*"]}
+    assert doc["forward"] == {"remote_write": {}}  # off unless the operator sets it
     assert STREAM_TOKEN not in (config / ".server.restart-keys.yml").read_text()
     cloud = lab.server_dir.parent
     compose = yaml.safe_load((cloud / "docker-compose.yml").read_text())
