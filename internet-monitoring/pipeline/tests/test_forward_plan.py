@@ -5,6 +5,7 @@ sample), and resuming from the durable cursor."""
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -141,3 +142,22 @@ def test_unreadable_event_is_reported_and_passed() -> None:
     assert box.load([Ev(4, b"\xff\xff not protobuf")]) != []
     d = box.on_answer(200)
     assert d.cursor == 4 and d.sent == 0
+
+
+def test_release_drops_what_is_loaded_and_reads_again_from_the_cursor() -> None:
+    box = outbox(per_send=2)
+    box.load([rw_event(1, "m", [(1, 1.0)]), rw_event(2, "m", [(2, 2.0), (3, 3.0), (4, 4.0)])])
+    assert box.on_answer(200).cursor == 1 and not box.mid_event
+    assert box.on_answer(200).cursor is None and box.mid_event  # half of event 2
+    before = box.oldest_completed_at()
+    box.release()
+    assert box.pending == deque() and box.read_after == 1 and not box.mid_event
+    assert box.oldest_completed_at() == before  # the lag still counts while released
+    box.load([rw_event(2, "m", [(2, 2.0), (3, 3.0), (4, 4.0)])])
+    assert sent_samples(box) == [(2, 2.0), (3, 3.0)]  # event 2 again from its start
+
+
+def test_a_rejected_send_being_halved_is_mid_event() -> None:
+    box = outbox(per_send=4)
+    box.load([rw_event(1, "m", [(t, float(t)) for t in range(1, 5)])])
+    assert box.on_answer(400).rejected and box.mid_event

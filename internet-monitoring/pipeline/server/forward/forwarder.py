@@ -2,8 +2,9 @@
 its durable cursor, sends them in order through ``http.RemoteWriteClient`` and saves the
 cursor after each decided send (``plan`` decides everything).
 
-One task per sensor with events, at most ``max_parallel_sensors`` sending at once; a task
-wakes on ``notify`` (the post-commit hook) or every ``poll_interval_s``. Store calls run
+One task per sensor with events, at most ``max_parallel_sensors`` holding a slot (reading
+and sending) at once, each for a bounded turn; a task wakes on ``notify`` (the post-commit
+hook) or every ``poll_interval_s``. Store calls run
 in the default thread pool. Delivery is at least once: a send answered 2xx whose cursor
 save did not happen (SIGKILL in between) is sent again after a restart, which a Prometheus
 receiver ignores (same series, timestamp and value). Retention still applies: events
@@ -30,7 +31,8 @@ from pipeline.server.store.port import ChunkStore
 log = logging.getLogger(__name__)
 
 SINK = "remote_write"
-PAGE_EVENTS = 64
+PAGE_EVENTS = 8        # events decoded at a time per sensor (a remote-write event <= 1 MiB)
+SENDS_PER_TURN = 32    # then the slot goes to the next sensor waiting
 STORE_RETRY_S = 1.0
 
 
@@ -137,21 +139,39 @@ class Forwarder:
         wake = self._wake[sensor_id]
         while True:
             try:
-                if outbox.needs_events and not await self._fill(outbox):
-                    self._gauges(outbox, 0)
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), cfg.poll_interval_s)
-                    except TimeoutError:
-                        pass
-                    continue
                 async with self._slots:
-                    delay = await self._send_head(outbox)
+                    delay = await self._turn(outbox)
             except PipelineError as exc:
                 log.warning("forward_store_failed sensor_id=%s error=%s", sensor_id, exc.code)
+                outbox.release()
                 delay = STORE_RETRY_S
-            if delay:
+            if delay is None:  # caught up: wait for new events
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), cfg.poll_interval_s)
+                except TimeoutError:
+                    pass
+            else:
                 await asyncio.sleep(delay)
+
+    async def _turn(self, outbox: SensorOutbox) -> float | None:
+        """Up to ``SENDS_PER_TURN`` sends while holding a slot. None when caught up; else
+        the delay before the next turn (0: others may go first). Whatever is still loaded
+        at the end of a turn is released, so a sensor waiting for its turn, or for a
+        receiver to come back, holds no decoded samples (memory stays bounded by
+        ``max_parallel_sensors`` pages, whatever the fleet's backlog)."""
+        sends = 0
+        while sends < SENDS_PER_TURN or outbox.mid_event:  # a turn ends between events
+            sends += 1
+            if outbox.needs_events and not await self._fill(outbox):
+                self._gauges(outbox, 0)
+                return None
+            delay = await self._send_head(outbox)
+            if delay:
+                outbox.release()
+                return delay
+        outbox.release()
+        return 0.0
 
     async def _fill(self, outbox: SensorOutbox) -> bool:
         events = await asyncio.to_thread(self.store.events, outbox.sensor_id,

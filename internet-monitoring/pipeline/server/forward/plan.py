@@ -174,6 +174,8 @@ class SensorOutbox:
         self.label = label
         self.backoff = backoff
         self.pending: deque[Send] = deque()
+        self._released_at: float | None = None  # the head's completed_at when released
+        self.mid_event = False  # part of an event is decided, the rest is not yet
 
     @property
     def needs_events(self) -> bool:
@@ -185,6 +187,7 @@ class SensorOutbox:
                                        samples_per_send=self.samples_per_send,
                                        label=self.label)
         self.pending.extend(sends)
+        self._released_at = None
         if events:
             self.read_after = max(self.read_after, events[-1].row_id)
         return unreadable
@@ -193,7 +196,17 @@ class SensorOutbox:
         return self.pending[0] if self.pending else None
 
     def oldest_completed_at(self) -> float | None:
-        return self.pending[0].completed_at if self.pending else None
+        return self.pending[0].completed_at if self.pending else self._released_at
+
+    def release(self) -> None:
+        """Drop what is loaded (memory) and read again from the durable decisions on the
+        next turn: the in-memory ``cursor``, so parts of an event already sent are sent
+        again (at least once)."""
+        if self.pending:
+            self._released_at = self.pending[0].completed_at
+        self.pending.clear()
+        self.read_after = self.cursor
+        self.mid_event = False
 
     def on_answer(self, status: int | None) -> Decision:
         """The head's answer (an empty head needs none: pass ``200``)."""
@@ -206,8 +219,10 @@ class SensorOutbox:
             first, second = halves(send)
             self.pending.popleft()
             self.pending.extendleft((second, first))
+            self.mid_event = True
             return Decision(rejected=True)
         self.pending.popleft()
+        self.mid_event = send.cursor is None
         if send.cursor is not None:
             self.cursor = max(self.cursor, send.cursor)
         if kind == "rejected":
