@@ -74,6 +74,9 @@ class Forwarder:
         self._scanner = asyncio.get_running_loop().create_task(self._scan(),
                                                                name="forward-scan")
         log.info("forward_started sink=%s url=%s", SINK, self.config.url)
+        if self.config.tls.insecure_skip_verify:
+            log.warning("forward_tls_unverified url=%s (forward.remote_write.tls."
+                        "insecure_skip_verify is true: tests only)", self.config.url)
 
     def notify(self, sensor_id: str) -> None:
         """New events of ``sensor_id`` are committed (post-commit hook; loop thread)."""
