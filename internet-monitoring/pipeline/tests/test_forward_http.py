@@ -10,7 +10,7 @@ import base64
 import dataclasses
 import ssl
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import cramjam
 import pytest
@@ -19,13 +19,29 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from pipeline.common import remote_write as rw
-from pipeline.common.config import server_config_from_dict
+from pipeline.common.config import StoreConfig, server_config_from_dict
 from pipeline.server.forward.forwarder import SINK, Forwarder
-from pipeline.server.store import ChunkStore
+from pipeline.server.store import ENGINES, ChunkStore, open_store
+from pipeline.tests.pg_support import drop_schema, fresh_dsn
 from pipeline.tests.server_support import eventually
-from pipeline.tests.store_support import make_chunks, open_test_store
+from pipeline.tests.store_support import make_chunks
 
 SENSOR = "pi-01"
+ENGINE_PARAMS = [pytest.param(e, marks=pytest.mark.postgres) if e == "postgres" else e
+                 for e in ENGINES]
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreConfig]:
+    """The forwarder reads through the store port: both engines."""
+    if request.param == "postgres":
+        dsn, schema = fresh_dsn("forward")
+        try:
+            yield StoreConfig(engine="postgres", dsn=dsn, reserve_bytes=0)
+        finally:
+            drop_schema(schema)
+        return
+    yield StoreConfig(path=str(tmp_path / "server.db"), reserve_bytes=0)
 
 
 class Receiver:
@@ -103,11 +119,12 @@ def forward_config(port: int, files: dict[str, Path], password_file: Path) -> An
 
 
 async def test_forwards_with_tls_auth_headers_and_the_sensor_label(
-        tmp_path: Path, receiver_site: tuple[Receiver, int, dict[str, Path]]) -> None:
+        tmp_path: Path, receiver_site: tuple[Receiver, int, dict[str, Path]],
+        store_config: StoreConfig) -> None:
     receiver, port, files = receiver_site
     secret = tmp_path / "password"
     secret.write_text("s3cret\n")
-    store: ChunkStore = open_test_store(tmp_path / "server.db")
+    store: ChunkStore = open_store(store_config)
     store.ingest(rw_chunks(1, [(1000, 1.0), (2000, 0.0)], sensor_label="forged-id"))
     store.ingest(make_chunks(b'{"json": "not forwarded"}', 2))
     store.ingest(rw_chunks(3, [(3000, 1.0)]))
@@ -141,12 +158,13 @@ async def test_forwards_with_tls_auth_headers_and_the_sensor_label(
 
 
 async def test_rejected_sample_is_counted_retries_wait_and_restart_resumes(
-        tmp_path: Path, receiver_site: tuple[Receiver, int, dict[str, Path]]) -> None:
+        tmp_path: Path, receiver_site: tuple[Receiver, int, dict[str, Path]],
+        store_config: StoreConfig) -> None:
     receiver, port, files = receiver_site
     secret = tmp_path / "password"
     secret.write_text("pw")
     config = forward_config(port, files, secret)
-    store: ChunkStore = open_test_store(tmp_path / "server.db")
+    store: ChunkStore = open_store(store_config)
     store.ingest(rw_chunks(1, [(t * 1000, float(t)) for t in range(1, 7)]))  # 6 samples
     receiver.refuse_value = 4.0
     receiver.statuses = [503, 500, 429]  # three retryable answers first

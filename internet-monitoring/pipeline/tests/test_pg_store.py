@@ -22,7 +22,13 @@ from pipeline.common.errors import ConfigError, StoreError
 from pipeline.server.read.event_reader import EventQuery
 from pipeline.server.read.readers import open_reader
 from pipeline.server.store import ChunkStore, open_store
-from pipeline.server.store.pg_schema import DAY_S, SCHEMA_VERSION, partition_days
+from pipeline.server.store.pg_schema import (
+    DAY_S,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    VERSION_TABLE,
+    partition_days,
+)
 from pipeline.sim.processes import free_port
 from pipeline.tests.pg_support import CuttableProxy, require_postgres
 from pipeline.tests.store_support import SENSOR, make_chunks
@@ -76,7 +82,23 @@ def load_server_config_from(doc: dict[str, object]) -> object:
 def test_schema_is_created_once_and_versioned(pg_dsn: str) -> None:
     pg_store(pg_dsn).close()
     pg_store(pg_dsn).close()  # reopening applies nothing again
-    assert catalog(pg_dsn, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert catalog(pg_dsn, "SELECT version FROM schema_version ORDER BY version") == [
+        (version,) for version in range(1, SCHEMA_VERSION + 1)]
+
+
+def test_a_version_1_database_gains_the_forward_cursors(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn) as conn:  # what a server of schema version 1 left
+        conn.execute(VERSION_TABLE)
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    store = pg_store(pg_dsn)
+    try:
+        store.save_forward_cursor("remote_write", "pi-01", 7)
+        assert store.forward_cursors("remote_write") == {"pi-01": 7}
+    finally:
+        store.close()
+    assert catalog(pg_dsn, "SELECT max(version) FROM schema_version") == [(2,)]
 
 
 def test_a_newer_schema_is_refused(pg_dsn: str) -> None:

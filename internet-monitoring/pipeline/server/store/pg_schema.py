@@ -11,8 +11,9 @@ Tables (docs/postgres.md explains the choices)::
                     every ingest transaction takes before it reads (see pg_ingest.py).
     events          PARTITION BY RANGE (day), day = floor(completed_at / 86400); ``row_id``
                     from the sequence ``event_row_ids``.
-    partial_events, rejected_events, offsets, windows, sensor_state, store_meta: plain
-                    tables (small: one row per incomplete event / sensor / window).
+    partial_events, rejected_events, offsets, windows, sensor_state, store_meta,
+    forward_cursors: plain tables (small: one row per incomplete event / sensor / window
+                    / forwarding sink and sensor).
     schema_version  one row per applied migration.
 
 Retention drops whole day partitions (``DROP TABLE``: no row is visited) and deletes rows
@@ -35,7 +36,7 @@ from pipeline.server.store.records import StoredEvent
 
 log = logging.getLogger("pipeline.server.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: forward_cursors (server/forward/)
 DAY_S = 86_400
 PARTITIONED = ("chunks", "events")
 # Every schema change (creation, migration, a new partition) runs under this
@@ -129,6 +130,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """CREATE TABLE store_meta (
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL)""",
+    ),
+    2: (
+        """CREATE TABLE forward_cursors (
+            sink TEXT NOT NULL,
+            sensor_id TEXT NOT NULL,
+            row_id BIGINT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (sink, sensor_id))""",
     ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

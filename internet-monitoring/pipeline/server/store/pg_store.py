@@ -3,7 +3,8 @@ durable, on the server's WAL, before its outcomes are returned), one group-commi
 transaction per batch, several server processes on one database.
 
 ``PostgresChunkStore`` is assembled from ``pg_base`` (pool, transactions, advisory locks,
-partitions), ``pg_ingest``, ``pg_reads`` and ``pg_control`` (control state, retention);
+partitions), ``pg_ingest``, ``pg_reads``, ``pg_control`` (control state, retention) and
+``pg_forward`` (forwarding cursors);
 ``pg_schema`` holds the tables and migrations. Here: opening and closing.
 """
 
@@ -21,6 +22,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pipeline.common.errors import ConfigError, StoreError
 from pipeline.common.headroom import DiskHealth
 from pipeline.server.store.pg_control import PgControl
+from pipeline.server.store.pg_forward import PgForward
 from pipeline.server.store.pg_ingest import DEFAULT_MAX_EVENT_BYTES, PgIngest
 from pipeline.server.store.pg_reads import PgReads
 from pipeline.server.store.pg_schema import migrate, translate
@@ -54,7 +56,7 @@ def _probe(dsn: str, where: str, timeout_s: float) -> None:
                          ) from exc
 
 
-class PostgresChunkStore(PgIngest, PgReads, PgControl):
+class PostgresChunkStore(PgIngest, PgReads, PgControl, PgForward):
     """``ChunkStore`` on a PostgreSQL database (``dsn``: a libpq connection string)."""
 
     def __init__(self, dsn: str, *, pool_min_size: int = 1, pool_max_size: int = 4,
