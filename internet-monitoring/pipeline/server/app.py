@@ -46,6 +46,8 @@ from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.runtime_metrics import register_task_gauge
 from pipeline.common.tracing import Tracing, setup_tracing, traceparent_of
 from pipeline.server.security.auth import TokenAuthenticator, hash_token
+from pipeline.server.cluster.identity import ReplicaId
+from pipeline.server.cluster.replica import ClusterReplica
 from pipeline.server.control.channel import ControlManager
 from pipeline.server.control.listener import control_server
 from pipeline.server.read.dashboard_feed import DashboardFeed, load_sample
@@ -95,9 +97,9 @@ def ssl_context_for(tls: TlsConfig, at: str) -> ssl.SSLContext | None:
     return ctx
 
 
-def window_policy(config: ServerConfig) -> WindowPolicy:
+def window_policy(config: ServerConfig, id_tag: str = "") -> WindowPolicy:
     s = config.scheduler
-    return WindowPolicy(max_chunks=s.max_chunks, max_bytes=s.max_bytes,
+    return WindowPolicy(id_tag=id_tag, max_chunks=s.max_chunks, max_bytes=s.max_bytes,
                         max_in_flight=s.max_in_flight, windows_per_sensor=s.windows_per_sensor,
                         window_timeout_s=s.window_timeout_s, quiet_s=s.quiet_s,
                         ack_ledger_sequences=config.memory.ack_ledger_sequences)
@@ -154,7 +156,12 @@ class PipelineServer:
                                         metrics=self.metrics, config_loader=config_loader,
                                         watch_paths=[config_path] if config_path else ())
         self.stream_hub: StreamHub | None = None
-        self.scheduler = RequestScheduler(window_policy(config),
+        # PostgreSQL: replicas may share the store (docs/scaling.md), so this process
+        # joins the cluster; its tag goes into every window id it issues.
+        self.replica_id = ReplicaId.new() if config.store.engine == "postgres" else None
+        self.cluster: ClusterReplica | None = None
+        self.scheduler = RequestScheduler(window_policy(
+            config, self.replica_id.window_tag if self.replica_id else ""),
                                           global_max_windows=config.scheduler.global_max_windows)
         self.snapshots = SnapshotCache(
             max_payload_bytes=config.memory.snapshot_payload_max_kib * 1024)
@@ -201,8 +208,15 @@ class PipelineServer:
                 self.scheduler, self.authenticator, metrics=self.metrics, store=store,
                 executor=None, heartbeat_interval_s=cfg.heartbeat.interval_s,
                 missed_before_disconnect=cfg.heartbeat.missed_before_disconnect)
-            await self.manager.restore()
-            await self._restore_watermarks()
+            if self.replica_id is not None:
+                # Sessions are loaded one by one as their sockets connect (ownership).
+                self.cluster = ClusterReplica(cfg.store.dsn, self.replica_id, self.manager,
+                                              store, self._on_event_completed)
+                await self.cluster.start()
+                self.manager.claims = self.cluster
+            else:
+                await self.manager.restore()
+                await self._restore_watermarks()
             latest = await asyncio.to_thread(store.latest_events)
             self.snapshots.warm((e, e.completed_at) for e in latest)
             for event in latest:
@@ -304,7 +318,8 @@ class PipelineServer:
             site = GuardedSite(runner, section.bind, section.port, ssl_context=contexts[name],
                                limiter=self.security.connection_limiters[name],
                                handshake_timeout=cfg.limits.tls_handshake_timeout_s,
-                               listener=name, on_refused=self.security.on_connection_refused)
+                               listener=name, on_refused=self.security.on_connection_refused,
+                               reuse_port=cfg.server.workers > 1)
             try:
                 await site.start()
             except OSError as exc:
@@ -359,6 +374,9 @@ class PipelineServer:
             await forwarder.stop()
         if self.manager is not None:
             await self.manager.close()
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            await cluster.close()
         if self.reader is not None:
             reader, self.reader = self.reader, None
             await asyncio.to_thread(reader.close)
@@ -425,6 +443,7 @@ class PipelineServer:
         grouped: dict[str, _SensorBatch] = {}
         trace_parents: dict[str, str] = {}
         gauge_payloads: dict[str, list[bytes]] = {}
+        completed: list[tuple[str, str]] = []
         events = 0
         event_bytes = 0
         for rec in records:
@@ -444,6 +463,7 @@ class PipelineServer:
             if event is not None:
                 events += 1
                 event_bytes += len(event.data)
+                completed.append((event.sensor_id, event.event_id))
                 with self.tracing.span("server.snapshot", parent=parent, attributes={
                         "sensor_id": event.sensor_id, "event_id": event.event_id}
                         if tracing else None):
@@ -464,7 +484,12 @@ class PipelineServer:
             with self.tracing.span("server.ack", parent=trace_parents.get(sensor_id),
                                    attributes={"sensor_id": sensor_id,
                                                "chunks": len(share.items)}):
-                self.manager.on_committed(sensor_id, share.items, share.marks)
+                if self.cluster is not None:  # acked where the sensor's socket is
+                    self.cluster.on_commit(sensor_id, share.items, share.marks)
+                else:
+                    self.manager.on_committed(sensor_id, share.items, share.marks)
+        if self.cluster is not None:
+            self.cluster.on_events(completed)
         if events:
             # Event ids are on the DEBUG lines (``event_completed``); one INFO line per
             # batch keeps the log volume and its CPU flat under load.

@@ -47,6 +47,7 @@ from pipeline.common.logs import setup_logging
 from pipeline.common.placeholders import placeholder_keys
 from pipeline.common.messages import SENSOR_ID_RE
 from pipeline.server.security.auth import DEMO_TOKEN_PREFIX, hash_token, mint_token
+from pipeline.server.workers import is_worker, supervise
 
 log = logging.getLogger("pipeline.server.main")
 
@@ -303,8 +304,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         warn_at_start_up(config, demo=is_demo(config, demo_token))
         if args.config is not None:
             check_start_up(config, args.config)
+        if config.server.workers > 1 and not is_worker():
+            if demo_token is not None:
+                stdout.write(f"demo token: {demo_token}\n")
+                stdout.flush()
+            return supervise(config, args.config, demo_token)
         with store_lock(config):
-            asyncio.run(serve(config, demo_token, stdout, args.config))
+            asyncio.run(serve(config, None if is_worker() else demo_token, stdout,
+                              args.config))
     except ConfigError as exc:
         sys.stderr.write(f"pipeline-server: configuration error: {exc.message}\n")
         return EXIT_CONFIG

@@ -38,6 +38,7 @@ from pipeline.common.errors import ConfigError
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.faults import FaultPlan
 from pipeline.sim.processes import ProcessError, SensorProcess, ServerProcess, free_port
+from pipeline.sim.replicas import DEFAULT_DSN, ReplicaSet
 from pipeline.sim.profiles import Profile
 from pipeline.sim.proxy import FaultProxy, ProxyStats
 from pipeline.sim.report import QueueLeftovers, ServerEvent
@@ -80,10 +81,19 @@ class FleetOptions:
     id_prefix: str = "sim"
     capabilities: tuple[str, ...] | None = None  # sensor capabilities; None = their defaults
     sensor_metrics: bool = False  # give each sensor a loopback /metrics (soak: task counts)
+    replicas: int = 1  # > 1 or store "postgres": a ReplicaSet behind round-robin balancers
+    store: str = "sqlite"
+    dsn: str = DEFAULT_DSN  # the PostgreSQL server (store "postgres"); a fresh db on it
 
     def __post_init__(self) -> None:
         if self.sensors < 1:
             raise ConfigError("sensors: need at least one sensor", field="sensors")
+        if self.replicas > 1 and self.store != "postgres":
+            raise ConfigError("replicas: more than one replica needs --store postgres",
+                              field="replicas")
+        if self.store == "postgres" and self.server_url is not None:
+            raise ConfigError("store: an existing server (--server-url) keeps its own store",
+                              field="store")
         if self.server_url is not None and not self.token:
             raise ConfigError("token: a token is needed to use an existing server",
                               field="token")
@@ -237,7 +247,7 @@ class Fleet:
         self.sensor_ids = [f"{prefix}-{i:03d}" for i in range(options.sensors)]
         self.tokens = {sid: options.token or f"sim-{secrets.token_urlsafe(24)}"
                        for sid in self.sensor_ids}
-        self.server: ServerProcess | None = None
+        self.server: ServerProcess | ReplicaSet | None = None
         if options.external:
             assert options.server_url is not None
             ingest = parse_endpoint(options.server_url, ("http",), 80, "", "server_url")
@@ -247,6 +257,15 @@ class Fleet:
             self._control_target = control
             self._ingest_target = Endpoint(ingest.host, ingest.port, "/v1/ingest/chunk")
             self.server_label = self.http_base
+        elif options.store == "postgres":
+            self.server = ReplicaSet(workdir / "server", self.tokens, replicas=options.replicas,
+                                     dsn=options.dsn, extra_config=SIM_SERVER_CONFIG,
+                                     env=options.server_env)
+            self.http_base = self.server.http_base
+            self._control_target = Endpoint("127.0.0.1", self.server.control_port, "/control")
+            self._ingest_target = Endpoint("127.0.0.1", self.server.ingest_port,
+                                           "/v1/ingest/chunk")
+            self.server_label = f"{options.replicas} replica(s) on PostgreSQL"
         else:
             self.server = ServerProcess(workdir / "server", self.tokens,
                                         extra_config=SIM_SERVER_CONFIG)
@@ -348,8 +367,14 @@ class Fleet:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             try:
-                doc = await self._get_json("/v1/sensors")
-                connected = {s["sensor_id"] for s in doc.get("sensors", []) if s.get("connected")}
+                # Replicas: each knows the sockets it holds; ask each of them directly.
+                bases = self.server.replica_bases if isinstance(self.server, ReplicaSet) \
+                    else [self.http_base]
+                connected: set[str] = set()
+                for base in bases:
+                    doc = await self._get_json("/v1/sensors", base=base)
+                    connected |= {s["sensor_id"] for s in doc.get("sensors", [])
+                                  if s.get("connected")}
                 if connected >= set(self.sensor_ids):
                     return True
             except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
@@ -455,9 +480,10 @@ class Fleet:
         token = self.options.read_token
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def _get_json(self, path: str) -> Any:
+    async def _get_json(self, path: str, base: str | None = None) -> Any:
         assert self._session is not None
-        async with self._session.get(self.http_base + path, headers=self._headers()) as resp:
+        async with self._session.get((base or self.http_base) + path,
+                                     headers=self._headers()) as resp:
             resp.raise_for_status()
             return await resp.json()
 

@@ -400,7 +400,19 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class ProcessConfig:
+    """``workers``: server processes on this host, each a replica sharing the listeners'
+    ports (SO_REUSEPORT); more than 1 needs ``store.engine: postgres`` (docs/scaling.md)."""
+
+    workers: int = 1
+
+    def validate(self, at: str) -> None:
+        check_positive(at, "workers", self.workers)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
+    server: ProcessConfig = field(default_factory=ProcessConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -416,3 +428,9 @@ class ServerConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+
+    def validate(self, at: str) -> None:
+        if self.server.workers > 1 and self.store.engine != "postgres":
+            fail(dotted_key(at, "server.workers"),
+                 f"{self.server.workers} workers need store.engine: postgres (a SQLite file "
+                 "has one writer process); set it to 1 or move the store to PostgreSQL")

@@ -92,6 +92,13 @@ def close_reason(text: str) -> bytes:
 # Persistence seam (the store's window methods, called off the loop)
 
 
+class SessionClaims(Protocol):
+    """Session ownership across replicas (``pipeline.server.cluster.replica``)."""
+
+    async def claim(self, sensor_id: str) -> bool: ...
+    def released(self, sensor_id: str) -> None: ...
+
+
 class WindowStore(Protocol):
     """The part of the store port (``store/port.py``) the control plane uses."""
 
@@ -250,11 +257,17 @@ class ControlManager:
         # Commands awaiting their CommandResponse, by (sensor_id, command_id): only the
         # addressed sensor's own socket can answer one (token rotation).
         self.pending_commands: dict[tuple[str, str], asyncio.Future[CommandResponse]] = {}
+        self.claims: SessionClaims | None = None  # set when replicas share the store
+        self._persist_lock = asyncio.Lock()
 
     # -- connections --------------------------------------------------------------------
 
     async def register(self, sensor_id: str, connection: ControlConnection) -> None:
-        """Make ``connection`` the sensor's current one; an older one is closed ("replaced")."""
+        """Make ``connection`` the sensor's current one; an older one is closed ("replaced").
+        With replicas, first own the sensor's session (else the socket is closed: 1013)."""
+        if self.claims is not None and not await self.claims.claim(sensor_id):
+            await connection.close(CLOSE_TRY_LATER, "session held by another replica")
+            return
         old = self.connections.get(sensor_id)
         self.connections[sensor_id] = connection
         now = self.clock()
@@ -285,6 +298,8 @@ class ControlManager:
         self.metrics.on_connection(sensor_id, False)
         self._note_changes([sensor_id])
         log.info("control_disconnected sensor_id=%s", sensor_id)
+        if self.claims is not None:
+            self.claims.released(sensor_id)
         return True
 
     def connection(self, sensor_id: str) -> ControlConnection | None:
@@ -505,6 +520,10 @@ class ControlManager:
     async def persist_now(self) -> None:
         """Write every pending change (windows saved or deleted, epoch, watermark), then
         send the requests that waited for their windows to be durable."""
+        async with self._persist_lock:  # a caller sees every earlier change durable
+            await self._persist_pending()
+
+    async def _persist_pending(self) -> None:
         if self.store is None or not (self._dirty or self._after_persist):
             return
         dirty, self._dirty = self._dirty, {}

@@ -45,6 +45,12 @@ class RequestScheduler:
             self._active[sensor_id] = 0
         return found
 
+    def forget(self, sensor_id: str) -> None:
+        """Drop a session this process no longer owns (cluster: another replica may)."""
+        self.sessions.pop(sensor_id, None)
+        self._active_total -= self._active.pop(sensor_id, 0)
+        self._waiting.pop(sensor_id, None)
+
     @property
     def active_total(self) -> int:
         return self._active_total

@@ -123,6 +123,9 @@ class WindowPolicy:
     # sequences are re-acked before they are forgotten (see the module docstring).
     ack_ledger_sequences: int = 4096
     reack_rounds: int = 4
+    # Goes into every window id this process issues (a replica's tag, docs/scaling.md):
+    # two replicas that own a sensor one after the other never issue the same id.
+    id_tag: str = ""
 
 
 class _LedgerWindow:
@@ -443,7 +446,7 @@ class SensorSession:
         since = 0 if self._fresh_connection else self.watermark
         self._fresh_connection = False
         self._counter += 1
-        window_id = f"{self.sensor_id}-{int(now * 1000)}-{self._counter}"
+        window_id = f"{self.sensor_id}-{int(now * 1000)}-{self.policy.id_tag}{self._counter}"
         window = Window(window_id=window_id, since_sequence=since,
                         max_chunks=self.policy.max_chunks * self._factor(),
                         max_bytes=self.policy.max_bytes,

@@ -96,14 +96,15 @@ class GuardedSite(web.BaseSite):
     """``TCPSite`` with a per-address connection cap and a TLS handshake deadline."""
 
     __slots__ = ("_host", "_port", "_bound_port", "_limiter", "_handshake_timeout",
-                 "_listener", "_on_refused")
+                 "_listener", "_on_refused", "_reuse_port")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  ssl_context: ssl.SSLContext | None = None, limiter: ConnectionLimiter,
                  handshake_timeout: float = 10.0, listener: str = "",
                  on_refused: Callable[[str, str], None] | None = None,
-                 backlog: int = 128) -> None:
+                 backlog: int = 128, reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._reuse_port = reuse_port  # server.workers > 1: N processes share the port
         self._host = host
         self._port = port
         self._bound_port: int | None = None
@@ -130,6 +131,8 @@ class GuardedSite(web.BaseSite):
             return _GuardedProtocol(server(), self._limiter, self._listener, self._on_refused)
 
         kwargs: dict[str, Any] = {"ssl": self._ssl_context, "backlog": self._backlog}
+        if self._reuse_port:
+            kwargs["reuse_port"] = True
         if self._ssl_context is not None:
             kwargs["ssl_handshake_timeout"] = self._handshake_timeout
         self._server = await asyncio.get_running_loop().create_server(
