@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
 from dataclasses import dataclass
 
-# The NOTIFY channel every replica of one database listens on.
-CHANNEL = "pipeline_cluster"
+def channel_for(namespace: str) -> str:
+    """The NOTIFY channel of one cluster. Channels (and advisory locks) are per database,
+    not per schema: clusters sharing a database (one schema each) need their own."""
+    digest = hashlib.blake2b(namespace.encode(), digest_size=6).hexdigest()
+    return f"pipeline_cluster_{digest}"
 
 
 @dataclass(frozen=True)

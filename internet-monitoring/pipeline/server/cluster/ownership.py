@@ -45,13 +45,14 @@ class ClaimState(str, enum.Enum):
 LockKey = tuple[int, int]
 
 
-def lock_key(sensor_id: str) -> LockKey:
+def lock_key(sensor_id: str, namespace: str = "") -> LockKey:
     """The advisory-lock key of a sensor's session: two signed int4 halves of its 64-bit
     BLAKE2b hash. The two-key form is its own key space in PostgreSQL, apart from the
     bigint keys the store's transactions lock sensors with (a session lock sharing a key
     with those would block ingest). Two sensors sharing a key would share ownership (one
-    replica owns both or waits): with 100,000 sensors the chance is about 3e-10."""
-    digest = hashlib.blake2b(sensor_id.encode("utf-8"), digest_size=8,
+    replica owns both or waits): with 100,000 sensors the chance is about 3e-10.
+    ``namespace`` (the store's schema) keeps clusters sharing one database apart."""
+    digest = hashlib.blake2b(f"{namespace}\0{sensor_id}".encode(), digest_size=8,
                              person=b"uxi-session").digest()
     return (int.from_bytes(digest[:4], "big", signed=True),
             int.from_bytes(digest[4:], "big", signed=True))
@@ -119,7 +120,8 @@ class OwnershipTable:
     reports their results back (``on_lock_result``, ``on_loaded``, ``on_persisted``)."""
 
     def __init__(self, *, retry_s: float = 0.2, claim_timeout_s: float = 5.0,
-                 max_deferred: int = 10_000) -> None:
+                 max_deferred: int = 10_000, namespace: str = "") -> None:
+        self.namespace = namespace
         self.retry_s = retry_s
         self.claim_timeout_s = claim_timeout_s
         self.max_deferred = max_deferred
@@ -139,7 +141,7 @@ class OwnershipTable:
         if claim.state is ClaimState.NONE:
             claim.state, claim.started, claim.next_try = ClaimState.WAITING, now, now
             claim.asked = False
-            return [TryLock(sensor_id, lock_key(sensor_id))]
+            return [TryLock(sensor_id, self._key(sensor_id))]
         if claim.state is ClaimState.RELEASING:
             claim.state = ClaimState.OWNED
             return [Resume(sensor_id)]
@@ -152,7 +154,7 @@ class OwnershipTable:
         claim = self._claims.get(sensor_id)
         if claim is None or claim.state is not ClaimState.WAITING:
             # Disconnected while the lock was being taken: give it back at once.
-            return [Unlock(sensor_id, lock_key(sensor_id))] if acquired else []
+            return [Unlock(sensor_id, self._key(sensor_id))] if acquired else []
         if acquired:
             claim.state = ClaimState.LOADING
             return [LoadSession(sensor_id)]
@@ -171,7 +173,7 @@ class OwnershipTable:
         for sensor_id, claim in self._claims.items():
             if claim.state is ClaimState.WAITING and claim.next_try <= now:
                 claim.next_try = now + 3600.0  # until its result comes back
-                out.append(TryLock(sensor_id, lock_key(sensor_id)))
+                out.append(TryLock(sensor_id, self._key(sensor_id)))
         return out
 
     def defer(self, sensor_id: str, item: Any) -> bool:
@@ -213,7 +215,7 @@ class OwnershipTable:
         if claim is None or claim.state is not ClaimState.RELEASING:
             return []  # connected again meanwhile: still ours
         self._forget(sensor_id)
-        return [Unlock(sensor_id, lock_key(sensor_id))]
+        return [Unlock(sensor_id, self._key(sensor_id))]
 
     def on_release_request(self, sensor_id: str) -> list[OwnershipAction]:
         if self.state(sensor_id) is not ClaimState.OWNED:
@@ -229,6 +231,9 @@ class OwnershipTable:
             if claim.state in (ClaimState.OWNED, ClaimState.LOADING, ClaimState.RELEASING)]
         self._claims.clear()
         return out
+
+    def _key(self, sensor_id: str) -> LockKey:
+        return lock_key(sensor_id, self.namespace)
 
     def _forget(self, sensor_id: str) -> None:
         self._claims.pop(sensor_id, None)

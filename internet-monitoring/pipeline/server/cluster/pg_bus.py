@@ -2,9 +2,9 @@
 
 Three psycopg ``AsyncConnection``s on the event loop, all autocommit:
 
-    listen   LISTEN pipeline_cluster; payloads handed to ``on_payload``; reconnects with
-             backoff and calls ``on_listening`` after each (re)connect, so the replica can
-             re-read what it may have missed while deaf
+    listen   LISTEN pipeline_cluster_<hash of the store's schema>; payloads go to
+             ``on_payload``; reconnects with backoff and calls ``on_listening`` after each
+             (re)connect, so the replica can re-read what it may have missed while deaf
     notify   ``pg_notify`` of queued payloads, many per statement
     locks    ``pg_try_advisory_lock`` / ``pg_advisory_unlock`` of session keys; checked
              every ``probe_s``: when it dies PostgreSQL has dropped every lock it held, and
@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 import psycopg
 
 from pipeline.common.errors import PipelineError
-from pipeline.server.cluster.identity import CHANNEL
+from pipeline.server.cluster.identity import channel_for
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class PgBus:
         self._locks_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
+        self.namespace = ""  # the store's schema (``start``): this cluster's name
+        self.channel = channel_for("")
         self.sent = 0
         self.received = 0
         self.reconnects = 0
@@ -70,8 +72,12 @@ class PgBus:
         """Connect all three; returns once LISTEN is in place (raises BusUnavailable)."""
         try:
             self._locks = await self._connect_locks()
+            cur = await self._locks.execute("SELECT current_schema()")
+            row = await cur.fetchone()
         except psycopg.Error as exc:
             raise BusUnavailable(f"cluster: cannot connect to PostgreSQL: {exc}") from exc
+        self.namespace = str(row[0]) if row else ""
+        self.channel = channel_for(self.namespace)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen_loop(), name="cluster-listen"),
                        loop.create_task(self._notify_loop(), name="cluster-notify"),
@@ -118,7 +124,7 @@ class PgBus:
                     if conn is None or conn.closed:
                         conn = await self._connect()
                     await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
-                                       (CHANNEL, batch))
+                                       (self.channel, batch))
                     self.sent += len(batch)
                     delay = 0.1
                     break
@@ -138,7 +144,7 @@ class PgBus:
             conn = None
             try:
                 conn = await self._connect()
-                await conn.execute(f"LISTEN {CHANNEL}")
+                await conn.execute(f"LISTEN {self.channel}")  # type: ignore[arg-type]
                 self._listening.set()
                 delay = 0.1
                 if self.on_listening is not None:

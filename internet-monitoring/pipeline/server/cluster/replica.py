@@ -67,6 +67,7 @@ class ClusterReplica:
 
     async def start(self) -> None:
         await self.bus.start()
+        self.table.namespace = self.bus.namespace
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(),
                                                               name="cluster-tick")
         log.info("cluster_joined replica=%s", self.replica)
