@@ -43,10 +43,12 @@ def drop_database(dsn: str) -> None:
 class ReplicaSet:
     def __init__(self, workdir: Path, sensors: Mapping[str, str], *, replicas: int,
                  dsn: str = DEFAULT_DSN, extra_config: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, fresh_database: bool = True) -> None:
+        """``fresh_database``: create (and drop) a database on ``dsn``'s server; False:
+        use ``dsn`` as it is (tests hand in a schema of their own)."""
         self.workdir = workdir
-        self.admin_dsn = dsn
-        self.db_dsn = create_database(dsn)
+        self.fresh_database = fresh_database
+        self.db_dsn = create_database(dsn) if fresh_database else dsn
         store = {"store": {"engine": "postgres", "dsn": self.db_dsn}}
         config = _merge(dict(extra_config or {}), store)
         self.replicas = [ServerProcess(workdir / f"replica-{i}", sensors, extra_config=config,
@@ -119,7 +121,8 @@ class ReplicaSet:
             self.control.stop()
             self.ingest.stop()
             self._balancing = False
-        drop_database(self.db_dsn)
+        if self.fresh_database:
+            drop_database(self.db_dsn)
         return status
 
     def log_text(self) -> str:
