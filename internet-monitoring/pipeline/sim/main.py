@@ -7,8 +7,10 @@
     pipeline-sim --profile lossy --compare clean --duration 0      # goodput vs clean
     pipeline-sim --profile satellite --set latency_ms=400 --set bandwidth_bps=1000000
     pipeline-sim --list-profiles
+    pipeline-sim --replicas 3 --store postgres --kill-replica-every 20   # docs/scaling.md
 
-It starts a real ``pipeline-server`` on a fresh SQLite file (or uses ``--server-url``), N
+It starts a real ``pipeline-server`` on a fresh SQLite file (or ``--replicas N`` of them on
+a fresh PostgreSQL database behind round-robin balancers, or uses ``--server-url``), N
 real ``pipeline-sensor`` processes each with its own queue file, and a seeded fault proxy
 pair in front of every sensor's control and ingest connections; submits seeded events into
 the queues, kills processes on the given periods, waits for the queues to drain, reads
@@ -40,6 +42,7 @@ from pipeline.common.logs import setup_logging
 from pipeline.sim.faults import DirectionFaults
 from pipeline.sim.fleet import FleetOptions
 from pipeline.sim.processes import ProcessError
+from pipeline.sim.replicas import DEFAULT_DSN
 from pipeline.sim.profiles import (
     PROFILES,
     Profile,
@@ -87,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGKILL sensors every S seconds and restart them (default: the profile's)")
     add("--kill-server-every", type=float, default=None, metavar="S",
         help="SIGKILL the server every S seconds and restart it (default: the profile's)")
+    add("--replicas", type=int, default=1,
+        help="server replicas behind round-robin TCP balancers (1; more needs --store "
+             "postgres)")
+    add("--store", default="sqlite", choices=("sqlite", "postgres"),
+        help="the embedded server's store (sqlite); postgres: a fresh database on --dsn, "
+             "dropped afterwards")
+    add("--dsn", default=DEFAULT_DSN,
+        help=f"PostgreSQL server for --store postgres ({DEFAULT_DSN})")
+    add("--kill-replica-every", type=float, default=None, metavar="S",
+        help="SIGKILL one replica (each in turn) every S seconds and restart it")
     add("--kill-fraction", type=float, default=0.25,
         help="share of the sensors killed each time (0.25)")
     add("--restart-delay", type=float, default=1.0, help="seconds before a restart (1.0)")
@@ -226,6 +239,18 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.server_url is None and (args.token or args.control_url or args.read_token):
         raise ConfigError("--token, --control-url and --read-token go with --server-url",
                           field="server_url")
+    if args.replicas < 1 or (args.replicas > 1 and args.store != "postgres"):
+        raise ConfigError("--replicas: 1, or more with --store postgres", field="replicas")
+    if args.kill_replica_every is not None:
+        if args.replicas < 2:
+            raise ConfigError("--kill-replica-every needs --replicas 2 or more (with one "
+                              "replica use --kill-server-every)", field="kill_replica_every")
+        if args.kill_server_every is not None:
+            raise ConfigError("--kill-replica-every and --kill-server-every: choose one",
+                              field="kill_replica_every")
+    if args.store == "postgres" and args.server_url is not None:
+        raise ConfigError("--store postgres starts its own replicas: not with --server-url",
+                          field="store")
     if args.soak is not None:
         if args.in_process or args.compare or args.server_url:
             raise ConfigError("--soak samples processes it starts: not with --in-process, "
@@ -251,6 +276,8 @@ def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
                     else profile.kill_sensors_every_s)
     kill_server = (args.kill_server_every if args.kill_server_every is not None
                    else profile.kill_server_every_s)
+    if args.kill_replica_every is not None:  # a replica set's "server kill" is one replica
+        kill_server = args.kill_replica_every
     if args.server_url is not None and args.kill_server_every is None:
         kill_server = 0.0  # an existing server is never killed: the profile's period is moot
     if args.in_process and args.kill_sensors_every is None:
@@ -261,13 +288,15 @@ def settings_for(args: argparse.Namespace, profile: Profile, workdir: Path,
                          token=args.token, read_token=args.read_token,
                          server_module=args.server_module,
                          capabilities=_capabilities(args.capabilities),
-                         sensor_metrics=soak is not None)
+                         sensor_metrics=soak is not None, replicas=args.replicas,
+                         store=args.store, dsn=args.dsn)
     parameters = {
         "profile": dataclasses.asdict(profile), "set": list(args.set),
         "event_size": args.event_size, "interval_s": workload.interval_s,
         "kill_sensors_every_s": kill_sensors, "kill_server_every_s": kill_server,
         "faults_for_s": args.faults_for, "kill_fraction": args.kill_fraction,
-        "restart_delay_s": args.restart_delay,
+        "restart_delay_s": args.restart_delay, "replicas": args.replicas,
+        "store": args.store, "kill_replica_every_s": args.kill_replica_every,
         "shared_proxies": args.shared_proxies, "server_module": args.server_module,
         "capabilities": list(fleet.capabilities or DEFAULT_CAPABILITIES)}
     return SimSettings(profile=profile, workload=workload, fleet=fleet,

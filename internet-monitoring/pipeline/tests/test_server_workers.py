@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -58,13 +59,15 @@ def _ready(port: int) -> bool:
         return False
 
 
-def _wait(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None
+          ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout}s")
+    tail = log.read_text()[-4000:] if log is not None else ""
+    raise AssertionError(f"{what} not reached in {timeout}s\n{tail}")
 
 
 def test_two_workers_share_the_ports_and_a_killed_one_comes_back(pg_dsn: str,
@@ -89,7 +92,7 @@ def test_two_workers_share_the_ports_and_a_killed_one_comes_back(pg_dsn: str,
         _wait(lambda: _ready(ingest), 10, "the other worker answering")
         _wait(lambda: len(_children(proc.pid) - {victim}) == 2, 30, "a restarted worker")
         _wait(lambda: (tmp_path / "server.log").read_text().count("server_started") >= 3,
-              60, "the restarted worker serving")
+              60, "the restarted worker serving", tmp_path / "server.log")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0
         assert _children(proc.pid) == set()
