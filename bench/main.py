@@ -15,6 +15,8 @@ Sections (``--only`` picks some; all by default)::
             resident memory per connection and heartbeat handling p99
     reads   Protobuf-batch ingest while the dashboard and read API are read (a heavy read
             every 0.5 s at most), next to the same ingest without reads (bench/reads.py)
+    cluster several server processes on one PostgreSQL: events/s per replica with 1 and
+            2 replicas, 2 workers (SO_REUSEPORT) next to 1 (bench/cluster.py)
     postgres  JSON 1.0 and Protobuf-batch ingest with store.engine: postgres next to the
             same load on SQLite, one server process (bench/pg.py)
     remote_write  Prometheus remote write into a real sensor agent, 4 senders, 500 samples
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import drain as drain_mod
+from bench import cluster as cluster_mod
 from bench import pg as pg_mod
 from bench import reads as reads_mod
 from bench import remote_write as rw_mod
@@ -63,7 +66,7 @@ from bench.procs import (
 
 KIB = 1024
 SECTIONS = ("ingest", "disk", "flat", "queue", "drain", "conns", "reads", "postgres",
-            "remote_write")
+            "remote_write", "cluster")
 
 
 @dataclass(frozen=True)
@@ -457,6 +460,12 @@ def section_remote_write(work: Path, scale: Scale) -> list[Row]:
             extra={"drain_s": col("drain_s")}),
     ]
 
+def section_cluster(work: Path, scale: Scale) -> list[Row]:
+    return [Row("cluster", name, unit, runs, baseline_name=base, baseline_runs=base_runs,
+                extra=extra)
+            for name, unit, runs, base, base_runs, extra in cluster_mod.measure(
+                work, scale.runs, scale.n, _loadgen)]
+
 
 def _fmt(value: float) -> str:
     if value >= 100:
@@ -555,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt("postgres", lambda: section_postgres(root, scale))
         if "remote_write" in only:
             attempt("remote_write", lambda: section_remote_write(root, scale))
+        if "cluster" in only:
+            attempt("cluster", lambda: section_cluster(root, scale))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
