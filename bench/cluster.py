@@ -84,7 +84,7 @@ def _run(work: Path, name: str, servers: int, workers: int, mode: str, requests:
     dsn = f"{BASE_DSN} options='-c search_path={schema}'"
     procs = [_Server(work / f"{name}-{i}", dsn, workers) for i in range(servers)]
     results: list[dict[str, Any]] = [{} for _ in procs]
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
     try:
         for proc in procs:
             proc.start()
@@ -93,7 +93,8 @@ def _run(work: Path, name: str, servers: int, workers: int, mode: str, requests:
             try:
                 results[i] = load(procs[i].ingest_port, mode, KIB, CONCURRENCY, requests,
                                   batch, f"{name[:6]}{i}")
-            except BaseException as exc:  # re-raised below, after every load ended
+            except (BenchError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                # re-raised below, after every load ended
                 errors.append(exc)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(servers)]
@@ -125,9 +126,10 @@ def measure(work: Path, runs: int, n: Callable[[int, int], int], load: Load
         total = sum(r["chunks_per_s"] for r in both)
         two_total.append(total)
         two_each.append(total / 2)
-    rows = [("events/s per replica: 2 replicas on one PostgreSQL (JSON 1.0 single-chunk "
-             f"events, c={CONCURRENCY} per replica)", "events/s", two_each,
-             "1 replica", one, {"total_events_per_s": two_total})]
+    rows: list[tuple[str, str, list[float], str, list[float], dict[str, Any]]] = [
+        (("events/s per replica: 2 replicas on one PostgreSQL (JSON 1.0 single-chunk "
+          f"events, c={CONCURRENCY} per replica)"), "events/s", two_each,
+         "1 replica", one, {"total_events_per_s": two_total})]
     for mode, requests, batch in (("json", json_n, 1), ("proto_batch", batch_n, BATCH)):
         w1: list[float] = []
         w2: list[float] = []
@@ -137,7 +139,7 @@ def measure(work: Path, runs: int, n: Callable[[int, int], int], load: Load
             w1.append(_run(work, f"w1{mode}{run}", 1, 1, mode, requests, batch,
                            load)[0]["chunks_per_s"])
         label = "JSON 1.0 single-chunk POSTs" if mode == "json" else "Protobuf batches"
-        rows.append((f"PostgreSQL store: {label}, 1 KiB, c={CONCURRENCY}, 2 workers "
-                     "(SO_REUSEPORT)", "chunks/s", w2, "1 worker, unpinned", w1,
+        rows.append(((f"PostgreSQL store: {label}, 1 KiB, c={CONCURRENCY}, 2 workers "
+                      "(SO_REUSEPORT)"), "chunks/s", w2, "1 worker, unpinned", w1,
                      {"requests": requests, "batch": batch}))
     return rows

@@ -42,7 +42,7 @@ async def test_notify_crosses_between_buses_and_large_messages_split(pg_dsn: str
         assert max(len(p.encode()) for p in payloads) > MAX_PAYLOAD_BYTES - 200
         a.publish(payloads)
         await _wait_for(inbox_b, len(payloads))
-        got = [e for p in inbox_b.payloads for e in decode(p).events]  # type: ignore[union-attr]
+        got = [e for p in inbox_b.payloads for e in decode(p).events]
         assert tuple(got) == events
         await _wait_for(inbox_a, len(payloads))  # NOTIFY echoes to the sender too
     finally:

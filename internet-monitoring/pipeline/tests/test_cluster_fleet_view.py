@@ -25,7 +25,9 @@ from pipeline.tests.cluster_support import (
     replica,
     stop_all,
     tails,
+    wait_until,
 )
+from pipeline.sim.processes import ServerProcess
 
 SENSOR = "legacy-view"
 TOKEN = "legacy-view-token-0123456789"
@@ -69,6 +71,10 @@ async def test_stream_on_c_shows_an_event_committed_on_a(pg_dsn: str, tmp_path: 
         stop_all(procs)
 
 
+def _owned_by(server: ServerProcess) -> bool:
+    return f"cluster_session_owned sensor_id={SENSOR}" in server.log_text()
+
+
 async def _connect(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
     return await http.ws_connect(url, headers={"X-Sensor-ID": SENSOR,
                                                "Authorization": f"Bearer {TOKEN}"})
@@ -83,16 +89,12 @@ async def test_new_socket_on_c_takes_the_session_from_a(pg_dsn: str, tmp_path: P
         await asyncio.to_thread(c.start)
         async with aiohttp.ClientSession() as http:
             old = await _connect(http, a.control_url)
-            async with asyncio.timeout(10):
-                while f"cluster_session_owned sensor_id={SENSOR}" not in a.log_text():
-                    await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_until, lambda: _owned_by(a), 10, "A owns")
             new = await _connect(http, c.control_url)
             msg = await old.receive(timeout=15)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
             assert old.close_code == 1008 and msg.extra == "replaced", (old.close_code, msg)
-            async with asyncio.timeout(15):
-                while f"cluster_session_owned sensor_id={SENSOR}" not in c.log_text():
-                    await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_until, lambda: _owned_by(c), 15, "C owns")
             assert not new.closed
             await new.close()
     finally:

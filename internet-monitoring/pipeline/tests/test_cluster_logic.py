@@ -53,7 +53,7 @@ def test_acks_round_trip_and_split_under_the_notify_limit() -> None:
     back = [decode(p) for p in payloads]
     assert all(isinstance(b, RoutedAcks) and b.sensor_id == "pi-01" and b.marks == {"e1": 2000}
                for b in back)
-    got = tuple(item for b in back for item in b.items)  # type: ignore[union-attr]
+    got = tuple(item for b in back for item in b.items)
     assert got == items
 
 
@@ -61,7 +61,7 @@ def test_events_and_release_round_trip() -> None:
     events = tuple((f"sensor-{i}", f"event-{i:06d}") for i in range(500))
     payloads = encode(EventsCommitted(origin="r1", events=events))
     assert len(payloads) > 1
-    assert tuple(e for p in payloads for e in decode(p).events) == events  # type: ignore[union-attr]
+    assert tuple(e for p in payloads for e in decode(p).events) == events
     assert decode(encode(ReleaseRequest("r1", "pi-02"))[0]) == ReleaseRequest("r1", "pi-02")
 
 
@@ -192,7 +192,7 @@ def test_two_owners_in_turn_never_issue_the_same_window_id() -> None:
     first = SensorSession("pi-01", policy=WindowPolicy(id_tag="aaaaaa"))
     first.on_connect(100.0)
     first.backlog = 10
-    issued = {first.issue_window(100.0).window_id}  # type: ignore[union-attr]
+    issued = {first.issue_window(100.0).window_id}
     second = SensorSession("pi-01", policy=WindowPolicy(id_tag="bbbbbb"))
     second.restore_windows(first.export_windows())
     second.on_connect(100.0)  # same millisecond, same counter: only the tag differs

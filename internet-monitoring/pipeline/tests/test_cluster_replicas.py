@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.sensor.queue import DurableQueue
 from pipeline.sim.legacy_sensor import LegacyQueue, QueuedEvent
-from pipeline.sim.processes import ManagedProcess, SensorProcess
+from pipeline.sim.processes import ManagedProcess, ProcessError, SensorProcess
 from pipeline.sim.replicas import ReplicaSet
 from pipeline.tests.cluster_support import (
     REPLICA_CONFIG,
@@ -57,7 +57,7 @@ class Killer(threading.Thread):
             time.sleep(1.0)
             try:
                 self.replicas.start(timeout=60)
-            except Exception as exc:  # reported by the test, never silent
+            except (ProcessError, OSError) as exc:  # reported by the test, never silent
                 self.errors.append(f"{type(exc).__name__}: {str(exc)[:2000]}")
                 return
 

@@ -64,4 +64,4 @@ def test_scaling_doc_commands_work_as_written(tmp_path: Path) -> None:
         assert re.search(r"kills \(SIGKILL\)\s+sensors 0, server [1-9]", out), out
     finally:
         with psycopg.connect(BASE_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

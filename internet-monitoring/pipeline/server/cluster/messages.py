@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 from pipeline.common.errors import PipelineError
 from pipeline.server.control.session import Committed
@@ -61,7 +61,7 @@ class ReleaseRequest:
     sensor_id: str
 
 
-BusMessage = Union[RoutedAcks, EventsCommitted, ReleaseRequest]
+BusMessage = RoutedAcks | EventsCommitted | ReleaseRequest
 
 
 def _dump(doc: dict[str, Any]) -> str:

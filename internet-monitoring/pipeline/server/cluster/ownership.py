@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 
 class ClaimState(str, enum.Enum):
@@ -102,8 +102,8 @@ class Unlock:
     key: LockKey
 
 
-OwnershipAction = Union[TryLock, AskRelease, LoadSession, Resume, Refuse, CloseSocket,
-                        Persist, Unlock]
+OwnershipAction = (TryLock | AskRelease | LoadSession | Resume | Refuse | CloseSocket
+                   | Persist | Unlock)
 
 
 @dataclass

@@ -144,7 +144,7 @@ class PgBus:
             conn = None
             try:
                 conn = await self._connect()
-                await conn.execute(f"LISTEN {self.channel}")  # type: ignore[arg-type]
+                await conn.execute(f"LISTEN {self.channel}")
                 self._listening.set()
                 delay = 0.1
                 if self.on_listening is not None:

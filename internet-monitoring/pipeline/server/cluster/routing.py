@@ -25,7 +25,7 @@ and on every replica receiving a bus message::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence
 
 from pipeline.server.cluster.messages import (
     BusMessage,
@@ -66,7 +66,7 @@ class HandRelease:
     request: ReleaseRequest
 
 
-RouteAction = Union[ApplyAcks, Defer, Publish, LoadEvents, HandRelease]
+RouteAction = ApplyAcks | Defer | Publish | LoadEvents | HandRelease
 
 
 class AckRouter:
