@@ -83,6 +83,13 @@ def test_list_profiles_prints_the_table() -> None:
     (["--token", "t"], "--server-url"),
     (["--server-url", "https://example.invalid", "--token", "t"], "TLS"),
     (["--min-goodput-ratio", "0.7"], "--compare"),
+    (["--replicas", "2"], "--store postgres"),
+    (["--replicas", "0", "--store", "postgres"], "--replicas"),
+    (["--store", "postgres", "--kill-replica-every", "5"], "--replicas 2 or more"),
+    (["--replicas", "2", "--store", "postgres", "--kill-replica-every", "5",
+      "--kill-server-every", "5"], "choose one"),
+    (["--store", "postgres", "--server-url", "http://127.0.0.1:9", "--token", "t"],
+     "--server-url"),
 ])
 def test_usage_errors_exit_2_naming_the_problem(argv: list[str], needle: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
