@@ -83,7 +83,10 @@ def test_two_workers_share_the_ports_and_a_killed_one_comes_back(pg_dsn: str,
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.server", "--config", str(path)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait(lambda: len(_children(proc.pid)) == 2 and _ready(ingest), 60, "two workers")
+        log_path = tmp_path / "server.log"
+        _wait(lambda: len(_children(proc.pid)) == 2
+              and log_path.read_text().count("server_started") == 2, 60, "two workers",
+              log_path)
         workers = _children(proc.pid)
         # Both accept on the one port: the kernel spreads connections over them, so with
         # one worker SIGKILLed the port still answers, and the supervisor restarts it.
