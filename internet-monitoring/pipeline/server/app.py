@@ -210,8 +210,9 @@ class PipelineServer:
                 missed_before_disconnect=cfg.heartbeat.missed_before_disconnect)
             if self.replica_id is not None:
                 # Sessions are loaded one by one as their sockets connect (ownership).
-                self.cluster = ClusterReplica(cfg.store.dsn, self.replica_id, self.manager,
-                                              store, self._on_event_completed)
+                self.cluster = ClusterReplica(
+                    cfg.store.dsn, self.replica_id, self.manager, store,
+                    self._on_event_completed, known_ids=self._known_sensor_ids)
                 await self.cluster.start()
                 self.manager.claims = self.cluster
             else:
@@ -496,6 +497,10 @@ class PipelineServer:
             log.info("events_completed count=%d sensors=%d bytes=%d", events,
                      sum(1 for share in grouped.values() if share.events),
                      event_bytes)
+
+    def _known_sensor_ids(self) -> set[str]:
+        return (set(self.authenticator.sensor_ids) | set(self.scheduler.sessions)
+                | {s.sensor_id for s in self.snapshots.all()})
 
     def _on_event_completed(self, event: Any) -> bool:
         """Snapshot cache and stream; True when the event is its sensor's new latest

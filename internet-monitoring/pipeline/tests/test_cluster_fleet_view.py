@@ -4,7 +4,8 @@ replicas without two owners. Real ``pipeline-server`` processes on one PostgreSQ
 
 - A browser on the UI stream of replica C gets the snapshot of an event committed on A
   (A announces it on the bus; C loads it from the store). The delay is printed, not
-  asserted (performance figures live in bench/ and docs/scaling.md).
+  asserted (performance figures live in bench/ and docs/scaling.md). C's read API lists
+  the sensor as connected (its session lock, seen in ``pg_locks``).
 - A sensor connecting to C while its old socket on A is still open: A is asked to let go,
   closes its socket ("replaced"), persists the session and unlocks; C takes the session.
 """
@@ -65,6 +66,12 @@ async def test_stream_on_c_shows_an_event_committed_on_a(pg_dsn: str, tmp_path: 
         doc = await asyncio.to_thread(c.get_json, "/v1/snapshots")
         assert any(s["sensor_id"] == SENSOR for s in doc.get("snapshots", doc)
                    if isinstance(s, dict)), doc
+        # The read API on C lists the sensor as connected: its socket is on A.
+        def listed_connected() -> bool:
+            return any(s["sensor_id"] == SENSOR and s["connected"]
+                       for s in c.get_json("/v1/sensors")["sensors"])
+
+        await asyncio.to_thread(wait_until, listed_connected, 10, "C lists it connected")
         print("commit on A -> snapshot on C's stream, seconds: "
               + " ".join(f"{d:.3f}" for d in seen.values()))
     finally:

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 MAX_NOTIFY_BATCH = 64
 
 
+def _int4(value: int) -> int:
+    return value - 2**32 if value >= 2**31 else value
+
+
 class BusUnavailable(PipelineError):
     """The cluster's PostgreSQL connection is down (locks cannot be taken now)."""
 
@@ -172,6 +176,24 @@ class PgBus:
 
     async def unlock(self, key: tuple[int, int]) -> None:
         await self._lock_call("SELECT pg_advisory_unlock(%s, %s)", key)
+
+    async def held_keys(self) -> set[tuple[int, int]]:
+        """Two-int4 advisory keys held by any session of this database (``pg_locks``
+        shows them as unsigned ``classid``/``objid``; turned back into signed int4)."""
+        async with self._locks_lock:
+            conn = self._locks
+            if conn is None or conn.closed:
+                raise BusUnavailable("cluster: lock connection is down")
+            try:
+                cur = await conn.execute(
+                    "SELECT classid::bigint, objid::bigint FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
+                    "AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database())")
+                rows = await cur.fetchall()
+            except psycopg.Error as exc:
+                raise BusUnavailable(f"cluster: pg_locks: {exc}") from exc
+        return {(_int4(int(str(a))), _int4(int(str(b)))) for a, b in rows}
 
     async def _lock_call(self, sql: str, key: tuple[int, int]) -> object:
         async with self._locks_lock:

@@ -24,6 +24,7 @@ from pipeline.server.cluster.ownership import (
     Resume,
     TryLock,
     Unlock,
+    lock_key,
 )
 from pipeline.server.cluster.pg_bus import BusUnavailable, PgBus
 from pipeline.server.cluster.routing import (
@@ -41,6 +42,7 @@ from pipeline.server.control.session import Committed
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+HELD_POLL_S = 1.0
 
 
 class ClusterReplica:
@@ -50,7 +52,8 @@ class ClusterReplica:
     stream, gauges); events completed on other replicas are loaded and passed to it."""
 
     def __init__(self, dsn: str, replica: ReplicaId, manager: ControlManager, store: Any,
-                 on_event: Callable[[Any], object], *, claim_timeout_s: float = 5.0) -> None:
+                 on_event: Callable[[Any], object], *, claim_timeout_s: float = 5.0,
+                 known_ids: Callable[[], Iterable[str]] = tuple) -> None:
         self.replica = replica
         self.manager = manager
         self.store = store
@@ -62,14 +65,18 @@ class ClusterReplica:
         self._claims: dict[str, asyncio.Future[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._listened_once = False
         self.events_loaded = 0
+        self.known_ids = known_ids  # sensors to look for in pg_locks (read API)
+        self._held: set[str] = set()  # sessions held by any replica, polled
 
     async def start(self) -> None:
         await self.bus.start()
         self.table.namespace = self.bus.namespace
-        self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(),
-                                                              name="cluster-tick")
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.create_task(self._tick_loop(), name="cluster-tick")
+        self._poller = loop.create_task(self._held_loop(), name="cluster-held")
         log.info("cluster_joined replica=%s", self.replica)
 
     async def close(self) -> None:
@@ -77,6 +84,9 @@ class ClusterReplica:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.bus.close()
 
@@ -93,6 +103,20 @@ class ClusterReplica:
 
     def released(self, sensor_id: str) -> None:
         self._spawn(self._run(self.table.on_disconnect(sensor_id)))
+
+    def held_elsewhere(self, sensor_id: str) -> bool:
+        """Another replica holds the sensor's session (polled every HELD_POLL_S)."""
+        return sensor_id in self._held and self.table.state(sensor_id) is ClaimState.NONE
+
+    async def _held_loop(self) -> None:
+        while True:
+            try:
+                keys = await self.bus.held_keys()
+                ns = self.table.namespace
+                self._held = {sid for sid in self.known_ids() if lock_key(sid, ns) in keys}
+            except BusUnavailable:
+                self._held = set()
+            await asyncio.sleep(HELD_POLL_S)
 
     def on_commit(self, sensor_id: str, items: Sequence[Committed],
                   marks: Mapping[str, int]) -> None:

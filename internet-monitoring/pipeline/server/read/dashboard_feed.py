@@ -180,13 +180,16 @@ def sensor_states(manager: Any, sensor_ids: Iterable[str],
                   last_results: Mapping[str, float]) -> list[SensorState]:
     """The control channel's view of each sensor, as ``dashboard_kpis`` takes it."""
     sessions = manager.scheduler.sessions
+    # Replicas: a sensor whose socket another replica holds is connected too.
+    claims = getattr(manager, "claims", None)
     out = []
     for sid in sorted(set(sensor_ids)):
         session = sessions.get(sid)
         info = manager.info.get(sid)
         hb = session.last_heartbeat if session is not None else None
         out.append(SensorState(
-            sensor_id=sid, connected=manager.is_connected(sid),
+            sensor_id=sid, connected=manager.is_connected(sid) or (
+                claims is not None and claims.held_elsewhere(sid)),
             last_heartbeat_at=session.last_heartbeat_at if session is not None else None,
             disconnected_at=info.disconnected_at if info is not None else None,
             queue_depth=hb.queue_depth if hb is not None else None,

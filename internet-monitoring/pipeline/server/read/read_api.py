@@ -132,7 +132,7 @@ async def list_sensors(request: web.Request) -> web.Response:
             "sensor_id": sid,
             "name": label.name if label is not None and label.name else sid,
             "site": label.site if label is not None else "",
-            "connected": state.connected,
+            "connected": state.connected,  # on any replica (docs/scaling.md)
             "last_heartbeat_at": iso_utc(state.last_heartbeat_at)
             if state.last_heartbeat_at else None,
             "queue_depth": state.queue_depth,
