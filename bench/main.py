@@ -460,6 +460,7 @@ def section_remote_write(work: Path, scale: Scale) -> list[Row]:
             extra={"drain_s": col("drain_s")}),
     ]
 
+
 def section_cluster(work: Path, scale: Scale) -> list[Row]:
     return [Row("cluster", name, unit, runs, baseline_name=base, baseline_runs=base_runs,
                 extra=extra)

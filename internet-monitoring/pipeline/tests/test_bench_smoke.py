@@ -28,7 +28,7 @@ def test_bench_runs_every_section_and_writes_one_table_and_json(tmp_path: Path) 
     doc = json.loads(out.read_text())
     sections = {row["section"] for row in doc["rows"]}
     assert sections == {"ingest", "disk", "flat", "queue", "drain", "conns", "reads",
-                        "postgres", "remote_write"}
+                        "postgres", "remote_write", "cluster"}
     for row in doc["rows"]:
         assert row["runs"] and all(value > 0 for value in row["runs"]), row["name"]
         assert row["min"] <= row["median"] <= row["max"]
