@@ -55,6 +55,7 @@ from pipeline.server.read.dashboard_kpis import Thresholds
 from pipeline.server.read.readers import Reader, open_reader
 from pipeline.server.read.dashboard import DashboardPage, add_dashboard_routes
 from pipeline.server.security.gate import GATE_KEY, LISTENER_KEY, security_middleware
+from pipeline.server.ingest.sensor_batch import SensorBatch
 from pipeline.server.ingest.group_commit import CommitRecord, GroupCommitter
 from pipeline.server.ingest.context import IngestContext
 from pipeline.server.ingest.listener import error_middleware, ingest_server
@@ -63,7 +64,7 @@ from pipeline.server.metrics import ServerMetrics, StoreHealthCollector
 from pipeline.server.read.read_api import ReadContext, add_read_routes, build_dashboard
 from pipeline.server.control.scheduler import RequestScheduler
 from pipeline.server.security.manager import SecurityManager, add_security_routes
-from pipeline.server.control.session import Committed, WindowPolicy
+from pipeline.server.control.session import WindowPolicy
 from pipeline.server.read.snapshot_cache import SnapshotCache, StreamMessage
 from pipeline.server.read.rw_snapshot import SeriesBook, field_name
 from pipeline.server.forward.forwarder import Forwarder
@@ -103,35 +104,6 @@ def window_policy(config: ServerConfig, id_tag: str = "") -> WindowPolicy:
                         max_in_flight=s.max_in_flight, windows_per_sensor=s.windows_per_sensor,
                         window_timeout_s=s.window_timeout_s, quiet_s=s.quiet_s,
                         ack_ledger_sequences=config.memory.ack_ledger_sequences)
-
-
-class _SensorBatch:
-    """One sensor's committed chunks in one batch: its ack items and metric totals."""
-
-    __slots__ = ("items", "marks", "stored", "stored_bytes", "duplicates", "latencies_ms",
-                 "events")
-
-    def __init__(self) -> None:
-        self.items: list[Committed] = []
-        self.marks: dict[str, int] = {}
-        self.stored = 0
-        self.stored_bytes = 0
-        self.duplicates = 0
-        self.latencies_ms: list[float] = []
-        self.events = 0
-
-    def add(self, outcome: Any, window_id: str, nbytes: int, latency_ms: float) -> None:
-        epoch = outcome.epoch
-        self.items.append(Committed(outcome.sequence, window_id, nbytes, epoch=epoch))
-        self.marks[epoch] = max(self.marks.get(epoch, 0), outcome.last_committed_sequence)
-        if outcome.duplicate:
-            self.duplicates += 1
-        else:
-            self.stored += 1
-            self.stored_bytes += nbytes
-        self.latencies_ms.append(latency_ms)
-        if outcome.completed_event is not None:
-            self.events += 1
 
 
 class PipelineServer:
@@ -441,7 +413,7 @@ class PipelineServer:
         assert self.manager is not None
         now = time.time()
         tracing = self.tracing.enabled
-        grouped: dict[str, _SensorBatch] = {}
+        grouped: dict[str, SensorBatch] = {}
         trace_parents: dict[str, str] = {}
         gauge_payloads: dict[str, list[bytes]] = {}
         completed: list[tuple[str, str]] = []
@@ -455,7 +427,7 @@ class PipelineServer:
             nbytes = len(rec.chunk.payload)
             share = grouped.get(sensor_id)
             if share is None:
-                share = grouped[sensor_id] = _SensorBatch()
+                share = grouped[sensor_id] = SensorBatch()
             share.add(outcome, rec.chunk.window_id, nbytes, (now - rec.received_at) * 1000.0)
             parent = traceparent_of(rec.chunk.attributes) if tracing else None
             if parent is not None:
