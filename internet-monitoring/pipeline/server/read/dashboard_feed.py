@@ -1,8 +1,10 @@
 """DashboardFeed: the stored results the dashboard needs, kept up to date from the store.
 
-It follows the ``events`` table by row id on the reader's own connection (``EventReader``),
-so the ingest path does nothing extra for it: each refresh reads only the events stored
-since the last one, and at most ``READ_RATE`` of them per second (a sample beyond that).
+It follows the ``events`` table on the reader's own connection (``EventReader``), so the
+ingest path does nothing extra for it: each refresh reads only the events stored since the
+last one (the reader's ``FeedMark``: by row id on SQLite; on PostgreSQL by the inserting
+transactions a snapshot sees, so rows committed out of row-id order by several servers are
+each taken once, see feed_marks.py), and at most ``READ_RATE`` of them per second (a sample beyond that).
 It keeps compact samples of the last two reporting windows (the KPIs compare a window
 with the one before) and, per sensor, the latest result of every test type (the page's
 per-test cards, so a sensor's DNS card does not turn into its speed card).
@@ -30,6 +32,7 @@ from pipeline.server.read.dashboard_kpis import (
     sample_from_result,
 )
 from pipeline.server.read.event_reader import ResultRow
+from pipeline.server.read.feed_marks import FeedMark, PageKey
 from pipeline.server.read.readers import Reader
 from pipeline.server.read.snapshot_cache import decode_json_payload, iso_utc
 
@@ -74,7 +77,7 @@ class DashboardFeed:
         self._lock = threading.Lock()
         self._samples: collections.deque[Sample] = collections.deque()
         self._latest: dict[str, dict[str, LatestResult]] = {}
-        self._last_row: int | None = None
+        self._mark: FeedMark | None = None
         self._payload: tuple[float, dict[str, Any]] | None = None
         self._refreshed_at = 0.0
         self.sampled = 1.0  # share of the results the last refresh read
@@ -93,28 +96,31 @@ class DashboardFeed:
             now = self.clock()
             keep_s = 2 * self.config.reporting_window_s
             budget: float
-            if self._last_row is None:
-                self._last_row = self.reader.first_row_completed_since(now - keep_s)
+            if self._mark is None:
+                self._mark = FeedMark(self.reader.first_row_completed_since(now - keep_s))
                 budget = FIRST_BUDGET
             else:
                 budget = min(MAX_BUDGET, max(MIN_BUDGET, READ_RATE * (now - self._refreshed_at)))
-            upto = self.reader.last_row_id()
-            pending = upto - self._last_row
+            upto = self.reader.feed_mark()
+            # About how many rows are new (exact with one writer); a changed snapshot may
+            # also bring rows with lower ids committed late, so it is read too.
+            pending = upto.row - self._mark.row
             read = 0
-            if pending > 0:
-                fraction = min(1.0, budget / pending)
+            if pending > 0 or upto.snapshot != self._mark.snapshot:
+                fraction = min(1.0, budget / max(1, pending))
                 self.sampled = fraction
-                read = self._read_range(self._last_row, upto, fraction)
-                self._last_row = upto
+                read = self._read_range(self._mark, upto, fraction)
+                self._mark = upto
             self._refreshed_at = now
             self._trim(now - keep_s)
             self.events_seen += read
             return read
 
-    def _read_range(self, after: int, upto: int, fraction: float) -> int:
+    def _read_range(self, since: FeedMark, upto: FeedMark, fraction: float) -> int:
         read = 0
+        after: PageKey | None = None
         while True:
-            rows, last = self.reader.results_between(after, upto, PAGE, fraction)
+            rows, last = self.reader.feed_rows(since, upto, after, PAGE, fraction)
             for row in rows:
                 self._take(row, 1.0 / fraction)
             read += len(rows)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 
 from pipeline.common import chunking
 from pipeline.common.errors import PipelineError, StoreError
+from pipeline.server.read.feed_marks import FeedMark, PageKey
 from pipeline.server.store import (
     _EVENT_COLUMNS,
     ENCODING_IDENTITY,
@@ -191,6 +192,18 @@ class EventReader:
                           (after_row, upto_row, *extra, max(0, limit)))
         last = int(rows[-1][0]) if len(rows) == limit else None
         return _result_rows(rows), last
+
+    def feed_mark(self) -> FeedMark:
+        """One writer: row ids become visible in order, the highest is the whole mark."""
+        return FeedMark(self.last_row_id())
+
+    def feed_rows(self, since: FeedMark, upto: FeedMark, after: PageKey | None, limit: int,
+                  fraction: float = 1.0) -> tuple[list[ResultRow], PageKey | None]:
+        """The results stored after ``since`` up to ``upto`` (``results_between``), a page
+        at a time from ``after`` (the key the previous page ended at)."""
+        rows, last = self.results_between(since.row if after is None else after[1], upto.row,
+                                          limit, fraction)
+        return rows, None if last is None else (0, last)
 
     def first_row_completed_since(self, completed_at: float) -> int:
         """The row id just before the first event stored at or after ``completed_at``."""

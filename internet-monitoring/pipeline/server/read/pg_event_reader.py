@@ -20,6 +20,7 @@ from pipeline.server.read.event_reader import (
     ResultRow,
     _result_rows,
 )
+from pipeline.server.read.feed_marks import FeedMark, PageKey, Snapshot, new_xid_range
 from pipeline.server.store.pg_schema import EVENT_COLUMNS, row_to_event, translate
 from pipeline.server.store.pg_store import redacted
 from pipeline.server.store.records import StoredEvent
@@ -139,6 +140,45 @@ class PgEventReader:
                           (after_row, upto_row, *extra, max(0, limit)))
         last = int(rows[-1][0]) if len(rows) == limit else None
         return _result_rows(rows), last
+
+    def feed_mark(self) -> FeedMark:
+        """The highest visible row id and the snapshot it was read in (one statement)."""
+        row = self._rows("SELECT COALESCE(MAX(row_id), 0), pg_current_snapshot()::text"
+                         " FROM events", ())[0]
+        return FeedMark(int(row[0]), str(row[1]))
+
+    def feed_rows(self, since: FeedMark, upto: FeedMark, after: PageKey | None, limit: int,
+                  fraction: float = 1.0) -> tuple[list[ResultRow], PageKey | None]:
+        """The results whose inserting transaction ``upto``'s snapshot sees and ``since``'s
+        did not (feed_marks.py), ordered by (xid, row_id) on ``events_by_xid``, a page at a
+        time from ``after``. From a starting mark (no snapshot): the rows after its row id
+        that ``upto`` sees, in row order (rows older than the ``xid`` column count as seen)."""
+        assert upto.snapshot is not None
+        sample, extra = _sample_clause(fraction)
+        if since.snapshot is None:
+            rows = self._rows(
+                f"SELECT {_RESULT_COLUMNS} FROM events WHERE row_id > %s AND row_id <= %s"
+                " AND (xid IS NULL OR pg_visible_in_snapshot(xid, %s::pg_snapshot))"
+                f"{sample} ORDER BY row_id LIMIT %s",
+                (since.row if after is None else after[1], upto.row, upto.snapshot, *extra,
+                 max(0, limit)))
+            last = (0, int(rows[-1][0])) if len(rows) == limit else None
+            return _result_rows(rows), last
+        span = new_xid_range(Snapshot.parse(since.snapshot), Snapshot.parse(upto.snapshot))
+        if span is None:
+            return [], None
+        start = after if after is not None else (span[0], -1)
+        rows = self._rows(
+            f"SELECT {_RESULT_COLUMNS}, xid::text FROM events"
+            " WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8"
+            " AND (xid, row_id) > (%s::text::xid8, %s)"
+            " AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)"
+            f" AND pg_visible_in_snapshot(xid, %s::pg_snapshot){sample}"
+            " ORDER BY xid, row_id LIMIT %s",
+            (str(span[0]), str(span[1]), str(start[0]), start[1],
+             since.snapshot, upto.snapshot, *extra, max(0, limit)))
+        last = (int(rows[-1][7]), int(rows[-1][0])) if len(rows) == limit else None
+        return _result_rows([r[:7] for r in rows]), last
 
     def first_row_completed_since(self, completed_at: float) -> int:
         rows = self._rows("SELECT MIN(row_id) FROM events WHERE completed_at >= %s",

@@ -10,7 +10,9 @@ Tables (docs/postgres.md explains the choices)::
                     store-wide exactly-once guarantee comes from the per-sensor advisory lock
                     every ingest transaction takes before it reads (see pg_ingest.py).
     events          PARTITION BY RANGE (day), day = floor(completed_at / 86400); ``row_id``
-                    from the sequence ``event_row_ids``.
+                    from the sequence ``event_row_ids``; ``xid`` the inserting
+                    transaction (``pg_current_xact_id()``, NULL for rows older than
+                    schema version 3), which the dashboard feed follows.
     partial_events, rejected_events, offsets, windows, sensor_state, store_meta,
     forward_cursors: plain tables (small: one row per incomplete event / sensor / window
                     / forwarding sink and sensor).
@@ -36,7 +38,7 @@ from pipeline.server.store.records import StoredEvent
 
 log = logging.getLogger("pipeline.server.store")
 
-SCHEMA_VERSION = 2  # 2: forward_cursors (server/forward/)
+SCHEMA_VERSION = 3  # 2: forward_cursors (server/forward/); 3: events.xid (the feed's cursor)
 DAY_S = 86_400
 PARTITIONED = ("chunks", "events")
 # Every schema change (creation, migration, a new partition) runs under this
@@ -138,6 +140,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             row_id BIGINT NOT NULL,
             updated_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (sink, sensor_id))""",
+    ),
+    # The inserting transaction of every event row, so the dashboard feed can take rows
+    # committed out of row-id order (server/read/feed_marks.py). Rows stored before this
+    # migration keep NULL (no rewrite of the table): they were all committed before it.
+    3: (
+        "ALTER TABLE events ADD COLUMN xid xid8",
+        "ALTER TABLE events ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
+        "CREATE INDEX events_by_xid ON events (xid, row_id)",
     ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
