@@ -11,12 +11,14 @@ import json
 import time
 from collections import Counter
 
+import psycopg
 import pytest
 
 from pipeline.common.config import DashboardConfig, StoreConfig
 from pipeline.server.read.dashboard_feed import DashboardFeed
 from pipeline.server.read.readers import Reader, open_reader
 from pipeline.server.store import ChunkStore, open_store
+from pipeline.server.store.pg_schema import MIGRATIONS, VERSION_TABLE
 from pipeline.tests.store_support import make_chunks
 
 pytestmark = pytest.mark.postgres
@@ -79,6 +81,34 @@ def test_rows_committed_out_of_row_id_order_are_taken_exactly_once(pg_dsn: str,
         assert feed.refresh() == 0
         assert taken(feed) == Counter(expected + late)
         assert feed.events_seen == 12
+    finally:
+        reader.close()
+        a.close()
+        b.close()
+
+
+def test_a_version_2_database_gains_the_xid_and_its_older_rows_are_taken_once(pg_dsn: str):
+    with psycopg.connect(pg_dsn) as conn:  # what a server of schema version 2 left
+        conn.execute(VERSION_TABLE)
+        for version in (1, 2):
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+    a, b, reader = stores(pg_dsn)
+    try:
+        old, expected = batch("pi-a", 1, 4)
+        a.ingest(old)
+        with psycopg.connect(pg_dsn) as conn:  # rows stored before migration 3 have no xid
+            conn.execute("UPDATE events SET xid = NULL")
+            indexes = {r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'events'")}
+        assert "events_by_xid" in indexes
+        feed = DashboardFeed(reader, DashboardConfig(reporting_window_s=600))
+        assert feed.refresh() == 4
+        new, keys = batch("pi-b", 1, 2)
+        b.ingest(new)
+        assert feed.refresh() == 2 and feed.refresh() == 0
+        assert taken(feed) == Counter(expected + keys)
     finally:
         reader.close()
         a.close()

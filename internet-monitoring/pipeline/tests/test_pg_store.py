@@ -98,7 +98,7 @@ def test_a_version_1_database_gains_the_forward_cursors(pg_dsn: str) -> None:
         assert store.forward_cursors("remote_write") == {"pi-01": 7}
     finally:
         store.close()
-    assert catalog(pg_dsn, "SELECT max(version) FROM schema_version") == [(2,)]
+    assert catalog(pg_dsn, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
 
 
 def test_a_newer_schema_is_refused(pg_dsn: str) -> None:

@@ -4,7 +4,8 @@ It follows the ``events`` table on the reader's own connection (``EventReader``)
 ingest path does nothing extra for it: each refresh reads only the events stored since the
 last one (the reader's ``FeedMark``: by row id on SQLite; on PostgreSQL by the inserting
 transactions a snapshot sees, so rows committed out of row-id order by several servers are
-each taken once, see feed_marks.py), and at most ``READ_RATE`` of them per second (a sample beyond that).
+each taken once, see feed_marks.py), and at most ``READ_RATE`` of them per second (a
+sample beyond that).
 It keeps compact samples of the last two reporting windows (the KPIs compare a window
 with the one before) and, per sensor, the latest result of every test type (the page's
 per-test cards, so a sensor's DNS card does not turn into its speed card).
