@@ -8,6 +8,7 @@ refreshes again: every event must be in the feed's samples once, none twice."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 
@@ -109,6 +110,63 @@ def test_a_version_2_database_gains_the_xid_and_its_older_rows_are_taken_once(pg
         b.ingest(new)
         assert feed.refresh() == 2 and feed.refresh() == 0
         assert taken(feed) == Counter(expected + keys)
+    finally:
+        reader.close()
+        a.close()
+        b.close()
+
+
+def test_pages_and_samples_between_two_marks_cover_each_new_row_once(pg_dsn: str):
+    a, b, reader = stores(pg_dsn)
+    try:
+        a.ingest(batch("pi-a", 1, 5)[0])
+        since = reader.feed_mark()
+        for k in range(6):  # six transactions on two stores, interleaved
+            (a if k % 2 else b).ingest(batch(f"pi-{k % 2}", 1 + 50 * k, 50)[0])
+        upto = reader.feed_mark()
+        pages, after = [], None
+        while True:
+            rows, after = reader.feed_rows(since, upto, after, 7)
+            pages += [r.row_id for r in rows]
+            if after is None:
+                break
+        assert len(pages) == len(set(pages)) == 300 and min(pages) > since.row
+        sample, more = reader.feed_rows(since, upto, None, 10_000, fraction=0.2)
+        assert more is None and 30 <= len(sample) <= 90
+        assert {r.row_id for r in sample} <= set(pages)
+        assert reader.feed_rows(upto, upto, None, 10) == ([], None)
+    finally:
+        reader.close()
+        a.close()
+        b.close()
+
+
+def test_two_stores_ingesting_at_once_while_the_feed_refreshes_lose_and_repeat_nothing(
+        pg_dsn: str):
+    a, b, reader = stores(pg_dsn)
+    expected: list[Key] = []
+    try:
+        feed = DashboardFeed(reader, DashboardConfig(reporting_window_s=600))
+        feed.refresh()
+        work = {}
+        for sensor in ("pi-a", "pi-b"):
+            work[sensor] = [batch(sensor, 1 + 4 * k, 4) for k in range(25)]
+            expected += [key for _, keys in work[sensor] for key in keys]
+
+        def ingest(store: ChunkStore, sensor: str) -> None:
+            for chunks, _ in work[sensor]:
+                store.ingest(chunks)
+
+        threads = [threading.Thread(target=ingest, args=(s, n)) for s, n in
+                   ((a, "pi-a"), (b, "pi-b"))]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            feed.refresh()
+        for t in threads:
+            t.join()
+        feed.refresh()
+        assert taken(feed) == Counter(expected) and feed.events_seen == 200
     finally:
         reader.close()
         a.close()
