@@ -8,7 +8,10 @@ inserted it (``events.xid``, ``DEFAULT pg_current_xact_id()``), and a mark also 
 snapshot (``pg_current_snapshot()``) its highest row id was read in. A transaction commits
 all its rows at once, so the rows new between two marks are exactly those whose inserting
 transaction is visible in the later snapshot and was not in the earlier one: each committed
-row is taken by exactly one refresh, whatever order the row ids committed in.
+row is taken by exactly one refresh, whatever order the row ids committed in. Neither
+the order of ``nextval`` calls nor that of transaction ids matters (a transaction with a
+lower id may commit later: it is in the earlier snapshot's running list, and taken when a
+snapshot sees it finished); only which transactions each snapshot sees as finished does.
 
 The arithmetic on snapshots is here (pure); the reader runs the query.
 """
