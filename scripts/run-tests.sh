@@ -11,7 +11,7 @@ trap 'rm -f "$waiting_log" "$waiting_log.main"' EXIT
 
 "$PY" -m pytest -q -p no:cacheprovider -m wallclock "$@" >"$waiting_log" 2>&1 &
 waiting_pid=$!
-"$PY" -m pytest -q -p no:cacheprovider -m "not wallclock" "$@" | tee "$waiting_log.main"
+"$PY" -m pytest -q -p no:cacheprovider --durations=25 -m "not wallclock" "$@" | tee "$waiting_log.main"
 main_rc=${PIPESTATUS[0]}
 wait "$waiting_pid"
 waiting_rc=$?

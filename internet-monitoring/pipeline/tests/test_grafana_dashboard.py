@@ -145,7 +145,11 @@ async def drive_traffic(http: aiohttp.ClientSession, server: Any) -> None:
 
 
 async def test_every_query_names_a_metric_the_server_exports(tmp_path: Path) -> None:
-    async with running_server(server_config(tmp_path)) as server, \
+    # Forwarding on (to a closed port: nothing is forwarded) so its families are declared,
+    # as on a server whose alert rules watch the forwarder.
+    config = server_config(tmp_path, forward={"remote_write": {
+        "url": "http://127.0.0.1:9/api/v1/write"}})
+    async with running_server(config) as server, \
             aiohttp.ClientSession() as http:
         await drive_traffic(http, server)
         exported = exported_names(await scrape(http, urls(server)["ingest"]))
