@@ -23,7 +23,14 @@ import cramjam
 from google.protobuf.message import DecodeError
 
 from pipeline.common.errors import PayloadTooLarge, ProtocolError
-from pipeline.proto.remote_write_pb2 import Label, WriteRequest, WriteRequestView
+from pipeline.proto.remote_write_pb2 import (
+    FlatSeriesView,
+    Label,
+    SeriesLabelsView,
+    WriteRequest,
+    WriteRequestLabelsView,
+    WriteRequestSeriesBytes,
+)
 
 #: The attribute a queued event carries, and its value for remote-write events.
 CONTENT_TYPE_ATTRIBUTE = "content_type"
@@ -38,8 +45,9 @@ VERSION = "0.1.0"
 NAME_LABEL = "__name__"
 _MAX_VARINT_BYTES = 5  # snappy's length preamble is a 32-bit varint
 #: Label sets (their serialised labels) already found valid: Prometheus sends the same
-#: series in every request, and checking a set costs ~2 us in Python against ~0.5 us to
-#: look it up. Bounded (about 0.5 KiB per set; emptied when full).
+#: series in every request, and checking a set costs ~2 us in Python against ~0.15 us to
+#: look a whole request's sets up, per series. Bounded (a set's key is its label bytes,
+#: ~0.2 KiB for six labels; emptied when full).
 LABEL_SET_CACHE_MAX = 8192
 
 
@@ -169,33 +177,46 @@ def check_request(request: WriteRequest) -> int:
 
 
 class LabelSetCache:
-    """Label sets known to pass ``check_request``'s rules, keyed by their exact bytes."""
+    """Label sets known to pass ``check_request``'s rules, keyed by their exact bytes.
+
+    A series' key is its labels re-serialised without its samples (``SeriesLabelsView``
+    with the unknown fields dropped): each label's exact bytes behind its tag and length,
+    so two keys are equal only when the label lists are byte for byte the same. The keys
+    of a whole request are made and looked up by protobuf's C code in a few calls; only a
+    series never seen before costs Python work per label."""
 
     def __init__(self, capacity: int = LABEL_SET_CACHE_MAX) -> None:
         self._capacity = capacity
-        self._known: set[tuple[bytes, ...]] = set()
+        self._known: set[bytes] = set()
 
     def count_if_valid(self, raw: bytes) -> int | None:
         """The number of samples in ``raw`` (already parsed as a ``WriteRequest``) when
         every series' labels pass the rules; None when one may not (the caller then runs
         ``check_request`` for the verdict and the reason)."""
-        view = WriteRequestView()
-        view.ParseFromString(raw)
+        view = WriteRequestLabelsView.FromString(raw)
+        view.DiscardUnknownFields()
+        keys = WriteRequestSeriesBytes.FromString(view.SerializeToString()).timeseries
         known = self._known
-        samples = 0
-        for series in view.timeseries:
-            key = tuple(series.labels)
-            if key not in known:
-                if not _labels_ok(key):
+        if not known.issuperset(keys):
+            for key in keys:
+                if key in known:
+                    continue
+                if not _labels_ok(tuple(SeriesLabelsView.FromString(key).labels)):
                     return None
                 if len(known) >= self._capacity:
                     known.clear()
                 known.add(key)
-            samples += len(series.samples)
-        return samples
+        return sample_count(raw)
 
     def __len__(self) -> int:
         return len(self._known)
+
+
+def sample_count(raw: bytes) -> int:
+    """How many samples the ``WriteRequest`` in ``raw`` holds: its series' bodies end to
+    end parse as one ``FlatSeriesView`` whose ``samples`` are all of them."""
+    series = WriteRequestSeriesBytes.FromString(raw).timeseries
+    return len(FlatSeriesView.FromString(b"".join(series)).samples)
 
 
 def _labels_ok(encoded: tuple[bytes, ...]) -> bool:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pipeline/proto/remote_write.proto\x12\nprometheus\"n\n\x0cWriteRequest\x12*\n\ntimeseries\x18\x01 \x03(\x0b\x32\x16.prometheus.TimeSeries\x12,\n\x08metadata\x18\x03 \x03(\x0b\x32\x1a.prometheus.MetricMetadataJ\x04\x08\x02\x10\x03\"T\n\nTimeSeries\x12!\n\x06labels\x18\x01 \x03(\x0b\x32\x11.prometheus.Label\x12#\n\x07samples\x18\x02 \x03(\x0b\x32\x12.prometheus.Sample\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"*\n\x06Sample\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\xf8\x01\n\x0eMetricMetadata\x12\x33\n\x04type\x18\x01 \x01(\x0e\x32%.prometheus.MetricMetadata.MetricType\x12\x1a\n\x12metric_family_name\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\"y\n\nMetricType\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07\x43OUNTER\x10\x01\x12\t\n\x05GAUGE\x10\x02\x12\r\n\tHISTOGRAM\x10\x03\x12\x12\n\x0eGAUGEHISTOGRAM\x10\x04\x12\x0b\n\x07SUMMARY\x10\x05\x12\x08\n\x04INFO\x10\x06\x12\x0c\n\x08STATESET\x10\x07\"B\n\x10WriteRequestView\x12.\n\ntimeseries\x18\x01 \x03(\x0b\x32\x1a.prometheus.TimeSeriesView\"1\n\x0eTimeSeriesView\x12\x0e\n\x06labels\x18\x01 \x03(\x0c\x12\x0f\n\x07samples\x18\x02 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pipeline/proto/remote_write.proto\x12\nprometheus\"n\n\x0cWriteRequest\x12*\n\ntimeseries\x18\x01 \x03(\x0b\x32\x16.prometheus.TimeSeries\x12,\n\x08metadata\x18\x03 \x03(\x0b\x32\x1a.prometheus.MetricMetadataJ\x04\x08\x02\x10\x03\"T\n\nTimeSeries\x12!\n\x06labels\x18\x01 \x03(\x0b\x32\x11.prometheus.Label\x12#\n\x07samples\x18\x02 \x03(\x0b\x32\x12.prometheus.Sample\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"*\n\x06Sample\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\xf8\x01\n\x0eMetricMetadata\x12\x33\n\x04type\x18\x01 \x01(\x0e\x32%.prometheus.MetricMetadata.MetricType\x12\x1a\n\x12metric_family_name\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\"y\n\nMetricType\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07\x43OUNTER\x10\x01\x12\t\n\x05GAUGE\x10\x02\x12\r\n\tHISTOGRAM\x10\x03\x12\x12\n\x0eGAUGEHISTOGRAM\x10\x04\x12\x0b\n\x07SUMMARY\x10\x05\x12\x08\n\x04INFO\x10\x06\x12\x0c\n\x08STATESET\x10\x07\"J\n\x16WriteRequestLabelsView\x12\x30\n\ntimeseries\x18\x01 \x03(\x0b\x32\x1c.prometheus.SeriesLabelsView\"\"\n\x10SeriesLabelsView\x12\x0e\n\x06labels\x18\x01 \x03(\x0c\"-\n\x17WriteRequestSeriesBytes\x12\x12\n\ntimeseries\x18\x01 \x03(\x0c\"1\n\x0e\x46latSeriesView\x12\x0e\n\x06labels\x18\x01 \x03(\x0c\x12\x0f\n\x07samples\x18\x02 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICMETADATA']._serialized_end=578
   _globals['_METRICMETADATA_METRICTYPE']._serialized_start=457
   _globals['_METRICMETADATA_METRICTYPE']._serialized_end=578
-  _globals['_WRITEREQUESTVIEW']._serialized_start=580
-  _globals['_WRITEREQUESTVIEW']._serialized_end=646
-  _globals['_TIMESERIESVIEW']._serialized_start=648
-  _globals['_TIMESERIESVIEW']._serialized_end=697
+  _globals['_WRITEREQUESTLABELSVIEW']._serialized_start=580
+  _globals['_WRITEREQUESTLABELSVIEW']._serialized_end=654
+  _globals['_SERIESLABELSVIEW']._serialized_start=656
+  _globals['_SERIESLABELSVIEW']._serialized_end=690
+  _globals['_WRITEREQUESTSERIESBYTES']._serialized_start=692
+  _globals['_WRITEREQUESTSERIESBYTES']._serialized_end=737
+  _globals['_FLATSERIESVIEW']._serialized_start=739
+  _globals['_FLATSERIESVIEW']._serialized_end=788
 # @@protoc_insertion_point(module_scope)

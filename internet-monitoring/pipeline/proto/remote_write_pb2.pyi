@@ -69,13 +69,25 @@ class MetricMetadata(_message.Message):
     unit: str
     def __init__(self, type: _Optional[_Union[MetricMetadata.MetricType, str]] = ..., metric_family_name: _Optional[str] = ..., help: _Optional[str] = ..., unit: _Optional[str] = ...) -> None: ...
 
-class WriteRequestView(_message.Message):
+class WriteRequestLabelsView(_message.Message):
     __slots__ = ("timeseries",)
     TIMESERIES_FIELD_NUMBER: _ClassVar[int]
-    timeseries: _containers.RepeatedCompositeFieldContainer[TimeSeriesView]
-    def __init__(self, timeseries: _Optional[_Iterable[_Union[TimeSeriesView, _Mapping]]] = ...) -> None: ...
+    timeseries: _containers.RepeatedCompositeFieldContainer[SeriesLabelsView]
+    def __init__(self, timeseries: _Optional[_Iterable[_Union[SeriesLabelsView, _Mapping]]] = ...) -> None: ...
 
-class TimeSeriesView(_message.Message):
+class SeriesLabelsView(_message.Message):
+    __slots__ = ("labels",)
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, labels: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class WriteRequestSeriesBytes(_message.Message):
+    __slots__ = ("timeseries",)
+    TIMESERIES_FIELD_NUMBER: _ClassVar[int]
+    timeseries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, timeseries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FlatSeriesView(_message.Message):
     __slots__ = ("labels", "samples")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]

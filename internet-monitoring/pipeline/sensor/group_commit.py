@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 #: Attribute naming where a remote-write event came from: ``remote_write`` or ``scrape``.
 SOURCE_ATTRIBUTE = "source"
+#: gzip level of queued remote-write events. Serialised WriteRequests compress almost as
+#: well at level 1 as at 6 (a 500-series request: 3,716 against 3,471 bytes, +7 %; eight
+#: of them in one event +9 %) for a third of the CPU (0.07 against 0.19 ms a request),
+#: and the commit thread shares the agent's core with the receiver.
+EVENT_GZIP_LEVEL = 1
 
 
 class CommitterClosed(QueueError):
@@ -126,7 +131,8 @@ class GroupCommitter:
     def _enqueue(self, groups: list[EventGroup[asyncio.Future[None]]]) -> None:
         self._queue.enqueue_many([
             EventInput(data=group.data, attributes={CONTENT_TYPE_ATTRIBUTE: EVENT_CONTENT_TYPE,
-                                                    SOURCE_ATTRIBUTE: group.source})
+                                                    SOURCE_ATTRIBUTE: group.source},
+                       compresslevel=EVENT_GZIP_LEVEL)
             for group in groups])
 
 

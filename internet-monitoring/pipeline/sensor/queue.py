@@ -296,7 +296,7 @@ class DurableQueue:
         now = self._clock()
         prepared = [prepare_event(e.data, e.event_id, e.created_at, e.logical_timestamp_ms,
                                   e.attributes, e.traceparent, now, self._slice_size,
-                                  self._max_bytes) for e in events]
+                                  self._max_bytes, e.compresslevel) for e in events]
         drops = DropTally()
         self._require_headroom()
         out = self._retry_full(lambda: self._insert_all(prepared, now, drops))

@@ -158,10 +158,11 @@ def check_slice_size(value: int) -> int:
 def prepare_event(data: bytes, event_id: str | None, created_at: str | None,
                   logical_timestamp_ms: int | None, attributes: Mapping[str, str] | None,
                   traceparent: str | None, now: float, slice_size: int,
-                  max_bytes: int | None) -> PreparedEvent:
+                  max_bytes: int | None, compresslevel: int = 6) -> PreparedEvent:
     """Validate and compress one event outside the lock (the slow, pure part)."""
     attrs_json = encode_attributes(attributes, traceparent=traceparent)
-    split = split_event(data, slice_size=slice_size, event_id=event_id)
+    split = split_event(data, slice_size=slice_size, event_id=event_id,
+                        compresslevel=compresslevel)
     nbytes = sum(len(piece.payload) for piece in split.pieces)
     if max_bytes is not None and nbytes > max_bytes:
         raise EventTooLarge(f"event of {nbytes} compressed bytes exceeds the queue cap "

@@ -19,6 +19,10 @@ class EventInput:
     logical_timestamp_ms: int | None = None
     attributes: Mapping[str, str] | None = None
     traceparent: str | None = None
+    #: gzip level of the event's chunks: 6 (the default) or 1 for data that is cheap to
+    #: store a little larger and costly to compress (remote-write batches, see
+    #: sensor/group_commit.py).
+    compresslevel: int = 6
 
 
 @dataclass(frozen=True)
