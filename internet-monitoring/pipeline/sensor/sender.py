@@ -89,6 +89,9 @@ class ChunkSender:
         self._sensor_id = sensor_id
         self._policy = policy
         self._semaphore = asyncio.Semaphore(max(1, max_parallel))
+        #: Sends holding their chunks in memory: a window's batches load their payloads
+        #: only when one of these is free, not all at once while waiting for a POST slot.
+        self._holding = asyncio.Semaphore(max(1, max_parallel))
         self._tracing = tracing
         self._skew = skew
         self._refusals = refusals
@@ -175,6 +178,18 @@ class ChunkSender:
 
         Runbook name: operators grep logs and tracebacks for it.
         """
+        try:
+            await self._holding.acquire()
+        except asyncio.CancelledError:
+            self._abandon_all(sequences)
+            raise
+        try:
+            return await self._load_and_send(sequences, window_id, batch=batch)
+        finally:
+            self._holding.release()
+
+    async def _load_and_send(self, sequences: tuple[int, ...], window_id: str, *,
+                             batch: bool) -> str:
         chunks = await self._load_chunks(sequences, window_id)
         if chunks is None:
             return "abandoned"

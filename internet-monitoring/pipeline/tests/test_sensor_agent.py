@@ -61,6 +61,41 @@ async def test_drains_multi_chunk_events_and_empties_queue_only_through_acks(ser
     queue.close()
 
 
+async def test_a_window_loads_chunks_only_for_the_posts_it_can_make(server, tmp_path):
+    """A window of 16 chunks with max_parallel 2: at most 2 sends hold loaded payloads at
+    a time (they used to load all 16 first and then wait for a POST slot: the agent's
+    memory peak while draining). Everything still drains."""
+    server.max_chunks = 16
+    config = make_config(server, tmp_path, ingest={"max_parallel": 2})
+    queue = open_queue(config)
+    submitted = fill(queue, 6)
+    agent = SensorAgent(config, queue)
+    sender = agent.sender
+    held = {"now": 0, "peak": 0}
+    real_get, real_post = queue.get, sender._ingest.post_chunk
+
+    def get(sequences: list[int]) -> Any:
+        rows = real_get(sequences)
+        held["now"] += len(rows)
+        held["peak"] = max(held["peak"], held["now"])
+        return rows
+
+    async def post_chunk(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.02)  # a slow server: the other sends would pile up
+        try:
+            return await real_post(*args, **kwargs)
+        finally:
+            held["now"] -= 1
+
+    queue.get = get  # type: ignore[method-assign]
+    sender._ingest.post_chunk = post_chunk  # type: ignore[method-assign]
+    async with running(agent):
+        await eventually(lambda: queue.queue_depth() == 0, what="empty queue")
+    assert server.events() == submitted
+    assert 1 <= held["peak"] <= 2
+    queue.close()
+
+
 async def test_chunk_is_deleted_only_after_its_ack_and_replayed_after_restart(server, tmp_path):
     server.send_acks = False
     config = make_config(server, tmp_path)
