@@ -443,7 +443,9 @@ def section_remote_write(work: Path, scale: Scale) -> list[Row]:
             f"({scale.rw_requests:,} requests)", "requests/s", col("requests_per_s"),
             target=">= 1,000/s", target_check=lambda r: r.median >= 1000,
             extra={"samples_per_s": col("samples_per_s"),
-                   "latency_p99_ms": col("latency_p99_ms"), "events": col("events")}),
+                   "latency_p99_ms": col("latency_p99_ms"), "events": col("events"),
+                   "agent_cpu_ms_per_request": [1000 * r["receive_cpu_s"] / r["requests"]
+                                                for r in runs]}),
         Row("remote_write", "sensor agent resident memory, idle (after the drain)", "MiB",
             col("rss_idle_mib"), higher_is_better=False, target="<= 60 MiB",
             target_check=lambda r: r.median <= 60,

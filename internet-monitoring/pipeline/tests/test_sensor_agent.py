@@ -87,8 +87,8 @@ async def test_a_window_loads_chunks_only_for_the_posts_it_can_make(server, tmp_
         finally:
             held["now"] -= 1
 
-    queue.get = get  # type: ignore[method-assign]
-    sender._ingest.post_chunk = post_chunk  # type: ignore[method-assign]
+    queue.get = get
+    sender._ingest.post_chunk = post_chunk
     async with running(agent):
         await eventually(lambda: queue.queue_depth() == 0, what="empty queue")
     assert server.events() == submitted
