@@ -45,6 +45,9 @@ from bench.procs import (
 )
 
 T0 = 1_795_755_600_000
+#: The agent runs with the allocator setting of its systemd unit and image
+#: (internet-monitoring/pipeline/systemd/pipeline-agent.service, docker/sensor.Dockerfile).
+AGENT_ENV = {"MALLOC_ARENA_MAX": "2"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -84,7 +87,8 @@ def run_once(workdir: Path, requests: int, senders: int, samples: int,
     control_port, ingest_port = free_port(), free_port()
     config = _agent_config(workdir, rw_port, metrics_port, control_port, ingest_port)
     agent = Child(python("-m", "pipeline.sensor", "--log-level", "WARNING", "run",
-                         "--config", str(config)), SERVER_CPU, workdir / "agent.log")
+                         "--config", str(config)), SERVER_CPU, workdir / "agent.log",
+                  env=dict(AGENT_ENV))
     server: Child | None = None
     proc = agent.start()
     try:

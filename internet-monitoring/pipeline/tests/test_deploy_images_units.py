@@ -56,6 +56,17 @@ def test_images_are_non_root_with_state_volume_and_healthcheck() -> None:
         assert f'".[{side}]"' in text  # sensor image: core dependencies only
 
 
+def test_sensor_image_unit_and_bench_run_the_agent_with_two_malloc_arenas() -> None:
+    """The allocator setting docs/performance.md measured (remote_write section) is the one
+    deployments get, in the image and in the unit alike."""
+    from bench.remote_write import AGENT_ENV
+
+    setting = "MALLOC_ARENA_MAX=2"
+    assert f"{setting}\n" in (DOCKER_DIR / "sensor.Dockerfile").read_text()
+    assert f"Environment={setting}\n" in (SYSTEMD_DIR / "pipeline-agent.service").read_text()
+    assert AGENT_ENV == {"MALLOC_ARENA_MAX": "2"}
+
+
 def test_compose_files_match_the_compose_spec(tmp_path: Path) -> None:
     checker = tool("check-jsonschema")
     done = run(checker, "--builtin-schema", "vendor.compose-spec", *map(str, COMPOSE_FILES))
