@@ -76,3 +76,31 @@ def test_oversized_is_refused_before_decompressing() -> None:
         rw.decode(_body(big), content_type=rw.HTTP_CONTENT_TYPE, content_encoding="snappy",
                   max_bytes=1000)
     assert caught.value.http_status == 413
+
+
+def _raw_series(*labels: bytes, samples: int = 1) -> bytes:
+    """A serialised WriteRequest of one series with the given serialised Label entries."""
+    from pipeline.proto.remote_write_pb2 import FlatSeriesView, Sample
+
+    ts = FlatSeriesView(labels=list(labels),
+                        samples=[Sample(value=1.0, timestamp=i).SerializeToString()
+                                 for i in range(samples)])
+    body = ts.SerializeToString()
+    return b"\x0a" + bytes([len(body)]) + body  # field 1, length-delimited (< 128 bytes)
+
+
+def test_label_set_cache_keys_tell_apart_label_lists_with_the_same_bytes_end_to_end() -> None:
+    """[name=a, value=b] as one label is valid once named; split over two labels (one
+    without a value, one without a name) the same bytes end to end are not: the cache
+    key keeps each label's boundaries, so a cached verdict never covers the other."""
+    from pipeline.proto.remote_write_pb2 import Label
+
+    name = Label(name="__name__", value="up").SerializeToString()
+    whole = Label(name="a", value="b").SerializeToString()
+    first, second = Label(name="a").SerializeToString(), Label(value="b").SerializeToString()
+    assert first + second == whole
+    cache = rw.LabelSetCache()
+    assert cache.count_if_valid(_raw_series(name, whole, samples=3)) == 3
+    assert cache.count_if_valid(_raw_series(name, first, second)) is None  # empty name
+    assert len(cache) == 1
+    assert cache.count_if_valid(_raw_series(name, whole, samples=2)) == 2  # a hit
