@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from pipeline.tests.remote_write_support import HEADERS, queued_writes, request_
 PORT_RE = re.compile(rb"remote_write_listening .*port=(\d+)")
 
 
-async def _start_agent(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def _start_agent(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The agent as a plain child process: its exit status is read with our own waitpid
+    (asyncio's child watcher has reported 255 for a SIGKILLed child on a loaded machine)."""
     config = {"sensor_id": "pi-rw-kill", "token": "k" * 32,
               "queue": {"path": str(tmp_path / "queue.db")},
               # Nothing listens there: the agent keeps retrying; delivery is not tested here.
@@ -28,13 +31,14 @@ async def _start_agent(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]
               "sources": {"remote_write": {"listen": "127.0.0.1:0", "batch_delay_ms": 5}}}
     path = tmp_path / "sensor.yml"
     path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline.sensor", "run", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.sensor", "run", "--config", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stderr is not None
+    stderr = proc.stderr
+    assert stderr is not None
     while True:
-        line = await asyncio.wait_for(proc.stderr.readline(), timeout=30)
+        line = await asyncio.wait_for(asyncio.to_thread(stderr.readline), timeout=30)
         assert line, "the agent exited before listening"
         found = PORT_RE.search(line)
         if found:
@@ -64,9 +68,11 @@ async def test_every_request_answered_204_survives_sigkill_right_after(tmp_path:
         async with aiohttp.ClientSession() as session:
             await asyncio.gather(*(send(i, session) for i in range(len(requests))))
     finally:
-        if proc.returncode is None:
+        if proc.poll() is None:
             proc.kill()
-        await proc.wait()
+        await asyncio.to_thread(proc.wait, 30)
+        if proc.stderr is not None:
+            proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert accepted
     queue = DurableQueue(tmp_path / "queue.db")
