@@ -38,7 +38,8 @@ from pipeline.server.store.records import (
 )
 from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite import SQLiteChunkStore
-from pipeline.server.store.sqlite_ingest import DEFAULT_MAX_EVENT_BYTES, PreparedIngest
+from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
+from pipeline.server.store.sqlite_ingest import PreparedIngest
 from pipeline.server.store.sqlite_schema import (
     ENCODING_GZIP,
     ENCODING_IDENTITY,

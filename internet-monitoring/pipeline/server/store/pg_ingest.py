@@ -27,7 +27,6 @@ from typing import Any, Mapping, Sequence
 
 import psycopg
 
-from pipeline.common.errors import PipelineError
 from pipeline.common.messages import Chunk
 from pipeline.server.offsets import OffsetKey, OffsetTracker
 from pipeline.server.store.ledger import (
@@ -39,7 +38,6 @@ from pipeline.server.store.ledger import (
     Piece,
     StoreLate,
     StoreProgress,
-    check_chunk,
     complete_event,
     judge_event,
     judge_keys,
@@ -47,22 +45,16 @@ from pipeline.server.store.ledger import (
 from pipeline.server.store.pg_base import PgBase
 from pipeline.server.store.pg_probe import BatchView, EventKey, read_probes, send_probes
 from pipeline.server.store.pg_schema import ENCODING_GZIP, day_of, translate
+from pipeline.server.store.pending import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Pending,
+    outcome,
+    precheck,
+    refuse,
+)
 from pipeline.server.store.records import ChunkOutcome, StoredEvent
 
 log = logging.getLogger("pipeline.server.store")
-
-DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class _Pending:
-    chunk: Chunk
-    stored: bool = False
-    duplicate: bool = False
-    event_complete: bool = False
-    completed_event: StoredEvent | None = None
-    error: PipelineError | None = None
-    raw: bytes | None = None
 
 
 @dataclass
@@ -77,7 +69,7 @@ class _Writes:
     clear_payloads: list[EventKey] = field(default_factory=list)  # earlier batches' rows
     partial_gone: list[EventKey] = field(default_factory=list)
     partials: dict[EventKey, Partial] = field(default_factory=dict)  # final progress
-    events: list[tuple[_Pending, Partial, Completed]] = field(default_factory=list)
+    events: list[tuple[Pending, Partial, Completed]] = field(default_factory=list)
     rejected: list[tuple[Any, ...]] = field(default_factory=list)
 
 
@@ -87,14 +79,9 @@ class PgPreparedIngest:
     open transaction (and the sensors' advisory locks)."""
 
     conn: psycopg.Connection[Any]
-    items: list[_Pending]
+    items: list[Pending]
     work: dict[OffsetKey, OffsetTracker]
     writes: _Writes
-
-
-def _log_rejected(chunk: Chunk, exc: PipelineError) -> None:
-    log.info("chunk_rejected sensor_id=%s epoch=%s sequence=%d event_id=%s error=%s",
-             chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id, exc.code)
 
 
 class PgIngest(PgBase):
@@ -120,9 +107,9 @@ class PgIngest(PgBase):
         self._check_open()
         now = self._clock()
         self._ensure_day(now)
-        pending = [_Pending(chunk) for chunk in chunks]
+        pending = [Pending(chunk) for chunk in chunks]
         for item in pending:
-            self._precheck(item)
+            precheck(item, self._max_event_bytes)
         valid = [item.chunk for item in pending if item.error is None]
         conn = self._getconn("ingest failed")
         try:
@@ -178,20 +165,14 @@ class PgIngest(PgBase):
             for row, raw in slots.values():
                 if raw is not None:
                     self._slices.put(row[6], raw)
-        return [self._outcome(item, prepared.work) for item in prepared.items]
+        return [outcome(item, prepared.work.get((item.chunk.sensor_id, item.chunk.queue_epoch)))
+                for item in prepared.items]
 
     def abort_ingest(self, prepared: PgPreparedIngest) -> None:
         """Roll back a prepared batch (nothing of it becomes visible)."""
         self._putconn(prepared.conn)
 
     # -- deciding --------------------------------------------------------------------
-
-    def _precheck(self, item: _Pending) -> None:
-        try:
-            item.raw = check_chunk(item.chunk, self._max_event_bytes)
-        except PipelineError as exc:
-            item.error = exc
-            _log_rejected(item.chunk, exc)
 
     @staticmethod
     def _send_offsets_query(conn: psycopg.Connection[Any], sensors: set[str]
@@ -209,7 +190,7 @@ class PgIngest(PgBase):
                 {"watermark": int(watermark), "ranges": json.loads(ranges)})
         return work
 
-    def _decide(self, conn: psycopg.Connection[Any], item: _Pending,
+    def _decide(self, conn: psycopg.Connection[Any], item: Pending,
                 work: dict[OffsetKey, OffsetTracker], view: BatchView, writes: _Writes,
                 now: float, day: int) -> None:
         """Ask the ledger about one chunk; record what it decided."""
@@ -220,12 +201,12 @@ class PgIngest(PgBase):
             item.duplicate = True
             item.event_complete = view.completed(chunk)
         elif isinstance(verdict, Conflict):
-            self._refuse(item, verdict)
+            refuse(item, verdict)
             return
         else:
             decision = judge_event(chunk, view.state(chunk))
             if isinstance(decision, Conflict):
-                self._refuse(item, decision)
+                refuse(item, decision)
                 return
             if isinstance(decision, StoreLate):
                 self._add_chunk(writes, chunk, None, now, day)
@@ -237,11 +218,6 @@ class PgIngest(PgBase):
         tracker.add(chunk.sequence)
 
     @staticmethod
-    def _refuse(item: _Pending, conflict: Conflict) -> None:
-        item.error = conflict.error
-        _log_rejected(item.chunk, conflict.error)
-
-    @staticmethod
     def _add_chunk(writes: _Writes, chunk: Chunk, payload: bytes | None, now: float,
                    day: int) -> list[Any]:
         row = [chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
@@ -249,7 +225,7 @@ class PgIngest(PgBase):
         writes.chunks.append(row)
         return row
 
-    def _progress(self, conn: psycopg.Connection[Any], item: _Pending,
+    def _progress(self, conn: psycopg.Connection[Any], item: Pending,
                   decision: StoreProgress, view: BatchView, writes: _Writes, now: float,
                   day: int) -> None:
         chunk, partial = item.chunk, decision.partial
@@ -265,7 +241,7 @@ class PgIngest(PgBase):
         if chunk.chunk_count > 1:
             writes.pieces.setdefault(key, {})[chunk.chunk_index] = (row, item.raw)
 
-    def _complete(self, conn: psycopg.Connection[Any], item: _Pending, partial: Partial,
+    def _complete(self, conn: psycopg.Connection[Any], item: Pending, partial: Partial,
                   view: BatchView, writes: _Writes) -> None:
         """All chunks are in: the ledger reassembles and verifies; the event row (or the
         rejection) is queued and the pieces' payloads dropped."""
@@ -289,7 +265,7 @@ class PgIngest(PgBase):
         log.warning("event_rejected sensor_id=%s epoch=%s event_id=%s reason=%s",
                     chunk.sensor_id, partial.epoch, chunk.event_id, exc.code)
 
-    def _pieces(self, conn: psycopg.Connection[Any], item: _Pending, view: BatchView,
+    def _pieces(self, conn: psycopg.Connection[Any], item: Pending, view: BatchView,
                 writes: _Writes) -> list[Piece]:
         """The event's stored slices in chunk_index order: this chunk's from the request,
         this batch's from memory, earlier batches' from the database (then cleared)."""
@@ -365,7 +341,7 @@ class PgIngest(PgBase):
 
     @staticmethod
     def _insert_events(cur: psycopg.Cursor[Any],
-                       events: list[tuple[_Pending, Partial, Completed]], now: float,
+                       events: list[tuple[Pending, Partial, Completed]], now: float,
                        day: int) -> None:
         """Insert the completed events in completion order; their row ids come back."""
         cur.executemany(
@@ -396,15 +372,3 @@ class PgIngest(PgBase):
                             else json.loads(partial.attributes)))
             log.debug("event_committed sensor_id=%s event_id=%s bytes=%d", chunk.sensor_id,
                       chunk.event_id, len(done.data))
-
-    @staticmethod
-    def _outcome(item: _Pending, work: Mapping[OffsetKey, OffsetTracker]) -> ChunkOutcome:
-        chunk = item.chunk
-        tracker = work.get((chunk.sensor_id, chunk.queue_epoch))
-        return ChunkOutcome(
-            sensor_id=chunk.sensor_id, epoch=chunk.queue_epoch, sequence=chunk.sequence,
-            event_id=chunk.event_id, window_id=chunk.window_id, stored=item.stored,
-            duplicate=item.duplicate, event_complete=item.event_complete,
-            completed_event=item.completed_event,
-            last_committed_sequence=tracker.watermark if tracker is not None else 0,
-            error=item.error)

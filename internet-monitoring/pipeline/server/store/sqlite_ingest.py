@@ -15,7 +15,6 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from pipeline.common.errors import PipelineError
 from pipeline.common.messages import Chunk
 from pipeline.server.offsets import OffsetKey, OffsetTracker
 from pipeline.server.store.ledger import (
@@ -26,10 +25,16 @@ from pipeline.server.store.ledger import (
     Piece,
     StoreLate,
     StoreProgress,
-    check_chunk,
     complete_event,
     judge_event,
     judge_keys,
+)
+from pipeline.server.store.pending import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Pending,
+    outcome,
+    precheck,
+    refuse,
 )
 from pipeline.server.store.records import ChunkOutcome, StoredEvent
 from pipeline.server.store.slices import SliceCache
@@ -43,33 +48,13 @@ from pipeline.server.store.sqlite_schema import translate as _translate
 
 log = logging.getLogger("pipeline.server.store")
 
-DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class _Pending:
-    """One chunk's result before the batch commits (outcomes are built after COMMIT)."""
-
-    chunk: Chunk
-    stored: bool = False
-    duplicate: bool = False
-    event_complete: bool = False
-    completed_event: StoredEvent | None = None
-    error: PipelineError | None = None
-    raw: bytes | None = None  # the decompressed slice (validated by ledger.check_chunk)
-
 
 @dataclass
 class PreparedIngest:
     """A batch between ``begin_ingest`` and ``commit_ingest`` (store-private state)."""
 
-    items: list[_Pending]
+    items: list[Pending]
     work: dict[OffsetKey, OffsetTracker]
-
-
-def _log_rejected(chunk: Chunk, exc: PipelineError) -> None:
-    log.info("chunk_rejected sensor_id=%s epoch=%s sequence=%d event_id=%s error=%s",
-             chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id, exc.code)
 
 
 class SQLiteIngest(SQLiteBase):
@@ -105,12 +90,12 @@ class SQLiteIngest(SQLiteBase):
         if not self._enter_split(blocking):
             return None
         with self._split_statements("ingest failed", chunks=len(chunks)):
-            pending = [_Pending(chunk) for chunk in chunks]
+            pending = [Pending(chunk) for chunk in chunks]
             work: dict[OffsetKey, OffsetTracker] = {}
             now = self._clock()
             self._batch_slices = SliceCache(BATCH_SLICES_UNBOUNDED)
             for item in pending:
-                self._precheck(item)
+                precheck(item, self._max_event_bytes)
             for item in pending:
                 if item.error is None:
                     self._ingest_one(item, work, now)
@@ -138,11 +123,12 @@ class SQLiteIngest(SQLiteBase):
                 self._book.put(sensor_id, epoch, tracker)
             self._batch_slices.move_to(self._slices)
             self._maybe_reset_wal()
-            return [self._outcome(item) for item in prepared.items]
+            return [outcome(item, self._book.peek(item.chunk.sensor_id, item.chunk.queue_epoch))
+                    for item in prepared.items]
         finally:
             self._lock.release()
 
-    def _keep_slice(self, item: _Pending) -> None:
+    def _keep_slice(self, item: Pending) -> None:
         """Remember a stored slice of an incomplete multi-chunk event for its completion."""
         if item.stored and item.raw is not None and item.chunk.chunk_count > 1 \
                 and not item.event_complete:
@@ -156,16 +142,6 @@ class SQLiteIngest(SQLiteBase):
         finally:
             self._lock.release()
 
-    def _precheck(self, item: _Pending) -> None:
-        """The ledger's checks of the chunk alone. A one-chunk event's decompressed slice
-        is the event itself: it is kept so that completing the event needs no second
-        decompression."""
-        try:
-            item.raw = check_chunk(item.chunk, self._max_event_bytes)
-        except PipelineError as exc:
-            item.error = exc
-            _log_rejected(item.chunk, exc)
-
     def _tracker_for(self, work: dict[OffsetKey, OffsetTracker], chunk: Chunk) -> OffsetTracker:
         """A batch-private copy of the key's tracker, published only after COMMIT."""
         key = (chunk.sensor_id, chunk.queue_epoch)
@@ -175,7 +151,7 @@ class SQLiteIngest(SQLiteBase):
             tracker = work[key] = current.copy() if current is not None else OffsetTracker()
         return tracker
 
-    def _ingest_one(self, item: _Pending, work: dict[OffsetKey, OffsetTracker],
+    def _ingest_one(self, item: Pending, work: dict[OffsetKey, OffsetTracker],
                     now: float) -> None:
         """Ask the ledger about the chunk and write what it decided."""
         chunk = item.chunk
@@ -188,13 +164,13 @@ class SQLiteIngest(SQLiteBase):
         if verdict is DUPLICATE:
             self._mark_duplicate(item)
         elif isinstance(verdict, Conflict):
-            self._refuse(item, verdict)
+            refuse(item, verdict)
             return
         else:
             decision = judge_event(chunk, read_event_state(conn, chunk.sensor_id,
                                                                   chunk.event_id))
             if isinstance(decision, Conflict):
-                self._refuse(item, decision)
+                refuse(item, decision)
                 return
             if isinstance(decision, StoreLate):
                 # A late chunk of an event already completed/rejected: keep only its key.
@@ -205,12 +181,7 @@ class SQLiteIngest(SQLiteBase):
                 self._store_progress(item, decision, now)
         tracker.add(chunk.sequence)
 
-    @staticmethod
-    def _refuse(item: _Pending, conflict: Conflict) -> None:
-        item.error = conflict.error
-        _log_rejected(item.chunk, conflict.error)
-
-    def _store_progress(self, item: _Pending, decision: StoreProgress,
+    def _store_progress(self, item: Pending, decision: StoreProgress,
                         now: float) -> None:
         """Write the chunk and its event's progress; a chunk that completes its event is
         inserted without its payload, which goes straight into the event row instead of
@@ -245,13 +216,13 @@ class SQLiteIngest(SQLiteBase):
             (chunk.sensor_id, chunk.queue_epoch, chunk.sequence, chunk.event_id,
              chunk.chunk_index, chunk.chunk_count, chunk.chunk_sha256, payload, now))
 
-    def _mark_duplicate(self, item: _Pending) -> None:
+    def _mark_duplicate(self, item: Pending) -> None:
         item.duplicate = True
         item.event_complete = self._conn.execute(
             "SELECT 1 FROM events WHERE sensor_id = ? AND event_id = ?",
             (item.chunk.sensor_id, item.chunk.event_id)).fetchone() is not None
 
-    def _complete(self, item: _Pending, partial: Partial, had_row: bool, now: float) -> None:
+    def _complete(self, item: Pending, partial: Partial, had_row: bool, now: float) -> None:
         """All chunks are in: the ledger reassembles and verifies; here the event row is
         inserted once (or the rejection recorded) and the chunks' payloads dropped.
 
@@ -277,7 +248,7 @@ class SQLiteIngest(SQLiteBase):
         log.warning("event_rejected sensor_id=%s epoch=%s event_id=%s reason=%s",
                     chunk.sensor_id, partial.epoch, chunk.event_id, exc.code)
 
-    def _pieces(self, item: _Pending) -> list[Piece]:
+    def _pieces(self, item: Pending) -> list[Piece]:
         """The event's stored slices in chunk_index order (this chunk's from the request),
         then their payloads cleared: the event row holds them from now on."""
         chunk = item.chunk
@@ -294,7 +265,7 @@ class SQLiteIngest(SQLiteBase):
                            " event_id = ? AND payload IS NOT NULL", (sid, event_id))
         return pieces
 
-    def _insert_event(self, item: _Pending, partial: Partial, done: Completed,
+    def _insert_event(self, item: Pending, partial: Partial, done: Completed,
                       now: float) -> None:
         chunk = item.chunk
         sid, event_id = chunk.sensor_id, chunk.event_id
@@ -334,15 +305,3 @@ class SQLiteIngest(SQLiteBase):
                 " watermark = excluded.watermark, ranges = excluded.ranges,"
                 " updated_at = excluded.updated_at",
                 (sensor_id, epoch, snap["watermark"], json.dumps(snap["ranges"]), now))
-
-    def _outcome(self, item: _Pending) -> ChunkOutcome:
-        chunk = item.chunk
-        tracker = self._book.peek(chunk.sensor_id, chunk.queue_epoch)
-        return ChunkOutcome(
-            sensor_id=chunk.sensor_id, epoch=chunk.queue_epoch, sequence=chunk.sequence,
-            event_id=chunk.event_id, window_id=chunk.window_id, stored=item.stored,
-            duplicate=item.duplicate, event_complete=item.event_complete,
-            completed_event=item.completed_event,
-            last_committed_sequence=tracker.watermark if tracker is not None else 0,
-            error=item.error)
-
