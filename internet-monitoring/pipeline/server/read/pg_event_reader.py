@@ -21,7 +21,8 @@ from pipeline.server.read.event_reader import (
     _result_rows,
 )
 from pipeline.server.read.feed_marks import FeedMark, PageKey, Snapshot, new_xid_range
-from pipeline.server.store.pg_schema import EVENT_COLUMNS, row_to_event, translate
+from pipeline.server.store.event_rows import EVENT_COLUMNS, row_to_event
+from pipeline.server.store.pg_schema import translate
 from pipeline.server.store.pg_store import redacted
 from pipeline.server.store.records import StoredEvent
 

@@ -40,13 +40,10 @@ from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite import SQLiteChunkStore
 from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.sqlite_ingest import PreparedIngest
-from pipeline.server.store.sqlite_schema import (
-    ENCODING_GZIP,
-    ENCODING_IDENTITY,
-    SCHEMA_VERSION,
-)
-from pipeline.server.store.sqlite_schema import EVENT_COLUMNS as _EVENT_COLUMNS
-from pipeline.server.store.sqlite_schema import row_to_event as _row_to_event
+from pipeline.server.store.event_rows import ENCODING_GZIP, ENCODING_IDENTITY
+from pipeline.server.store.sqlite_schema import SCHEMA_VERSION
+from pipeline.server.store.event_rows import EVENT_COLUMNS as _EVENT_COLUMNS
+from pipeline.server.store.event_rows import row_to_event as _row_to_event
 from pipeline.server.store.sqlite_schema import translate as _translate
 
 __all__ = [

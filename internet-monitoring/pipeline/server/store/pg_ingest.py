@@ -44,7 +44,8 @@ from pipeline.server.store.ledger import (
 )
 from pipeline.server.store.pg_base import PgBase
 from pipeline.server.store.pg_probe import BatchView, EventKey, read_probes, send_probes
-from pipeline.server.store.pg_schema import ENCODING_GZIP, day_of, translate
+from pipeline.server.store.pg_schema import day_of, translate
+from pipeline.server.store.event_rows import ENCODING_GZIP
 from pipeline.server.store.pending import (
     DEFAULT_MAX_EVENT_BYTES,
     Pending,

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.server.offsets import OffsetTracker
 from pipeline.server.store.pg_base import PgBase
-from pipeline.server.store.pg_schema import EVENT_COLUMNS, row_to_event
+from pipeline.server.store.event_rows import EVENT_COLUMNS, row_to_event
 from pipeline.server.store.records import RejectedEvent, StoredEvent
 
 

@@ -24,17 +24,14 @@ only in the one partition the cut-off falls into.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Sequence
 
 import psycopg
 from psycopg import errors as pg_errors
 
-from pipeline.common import chunking
-from pipeline.common.errors import PipelineError, StorageFull, StoreError
+from pipeline.common.errors import StorageFull, StoreError
 from pipeline.common.headroom import KIND_FULL, KIND_IO
-from pipeline.server.store.records import StoredEvent
 
 log = logging.getLogger("pipeline.server.store")
 
@@ -45,8 +42,6 @@ PARTITIONED = ("chunks", "events")
 # transaction-level advisory lock, so several servers opening one database never race.
 DDL_LOCK_KEY = 0x7569_7870_6731_3600  # "uixpg16\0"
 
-ENCODING_GZIP = "gzip"
-ENCODING_IDENTITY = "identity"
 
 # version -> the statements that bring version - 1 to it
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -225,35 +220,3 @@ def translate(exc: psycopg.Error, what: str) -> StoreError:
     if isinstance(exc, psycopg.OperationalError):
         return StoreError(f"{what}: the database is unreachable ({type(exc).__name__})")
     return StoreError(f"{what}: {type(exc).__name__}: {exc}")
-
-
-# ---------------------------------------------------------------------------------------
-# Rows
-
-EVENT_COLUMNS = ("row_id, sensor_id, epoch, event_id, event_sha256, data, logical_timestamp_ms, "
-                 "created_at, completed_at, first_sequence, last_sequence, attributes, "
-                 "encoding")
-
-
-def row_to_event(row: Sequence[Any]) -> StoredEvent:
-    return StoredEvent(row_id=int(row[0]), sensor_id=row[1], epoch=row[2], event_id=row[3],
-                       event_sha256=bytes(row[4]), data=stored_data(row),
-                       logical_timestamp_ms=int(row[6]), created_at=row[7],
-                       completed_at=float(row[8]), first_sequence=int(row[9]),
-                       last_sequence=int(row[10]), attributes=json.loads(row[11]))
-
-
-def stored_data(row: Sequence[Any]) -> bytes:
-    """The event's bytes, checked against its hash (a damaged row is reported)."""
-    blob = bytes(row[5])
-    if row[12] == ENCODING_IDENTITY:
-        return blob
-    if row[12] != ENCODING_GZIP:
-        raise StoreError(f"event {row[3]} has an unknown stored encoding {row[12]!r}")
-    try:
-        data = chunking.decompress_members(blob)
-        chunking.verify_event(data, bytes(row[4]))
-    except PipelineError as exc:
-        raise StoreError(f"stored event {row[3]} of {row[1]} is damaged: {exc.message}"
-                         ) from exc
-    return data

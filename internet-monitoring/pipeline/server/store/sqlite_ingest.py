@@ -29,6 +29,7 @@ from pipeline.server.store.ledger import (
     judge_event,
     judge_keys,
 )
+from pipeline.server.store.event_rows import ENCODING_GZIP
 from pipeline.server.store.pending import (
     DEFAULT_MAX_EVENT_BYTES,
     Pending,
@@ -40,7 +41,6 @@ from pipeline.server.store.records import ChunkOutcome, StoredEvent
 from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite_base import BATCH_SLICES_UNBOUNDED, SQLiteBase
 from pipeline.server.store.sqlite_schema import (
-    ENCODING_GZIP,
     read_chunk_keys,
     read_event_state,
 )

@@ -7,8 +7,8 @@ from typing import Any
 from pipeline.server.offsets import OffsetTracker
 from pipeline.server.store.records import RejectedEvent, StoredEvent
 from pipeline.server.store.sqlite_base import SQLiteBase
-from pipeline.server.store.sqlite_schema import EVENT_COLUMNS as _EVENT_COLUMNS
-from pipeline.server.store.sqlite_schema import row_to_event as _row_to_event
+from pipeline.server.store.event_rows import EVENT_COLUMNS as _EVENT_COLUMNS
+from pipeline.server.store.event_rows import row_to_event as _row_to_event
 
 
 class SQLiteReads(SQLiteBase):

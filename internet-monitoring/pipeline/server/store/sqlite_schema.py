@@ -22,16 +22,13 @@ The SQL sticks to what PostgreSQL accepts too (``ON CONFLICT ... DO UPDATE``,
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
-from typing import Any, Sequence
 
-from pipeline.common import chunking
-from pipeline.common.errors import PipelineError, StorageFull, StoreError
+from pipeline.common.errors import StorageFull, StoreError
 from pipeline.common.headroom import KIND_FULL, KIND_IO
 from pipeline.server.store.ledger import ChunkKeys, EventState, Finished, Partial
-from pipeline.server.store.records import StoredEvent
+from pipeline.server.store.event_rows import ENCODING_IDENTITY
 
 log = logging.getLogger("pipeline.server.store")
 
@@ -127,42 +124,6 @@ SCHEMA = (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
 )
-
-EVENT_COLUMNS = ("row_id, sensor_id, epoch, event_id, event_sha256, data, logical_timestamp_ms, "
-                 "created_at, completed_at, first_sequence, last_sequence, attributes, "
-                 "encoding")
-
-# How ``events.data`` holds an event: ``gzip`` = its verified slices back to back, as they
-# arrived (a quarter of the bytes to write for JSON results, nothing to recompress);
-# ``identity`` = the bytes themselves (events stored before schema version 2).
-ENCODING_GZIP = "gzip"
-ENCODING_IDENTITY = "identity"
-
-
-def row_to_event(row: Sequence[Any]) -> StoredEvent:
-    return StoredEvent(row_id=row[0], sensor_id=row[1], epoch=row[2], event_id=row[3],
-                       event_sha256=bytes(row[4]), data=stored_data(row),
-                       logical_timestamp_ms=row[6], created_at=row[7], completed_at=row[8],
-                       first_sequence=row[9], last_sequence=row[10],
-                       attributes=json.loads(row[11]))
-
-
-def stored_data(row: Sequence[Any]) -> bytes:
-    """The event's bytes, checked against its hash when they had to be decompressed (a
-    damaged row is reported, never served as data)."""
-    blob = bytes(row[5])
-    if row[12] == ENCODING_IDENTITY:
-        return blob
-    if row[12] != ENCODING_GZIP:
-        raise StoreError(f"event {row[3]} has an unknown stored encoding {row[12]!r}")
-    try:
-        data = chunking.decompress_members(blob)
-        chunking.verify_event(data, bytes(row[4]))
-    except PipelineError as exc:
-        raise StoreError(f"stored event {row[3]} of {row[1]} is damaged: {exc.message}"
-                         ) from exc
-    return data
-
 
 def is_storage_full(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
