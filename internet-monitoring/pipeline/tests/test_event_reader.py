@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from pipeline.server.read.event_reader import EventQuery, EventReader
+from pipeline.server.read.event_pages import EventQuery
+from pipeline.server.read.event_reader import EventReader
 from pipeline.server.store import SQLiteChunkStore
 from pipeline.tests.test_store import make_chunks
 

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.common.config import StoreConfig, load_server_config
 from pipeline.common.errors import ConfigError, StoreError
-from pipeline.server.read.event_reader import EventQuery
+from pipeline.server.read.event_pages import EventQuery
 from pipeline.server.read.readers import open_reader
 from pipeline.server.store import ChunkStore, open_store
 from pipeline.server.store.pg_schema import (

@@ -32,7 +32,7 @@ from pipeline.server.read.dashboard_kpis import (
     build_payload,
     sample_from_result,
 )
-from pipeline.server.read.event_reader import ResultRow
+from pipeline.server.read.event_pages import ResultRow
 from pipeline.server.read.feed_marks import FeedMark, PageKey
 from pipeline.server.read.readers import Reader
 from pipeline.server.read.snapshot_cache import decode_json_payload, iso_utc

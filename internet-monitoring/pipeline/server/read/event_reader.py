@@ -12,84 +12,31 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
-from pipeline.common import chunking
-from pipeline.common.errors import PipelineError, StoreError
-from pipeline.server.read.feed_marks import FeedMark, PageKey
-from pipeline.server.store import (
-    _EVENT_COLUMNS,
-    ENCODING_IDENTITY,
-    StoredEvent,
-    _row_to_event,
-    _translate,
+from pipeline.common.errors import StoreError
+from pipeline.server.read.event_pages import (
+    BUCKETS,
+    SPREAD,
+    EventQuery,
+    ResultRow,
+    capped_events,
+    events_sql,
+    last_if_full,
+    result_columns,
+    result_rows,
 )
+from pipeline.server.read.feed_marks import FeedMark, PageKey
+from pipeline.server.store import StoredEvent, _row_to_event, _translate
 
-Order = Literal["asc", "desc"]
-MAX_TS_MS = 2**63 - 1
-# Sampling by row id: multiply by a large odd constant, keep the residues below a share of
-# a prime; spreads consecutive ids evenly (Knuth's multiplicative hashing).
-_SPREAD = 2654435761
-_BUCKETS = 1_000_003
-
-
-# Results bigger than this (stored, compressed) are not decoded for charts and KPIs: UXI
-# results are small JSON documents; a big blob is something else and would cost the most.
-MAX_DECODED_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ResultRow:
-    """What charts and KPIs need of an event: no attributes, no hash check (the gzip
-    members' own CRC-32 still catches a damaged row, which is then skipped)."""
-
-    row_id: int
-    sensor_id: str
-    event_id: str
-    logical_timestamp_ms: int
-    completed_at: float
-    data: bytes
-
-
-_RESULT_COLUMNS = ("row_id, sensor_id, event_id, logical_timestamp_ms, completed_at, encoding,"
-                   f" CASE WHEN length(data) <= {MAX_DECODED_BYTES} THEN data END")
-
-
-def _result_rows(rows: list[Any]) -> list[ResultRow]:
-    out = []
-    for row_id, sensor_id, event_id, ts, completed_at, encoding, blob in rows:
-        if blob is None:
-            continue
-        try:
-            data = bytes(blob) if encoding == ENCODING_IDENTITY else \
-                chunking.decompress_members(bytes(blob))
-        except PipelineError:
-            continue  # reported by the event read API, which checks the hash
-        out.append(ResultRow(row_id, sensor_id, event_id, ts, completed_at, data))
-    return out
+_RESULT_COLUMNS = result_columns("length")
 
 
 def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
     if fraction >= 1.0:
         return "", ()
-    return f" AND (row_id * {_SPREAD}) % {_BUCKETS} < ?", (max(1, int(fraction * _BUCKETS)),)
-
-
-@dataclass(frozen=True)
-class EventQuery:
-    """One page of a sensor's events: ``since``/``until`` bound the results' own time
-    (``logical_timestamp_ms``, half-open ``[since, until)``); ``after``/``before`` are row
-    cursors (arrival order) for the next page in ascending/descending order."""
-
-    sensor_id: str
-    since_ms: int = 0
-    until_ms: int = MAX_TS_MS
-    after: int = 0
-    before: int = MAX_TS_MS
-    order: Order = "asc"
-    limit: int = 50
+    return f" AND (row_id * {SPREAD}) % {BUCKETS} < ?", (max(1, int(fraction * BUCKETS)),)
 
 
 class EventReader:
@@ -118,13 +65,7 @@ class EventReader:
 
     def events(self, q: EventQuery) -> list[StoredEvent]:
         """One page in arrival order (row id), filtered by the results' time."""
-        direction = "DESC" if q.order == "desc" else "ASC"
-        rows = self._rows(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND row_id > ?"
-            " AND row_id < ? AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?"
-            f" ORDER BY row_id {direction} LIMIT ?",
-            (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
-        return [_row_to_event(r) for r in rows]
+        return [_row_to_event(r) for r in self._rows(*events_sql(q, "?"))]
 
     def events_capped(self, q: EventQuery, max_bytes: int | None
                       ) -> tuple[list[StoredEvent], bool]:
@@ -133,30 +74,17 @@ class EventReader:
         whether the cap cut the page short. ``None``: no cap."""
         if max_bytes is None:
             return self.events(q), False
-        direction = "DESC" if q.order == "desc" else "ASC"
-        out: list[StoredEvent] = []
-        total = 0
         with self._lock:
             if self._closed:
                 raise StoreError("store reader is closed")
             try:
-                cursor = self._conn.execute(
-                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE sensor_id = ? AND row_id > ?"
-                    " AND row_id < ? AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?"
-                    f" ORDER BY row_id {direction} LIMIT ?",
-                    (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
+                cursor = self._conn.execute(*events_sql(q, "?"))
                 try:
-                    for row in cursor:
-                        event = _row_to_event(row)
-                        if out and total + len(event.data) > max_bytes:
-                            return out, True
-                        out.append(event)
-                        total += len(event.data)
+                    return capped_events(cursor, max_bytes)
                 finally:
                     cursor.close()
             except sqlite3.Error as exc:
                 raise _translate(exc, "read failed") from exc
-        return out, False
 
     def count_in_range(self, sensor_id: str, since_ms: int, until_ms: int) -> int:
         """How many events a range holds (an index count: no row is read or decoded)."""
@@ -176,7 +104,7 @@ class EventReader:
             f" AND logical_timestamp_ms >= ? AND logical_timestamp_ms < ?{sample}"
             " ORDER BY logical_timestamp_ms, row_id LIMIT ?",
             (sensor_id, since_ms, until_ms, *extra, max(0, limit)))
-        return _result_rows(rows)
+        return result_rows(rows)
 
     def last_row_id(self) -> int:
         return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
@@ -190,8 +118,7 @@ class EventReader:
         rows = self._rows(f"SELECT {_RESULT_COLUMNS} FROM events WHERE row_id > ?"
                           f" AND row_id <= ?{sample} ORDER BY row_id LIMIT ?",
                           (after_row, upto_row, *extra, max(0, limit)))
-        last = int(rows[-1][0]) if len(rows) == limit else None
-        return _result_rows(rows), last
+        return result_rows(rows), last_if_full(rows, limit)
 
     def feed_mark(self) -> FeedMark:
         """One writer: row ids become visible in order, the highest is the whole mark."""

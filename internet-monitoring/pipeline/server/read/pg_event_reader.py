@@ -12,16 +12,19 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pipeline.common.errors import StoreError
-from pipeline.server.read.event_reader import (
-    _BUCKETS,
-    _SPREAD,
-    MAX_DECODED_BYTES,
+from pipeline.server.read.event_pages import (
+    BUCKETS,
+    SPREAD,
     EventQuery,
     ResultRow,
-    _result_rows,
+    capped_events,
+    events_sql,
+    last_if_full,
+    result_columns,
+    result_rows,
 )
 from pipeline.server.read.feed_marks import FeedMark, PageKey, Snapshot, new_xid_range
-from pipeline.server.store.event_rows import EVENT_COLUMNS, row_to_event
+from pipeline.server.store.event_rows import row_to_event
 from pipeline.server.store.pg_schema import translate
 from pipeline.server.store.pg_store import redacted
 from pipeline.server.store.records import StoredEvent
@@ -29,16 +32,15 @@ from pipeline.server.store.records import StoredEvent
 log = logging.getLogger("pipeline.server.read")
 
 READ_TIMEOUT_S = 5.0
-_RESULT_COLUMNS = ("row_id, sensor_id, event_id, logical_timestamp_ms, completed_at, encoding,"
-                   f" CASE WHEN octet_length(data) <= {MAX_DECODED_BYTES} THEN data END")
+_RESULT_COLUMNS = result_columns("octet_length")
 
 
 def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
     # (row_id mod p) first: the product stays far inside BIGINT; same residue as SQLite's.
     if fraction >= 1.0:
         return "", ()
-    return (f" AND ((row_id %% {_BUCKETS}) * {_SPREAD}) %% {_BUCKETS} < %s",
-            (max(1, int(fraction * _BUCKETS)),))
+    return (f" AND ((row_id %% {BUCKETS}) * {SPREAD}) %% {BUCKETS} < %s",
+            (max(1, int(fraction * BUCKETS)),))
 
 
 class PgEventReader:
@@ -74,13 +76,7 @@ class PgEventReader:
             raise translate(exc, "read failed") from exc
 
     def events(self, q: EventQuery) -> list[StoredEvent]:
-        direction = "DESC" if q.order == "desc" else "ASC"
-        rows = self._rows(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = %s AND row_id > %s"
-            " AND row_id < %s AND logical_timestamp_ms >= %s AND logical_timestamp_ms < %s"
-            f" ORDER BY row_id {direction} LIMIT %s",
-            (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
-        return [row_to_event(r) for r in rows]
+        return [row_to_event(r) for r in self._rows(*events_sql(q, "%s"))]
 
     def events_capped(self, q: EventQuery, max_bytes: int | None
                       ) -> tuple[list[StoredEvent], bool]:
@@ -88,31 +84,18 @@ class PgEventReader:
         with whether the cap cut the page short (rows streamed from a server cursor)."""
         if max_bytes is None:
             return self.events(q), False
-        direction = "DESC" if q.order == "desc" else "ASC"
-        out: list[StoredEvent] = []
-        total = 0
         if self._closed:
             raise StoreError("store reader is closed")
         try:
             with self._pool.connection(timeout=READ_TIMEOUT_S) as conn, conn.transaction(), \
                     conn.cursor(name="events_capped") as cursor:
                 cursor.itersize = 16
-                cursor.execute(
-                    f"SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = %s AND row_id > %s"
-                    " AND row_id < %s AND logical_timestamp_ms >= %s"
-                    f" AND logical_timestamp_ms < %s ORDER BY row_id {direction} LIMIT %s",
-                    (q.sensor_id, q.after, q.before, q.since_ms, q.until_ms, max(0, q.limit)))
-                for row in cursor:
-                    event = row_to_event(row)
-                    if out and total + len(event.data) > max_bytes:
-                        return out, True
-                    out.append(event)
-                    total += len(event.data)
+                cursor.execute(*events_sql(q, "%s"))
+                return capped_events(cursor, max_bytes)
         except PoolTimeout as exc:
             raise StoreError(f"read failed: no database connection ({self.where})") from exc
         except psycopg.Error as exc:
             raise translate(exc, "read failed") from exc
-        return out, False
 
     def count_in_range(self, sensor_id: str, since_ms: int, until_ms: int) -> int:
         rows = self._rows("SELECT COUNT(*) FROM events WHERE sensor_id = %s AND"
@@ -128,7 +111,7 @@ class PgEventReader:
             f" AND logical_timestamp_ms >= %s AND logical_timestamp_ms < %s{sample}"
             " ORDER BY logical_timestamp_ms, row_id LIMIT %s",
             (sensor_id, since_ms, until_ms, *extra, max(0, limit)))
-        return _result_rows(rows)
+        return result_rows(rows)
 
     def last_row_id(self) -> int:
         return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
@@ -139,8 +122,7 @@ class PgEventReader:
         rows = self._rows(f"SELECT {_RESULT_COLUMNS} FROM events WHERE row_id > %s"
                           f" AND row_id <= %s{sample} ORDER BY row_id LIMIT %s",
                           (after_row, upto_row, *extra, max(0, limit)))
-        last = int(rows[-1][0]) if len(rows) == limit else None
-        return _result_rows(rows), last
+        return result_rows(rows), last_if_full(rows, limit)
 
     def feed_mark(self) -> FeedMark:
         """The highest visible row id and the snapshot it was read in (one statement)."""
@@ -164,7 +146,7 @@ class PgEventReader:
                 (since.row if after is None else after[1], upto.row, upto.snapshot, *extra,
                  max(0, limit)))
             last = (0, int(rows[-1][0])) if len(rows) == limit else None
-            return _result_rows(rows), last
+            return result_rows(rows), last
         span = new_xid_range(Snapshot.parse(since.snapshot), Snapshot.parse(upto.snapshot))
         if span is None:
             return [], None
@@ -179,7 +161,7 @@ class PgEventReader:
             (str(span[0]), str(span[1]), str(start[0]), start[1],
              since.snapshot, upto.snapshot, *extra, max(0, limit)))
         last = (int(rows[-1][7]), int(rows[-1][0])) if len(rows) == limit else None
-        return _result_rows([r[:7] for r in rows]), last
+        return result_rows([r[:7] for r in rows]), last
 
     def first_row_completed_since(self, completed_at: float) -> int:
         rows = self._rows("SELECT MIN(row_id) FROM events WHERE completed_at >= %s",

@@ -30,7 +30,7 @@ from aiohttp import web
 from pipeline.common.errors import FieldValueError, NotFound
 from pipeline.server.read.dashboard_feed import DashboardFeed, sensor_states
 from pipeline.server.read.dashboard_kpis import sensor_health
-from pipeline.server.read.event_reader import MAX_TS_MS, EventQuery
+from pipeline.server.read.event_pages import MAX_TS_MS, EventQuery
 from pipeline.server.read.readers import Reader
 from pipeline.server.ingest.context import IngestContext
 from pipeline.server.ingest.listener import (

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from pipeline.common.config import StoreConfig
-from pipeline.server.read.event_reader import EventQuery, EventReader, ResultRow
+from pipeline.server.read.event_pages import EventQuery, ResultRow
+from pipeline.server.read.event_reader import EventReader
 from pipeline.server.read.feed_marks import FeedMark, PageKey
 from pipeline.server.store.records import StoredEvent
 
