@@ -15,6 +15,9 @@ Layout::
 Callers import from here (``from pipeline.server.store import ...``).
 """
 
+from pipeline.server.store.event_rows import ENCODING_GZIP, ENCODING_IDENTITY
+from pipeline.server.store.event_rows import EVENT_COLUMNS as _EVENT_COLUMNS
+from pipeline.server.store.event_rows import row_to_event as _row_to_event
 from pipeline.server.store.ledger import (
     ChunkKeys,
     Completed,
@@ -27,6 +30,7 @@ from pipeline.server.store.ledger import (
     StoreProgress,
 )
 from pipeline.server.store.opening import ENGINES, check_engine, open_store
+from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.pg_store import PostgresChunkStore
 from pipeline.server.store.port import ChunkStore
 from pipeline.server.store.records import (
@@ -38,12 +42,8 @@ from pipeline.server.store.records import (
 )
 from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite import SQLiteChunkStore
-from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.sqlite_ingest import PreparedIngest
-from pipeline.server.store.event_rows import ENCODING_GZIP, ENCODING_IDENTITY
 from pipeline.server.store.sqlite_schema import SCHEMA_VERSION
-from pipeline.server.store.event_rows import EVENT_COLUMNS as _EVENT_COLUMNS
-from pipeline.server.store.event_rows import row_to_event as _row_to_event
 from pipeline.server.store.sqlite_schema import translate as _translate
 
 __all__ = [

@@ -1,5 +1,6 @@
 """A stored event's row, the same on both engines: the columns read, how ``events.data``
-holds the bytes, and turning a row into a verified ``StoredEvent``."""
+holds the bytes, and turning a row into a verified ``StoredEvent``; likewise a
+``rejected_events`` row into a ``RejectedEvent``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Sequence
 
 from pipeline.common import chunking
 from pipeline.common.errors import PipelineError, StoreError
-from pipeline.server.store.records import StoredEvent
+from pipeline.server.store.records import RejectedEvent, StoredEvent
 
 EVENT_COLUMNS = ("row_id, sensor_id, epoch, event_id, event_sha256, data, logical_timestamp_ms, "
                  "created_at, completed_at, first_sequence, last_sequence, attributes, "
@@ -46,3 +47,21 @@ def stored_data(row: Sequence[Any]) -> bytes:
         raise StoreError(f"stored event {row[3]} of {row[1]} is damaged: {exc.message}"
                          ) from exc
     return data
+
+
+def rejected_sql(sensor_id: str | None, mark: str) -> tuple[str, tuple[Any, ...]]:
+    """The rejected events (of one sensor, or all), oldest first: the statement with
+    ``mark`` as the driver's placeholder, and its parameters."""
+    sql = ("SELECT sensor_id, epoch, event_id, event_sha256, chunk_count, reason, code,"
+           " rejected_at FROM rejected_events")
+    params: tuple[Any, ...] = ()
+    if sensor_id is not None:
+        sql += f" WHERE sensor_id = {mark}"
+        params = (sensor_id,)
+    return sql + " ORDER BY rejected_at, sensor_id, event_id", params
+
+
+def row_to_rejected(r: Sequence[Any]) -> RejectedEvent:
+    return RejectedEvent(sensor_id=r[0], epoch=r[1], event_id=r[2],
+                         event_sha256=bytes(r[3]), chunk_count=int(r[4]), reason=r[5],
+                         code=r[6], rejected_at=float(r[7]))

@@ -7,10 +7,10 @@ from typing import Callable
 
 from pipeline.common.config import StoreConfig
 from pipeline.common.errors import ConfigError
+from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.pg_store import PostgresChunkStore
 from pipeline.server.store.port import ChunkStore
 from pipeline.server.store.sqlite import CACHE_KIB, SLICE_CACHE_BYTES, SQLiteChunkStore
-from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 
 ENGINES = ("sqlite", "postgres")
 

@@ -29,6 +29,7 @@ import psycopg
 
 from pipeline.common.messages import Chunk
 from pipeline.server.offsets import OffsetKey, OffsetTracker
+from pipeline.server.store.event_rows import ENCODING_GZIP
 from pipeline.server.store.ledger import (
     DUPLICATE,
     Completed,
@@ -42,10 +43,6 @@ from pipeline.server.store.ledger import (
     judge_event,
     judge_keys,
 )
-from pipeline.server.store.pg_base import PgBase
-from pipeline.server.store.pg_probe import BatchView, EventKey, read_probes, send_probes
-from pipeline.server.store.pg_schema import day_of, translate
-from pipeline.server.store.event_rows import ENCODING_GZIP
 from pipeline.server.store.pending import (
     DEFAULT_MAX_EVENT_BYTES,
     Pending,
@@ -53,6 +50,9 @@ from pipeline.server.store.pending import (
     precheck,
     refuse,
 )
+from pipeline.server.store.pg_base import PgBase
+from pipeline.server.store.pg_probe import BatchView, EventKey, read_probes, send_probes
+from pipeline.server.store.pg_schema import day_of, translate
 from pipeline.server.store.records import ChunkOutcome, StoredEvent
 
 log = logging.getLogger("pipeline.server.store")

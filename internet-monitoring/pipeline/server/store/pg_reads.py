@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from pipeline.server.offsets import OffsetTracker
+from pipeline.server.store.event_rows import (
+    EVENT_COLUMNS,
+    rejected_sql,
+    row_to_event,
+    row_to_rejected,
+)
 from pipeline.server.store.pg_base import PgBase
-from pipeline.server.store.event_rows import EVENT_COLUMNS, row_to_event
 from pipeline.server.store.records import RejectedEvent, StoredEvent
 
 
@@ -74,13 +78,4 @@ class PgReads(PgBase):
         return int(self._read("SELECT COUNT(*) FROM partial_events")[0][0])
 
     def rejected_events(self, sensor_id: str | None = None) -> list[RejectedEvent]:
-        sql = ("SELECT sensor_id, epoch, event_id, event_sha256, chunk_count, reason, code,"
-               " rejected_at FROM rejected_events")
-        params: tuple[Any, ...] = ()
-        if sensor_id is not None:
-            sql += " WHERE sensor_id = %s"
-            params = (sensor_id,)
-        rows = self._read(sql + " ORDER BY rejected_at, sensor_id, event_id", params)
-        return [RejectedEvent(sensor_id=r[0], epoch=r[1], event_id=r[2],
-                              event_sha256=bytes(r[3]), chunk_count=int(r[4]), reason=r[5],
-                              code=r[6], rejected_at=float(r[7])) for r in rows]
+        return [row_to_rejected(r) for r in self._read(*rejected_sql(sensor_id, "%s"))]

@@ -21,9 +21,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pipeline.common.errors import ConfigError, StoreError
 from pipeline.common.headroom import DiskHealth
+from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.pg_control import PgControl
 from pipeline.server.store.pg_forward import PgForward
-from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.pg_ingest import PgIngest
 from pipeline.server.store.pg_reads import PgReads
 from pipeline.server.store.pg_schema import migrate, translate

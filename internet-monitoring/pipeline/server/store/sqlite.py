@@ -22,11 +22,11 @@ from typing import Callable
 from pipeline.common.errors import ConfigError, StoreError
 from pipeline.common.headroom import KIND_FULL, DiskHealth, Reserve
 from pipeline.server.offsets import OffsetBook, OffsetTracker
+from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.slices import SliceCache
 from pipeline.server.store.sqlite_base import BATCH_SLICES_UNBOUNDED, BUSY_TIMEOUT_MS
 from pipeline.server.store.sqlite_control import SQLiteControl
 from pipeline.server.store.sqlite_forward import SQLiteForward
-from pipeline.server.store.pending import DEFAULT_MAX_EVENT_BYTES
 from pipeline.server.store.sqlite_ingest import SQLiteIngest
 from pipeline.server.store.sqlite_reads import SQLiteReads
 from pipeline.server.store.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 from pipeline.common.messages import Chunk
 from pipeline.server.offsets import OffsetKey, OffsetTracker
+from pipeline.server.store.event_rows import ENCODING_GZIP
 from pipeline.server.store.ledger import (
     DUPLICATE,
     Completed,
@@ -29,7 +30,6 @@ from pipeline.server.store.ledger import (
     judge_event,
     judge_keys,
 )
-from pipeline.server.store.event_rows import ENCODING_GZIP
 from pipeline.server.store.pending import (
     DEFAULT_MAX_EVENT_BYTES,
     Pending,

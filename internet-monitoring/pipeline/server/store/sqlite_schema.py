@@ -27,8 +27,8 @@ import sqlite3
 
 from pipeline.common.errors import StorageFull, StoreError
 from pipeline.common.headroom import KIND_FULL, KIND_IO
-from pipeline.server.store.ledger import ChunkKeys, EventState, Finished, Partial
 from pipeline.server.store.event_rows import ENCODING_IDENTITY
+from pipeline.server.store.ledger import ChunkKeys, EventState, Finished, Partial
 
 log = logging.getLogger("pipeline.server.store")
 
