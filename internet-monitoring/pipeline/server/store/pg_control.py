@@ -10,7 +10,15 @@ from typing import Any, Iterable, Sequence
 
 import psycopg
 
-from pipeline.common.errors import ConfigError
+from pipeline.server.store.control_rows import (
+    check_batch,
+    expire_all,
+    log_pruned,
+    prune_rejected_sql,
+    reject_expired,
+    upsert_sensor_state,
+    upsert_window,
+)
 from pipeline.server.store.pg_base import PgBase
 from pipeline.server.store.pg_schema import (
     DAY_S,
@@ -23,14 +31,6 @@ from pipeline.server.store.pg_schema import (
 from pipeline.server.store.records import ControlChange, PreparedWrite
 
 log = logging.getLogger("pipeline.server.store")
-
-_UPSERT_WINDOW = ("INSERT INTO windows (sensor_id, window_id, state, updated_at)"
-                  " VALUES (%s, %s, %s, %s) ON CONFLICT (sensor_id, window_id) DO UPDATE SET"
-                  " state = excluded.state, updated_at = excluded.updated_at")
-_UPSERT_SENSOR = ("INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (%s, %s, %s)"
-                  " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
-                  " updated_at = excluded.updated_at")
-
 
 @dataclass(frozen=True)
 class PgPreparedWrite(PreparedWrite):
@@ -45,8 +45,8 @@ class PgControl(PgBase):
     # -- control state ---------------------------------------------------------------
 
     def save_window(self, sensor_id: str, window_id: str, state: dict[str, Any]) -> None:
-        self._write([(_UPSERT_WINDOW, (sensor_id, window_id, json.dumps(state, sort_keys=True),
-                                       self._clock()))], "save_window failed")
+        self._write([upsert_window("%s", sensor_id, window_id, state, self._clock())],
+                    "save_window failed")
 
     def delete_windows(self, sensor_id: str, window_ids: Iterable[str]) -> None:
         self._write([("DELETE FROM windows WHERE sensor_id = %s AND window_id = ANY(%s)",
@@ -58,8 +58,8 @@ class PgControl(PgBase):
         return {wid: json.loads(state) for wid, state in rows}
 
     def save_sensor_state(self, sensor_id: str, state: dict[str, Any]) -> None:
-        self._write([(_UPSERT_SENSOR, (sensor_id, json.dumps(state, sort_keys=True),
-                                       self._clock()))], "save_sensor_state failed")
+        self._write([upsert_sensor_state("%s", sensor_id, state, self._clock())],
+                    "save_sensor_state failed")
 
     def load_sensor_states(self) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT sensor_id, state FROM sensor_state ORDER BY sensor_id")
@@ -110,10 +110,9 @@ class PgControl(PgBase):
             if gone:
                 statements.append((("DELETE FROM windows WHERE sensor_id = %s AND"
                                    " window_id = ANY(%s)"), (sensor_id, list(gone))))
-            statements.extend((_UPSERT_WINDOW, (sensor_id, wid, json.dumps(doc, sort_keys=True),
-                                                now)) for wid, doc in windows.items())
-            statements.append((_UPSERT_SENSOR, (sensor_id, json.dumps(state, sort_keys=True),
-                                                now)))
+            statements.extend(upsert_window("%s", sensor_id, wid, doc, now)
+                              for wid, doc in windows.items())
+            statements.append(upsert_sensor_state("%s", sensor_id, state, now))
         return statements
 
     # -- retention -------------------------------------------------------------------
@@ -128,33 +127,20 @@ class PgControl(PgBase):
         an old partition is a payload-free dedupe key. Offsets keep the committed ranges:
         a pruned key still answers ``duplicate``. Returns the events removed (completed +
         expired partial)."""
-        if batch < 1:
-            raise ConfigError("prune batch must be positive", field="batch")
+        check_batch(batch)
         cut_day = day_of(older_than)  # partitions below this day end before the cut-off
-        expired = 0
-        while True:
-            n = self._expire_partials(older_than, batch)
-            expired += n
-            if n < batch:
-                break
+        expired = expire_all(self._expire_partials, older_than, batch)
         events = self._drop_days("events", cut_day, count=True)
         keys = self._drop_days("chunks", cut_day, count=False)
         events += self._delete_loop(
             "DELETE FROM events WHERE (sensor_id, event_id, day) IN (SELECT sensor_id,"
             " event_id, day FROM events WHERE completed_at < %s LIMIT %s)", older_than, batch)
-        rejected = self._delete_loop(
-            "DELETE FROM rejected_events WHERE (sensor_id, event_id) IN (SELECT sensor_id,"
-            " event_id FROM rejected_events WHERE rejected_at < %s LIMIT %s)", older_than,
-            batch)
+        rejected = self._delete_loop(prune_rejected_sql("%s"), older_than, batch)
         keys += self._delete_loop(
             "DELETE FROM chunks WHERE (sensor_id, epoch, sequence, day) IN (SELECT sensor_id,"
             " epoch, sequence, day FROM chunks WHERE received_at < %s AND payload IS NULL"
             " LIMIT %s)", older_than, batch)
-        if expired:
-            log.warning("store_partial_events_expired count=%d older_than=%.0f",
-                        expired, older_than)
-        log.info("store_pruned events=%d partial_expired=%d rejected=%d chunk_keys=%d "
-                 "older_than=%.0f", events, expired, rejected, keys, older_than)
+        log_pruned(events, expired, rejected, keys, older_than)
         return events + expired
 
     def _drop_days(self, table: str, cut_day: int, *, count: bool) -> int:
@@ -208,12 +194,8 @@ class PgControl(PgBase):
                 if gone is None:
                     continue
                 epoch, sha, count, received = gone
-                conn.execute(
-                    "INSERT INTO rejected_events (sensor_id, event_id, epoch, event_sha256,"
-                    " chunk_count, reason, code, rejected_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (sid, event_id, epoch, sha, count,
-                     f"expired with {received} of {count} chunks", "expired", now))
+                conn.execute(*reject_expired("%s", sid, event_id, epoch, sha, count, received,
+                                             now))
                 conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = %s AND"
                              " event_id = %s AND payload IS NOT NULL", (sid, event_id))
                 expired += 1

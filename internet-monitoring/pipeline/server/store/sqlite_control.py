@@ -9,7 +9,16 @@ import os
 import sqlite3
 from typing import Any, Iterable, Sequence
 
-from pipeline.common.errors import ConfigError, StorageFull, StoreError
+from pipeline.common.errors import StorageFull, StoreError
+from pipeline.server.store.control_rows import (
+    check_batch,
+    expire_all,
+    log_pruned,
+    prune_rejected_sql,
+    reject_expired,
+    upsert_sensor_state,
+    upsert_window,
+)
 from pipeline.server.store.records import ControlChange, PreparedWrite
 from pipeline.server.store.sqlite_base import SQLiteBase
 from pipeline.server.store.sqlite_schema import translate as _translate
@@ -23,12 +32,8 @@ class SQLiteControl(SQLiteBase):
     # -- control state ---------------------------------------------------------------
 
     def save_window(self, sensor_id: str, window_id: str, state: dict[str, Any]) -> None:
-        self._write([(
-            ("INSERT INTO windows (sensor_id, window_id, state, updated_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (sensor_id, window_id) DO UPDATE SET state = excluded.state,"
-            " updated_at = excluded.updated_at"),
-            (sensor_id, window_id, json.dumps(state, sort_keys=True), self._clock()))],
-            "save_window failed")
+        self._write([upsert_window("?", sensor_id, window_id, state, self._clock())],
+                    "save_window failed")
 
     def delete_windows(self, sensor_id: str, window_ids: Iterable[str]) -> None:
         self._write([("DELETE FROM windows WHERE sensor_id = ? AND window_id = ?",
@@ -40,12 +45,8 @@ class SQLiteControl(SQLiteBase):
         return {wid: json.loads(state) for wid, state in rows}
 
     def save_sensor_state(self, sensor_id: str, state: dict[str, Any]) -> None:
-        self._write([(
-            ("INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
-            " updated_at = excluded.updated_at"),
-            (sensor_id, json.dumps(state, sort_keys=True), self._clock()))],
-            "save_sensor_state failed")
+        self._write([upsert_sensor_state("?", sensor_id, state, self._clock())],
+                    "save_sensor_state failed")
 
     def save_control_state(self, changes: Iterable[ControlChange]) -> None:
         """Window deletions, window states and sensor states of many sensors in ONE
@@ -91,17 +92,9 @@ class SQLiteControl(SQLiteBase):
         for sensor_id, gone, windows, state in changes:
             statements.extend(("DELETE FROM windows WHERE sensor_id = ? AND window_id = ?",
                                (sensor_id, wid)) for wid in gone)
-            statements.extend((
-                ("INSERT INTO windows (sensor_id, window_id, state, updated_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (sensor_id, window_id) DO UPDATE SET"
-                " state = excluded.state, updated_at = excluded.updated_at"),
-                (sensor_id, wid, json.dumps(doc, sort_keys=True), now))
-                for wid, doc in windows.items())
-            statements.append((
-                ("INSERT INTO sensor_state (sensor_id, state, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (sensor_id) DO UPDATE SET state = excluded.state,"
-                " updated_at = excluded.updated_at"),
-                (sensor_id, json.dumps(state, sort_keys=True), now)))
+            statements.extend(upsert_window("?", sensor_id, wid, doc, now)
+                              for wid, doc in windows.items())
+            statements.append(upsert_sensor_state("?", sensor_id, state, now))
         return statements
 
     def load_sensor_states(self) -> dict[str, dict[str, Any]]:
@@ -119,28 +112,16 @@ class SQLiteControl(SQLiteBase):
         Offsets keep the committed ranges, so a pruned key still answers ``duplicate``.
         Returns the number of events removed (completed + expired partial).
         """
-        if batch < 1:
-            raise ConfigError("prune batch must be positive", field="batch")
+        check_batch(batch)
         events = self._prune_loop(
             "DELETE FROM events WHERE row_id IN (SELECT row_id FROM events"
             " WHERE completed_at < ? LIMIT ?)", older_than, batch)
-        expired = 0
-        while True:
-            n = self._expire_partials(older_than, batch)
-            expired += n
-            if n < batch:
-                break
-        rejected = self._prune_loop(
-            "DELETE FROM rejected_events WHERE (sensor_id, event_id) IN (SELECT sensor_id,"
-            " event_id FROM rejected_events WHERE rejected_at < ? LIMIT ?)", older_than, batch)
+        expired = expire_all(self._expire_partials, older_than, batch)
+        rejected = self._prune_loop(prune_rejected_sql("?"), older_than, batch)
         keys = self._prune_loop(
             "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE received_at < ?"
             " AND payload IS NULL LIMIT ?)", older_than, batch)
-        if expired:
-            log.warning("store_partial_events_expired count=%d older_than=%.0f",
-                        expired, older_than)
-        log.info("store_pruned events=%d partial_expired=%d rejected=%d chunk_keys=%d "
-                 "older_than=%.0f", events, expired, rejected, keys, older_than)
+        log_pruned(events, expired, rejected, keys, older_than)
         return events + expired
 
     def _prune_loop(self, sql: str, older_than: float, batch: int) -> int:
@@ -181,11 +162,8 @@ class SQLiteControl(SQLiteBase):
                     " FROM partial_events WHERE first_seen < ? LIMIT ?",
                     (older_than, batch)).fetchall()
                 for sid, event_id, epoch, sha, count, received in rows:
-                    conn.execute(
-                        "INSERT INTO rejected_events (sensor_id, event_id, epoch, event_sha256,"
-                        " chunk_count, reason, code, rejected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (sid, event_id, epoch, sha, count,
-                         f"expired with {received} of {count} chunks", "expired", now))
+                    conn.execute(*reject_expired("?", sid, event_id, epoch, sha, count,
+                                                 received, now))
                     conn.execute("DELETE FROM partial_events WHERE sensor_id = ? AND"
                                  " event_id = ?", (sid, event_id))
                     conn.execute("UPDATE chunks SET payload = NULL WHERE sensor_id = ? AND"
