@@ -47,6 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pipeline.common.errors import ConfigError, QueueError
+from pipeline.sensor.http_site import bound_port, start_site
 
 if TYPE_CHECKING:
     from pipeline.sensor.queue import DurableQueue
@@ -161,23 +162,14 @@ class SensorMetricsServer:
 
     @property
     def port(self) -> int | None:
-        if self._runner is None or not self._runner.addresses:
-            return None
-        return int(self._runner.addresses[0][1])
+        return bound_port(self._runner)
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(METRICS_PATH, self._handle)
         app.router.add_get(HEALTH_PATH, self._health)
         runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(f"metrics.listen {self._host}:{self._port}: cannot bind: "
-                              f"{exc.strerror or exc}", field="metrics.listen") from exc
+        await start_site(runner, self._host, self._port, "metrics.listen")
         self._runner = runner
         log.info("sensor_metrics_listening host=%s port=%s path=%s", self._host, self.port,
                  METRICS_PATH)

@@ -33,6 +33,7 @@ from pipeline.common.remote_write import (
     decode,
 )
 from pipeline.sensor.group_commit import GroupCommitter
+from pipeline.sensor.http_site import bound_port, start_site
 from pipeline.sensor.metrics import parse_listen
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,7 @@ class RemoteWriteServer:
 
     @property
     def port(self) -> int | None:
-        if self._runner is None or not self._runner.addresses:
-            return None
-        return int(self._runner.addresses[0][1])
+        return bound_port(self._runner)
 
     async def start(self) -> None:
         if not (self._settings.allow_remote or is_loopback_host(self._host)):
@@ -98,14 +97,7 @@ class RemoteWriteServer:
         app.router.add_post(WRITE_PATH, self._handle)
         # auto_decompress off: a gzip/deflate body is refused by its header, never inflated.
         runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(f"{KEY} {self._host}:{self._port}: cannot bind: "
-                              f"{exc.strerror or exc}", field=KEY) from exc
+        await start_site(runner, self._host, self._port, KEY)
         self._runner = runner
         log.info("remote_write_listening host=%s port=%s path=%s", self._host, self.port,
                  WRITE_PATH)
