@@ -6,8 +6,6 @@ starts with, and what the commands print is checked."""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 import time
 import uuid
@@ -23,25 +21,17 @@ from pipeline.server.store import open_store
 from pipeline.server.store.pg_schema import SCHEMA_VERSION, day_of
 from pipeline.sim.processes import ServerProcess
 from pipeline.tests.conftest import require_tool
+from pipeline.tests.docs_support import REPO, doc_blocks, run_block
 from pipeline.tests.pg_support import BASE_DSN, HOST, PORT, USER, require_postgres
 from pipeline.tests.store_support import make_chunks
 
-REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "postgres.md"
-FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 pytestmark = pytest.mark.postgres
 
 
 def blocks(kind: str) -> list[str]:
-    return [body for lang, body in FENCE_RE.findall(DOC.read_text()) if lang == kind]
-
-
-def run_block(block: str, cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{block}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    return doc_blocks(DOC, kind)
 
 
 def drop_database(name: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -17,26 +16,16 @@ import pytest
 
 from pipeline.sim.processes import free_port
 from pipeline.tests.conftest import require_tool
+from pipeline.tests.docs_support import REPO, doc_blocks, run_block
 from pipeline.tests.pg_support import BASE_DSN, HOST, PORT, USER, require_postgres
 
-REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "scaling.md"
-FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 pytestmark = pytest.mark.postgres
 
 
 def blocks(kind: str) -> list[str]:
-    return [body for lang, body in FENCE_RE.findall(DOC.read_text()) if lang == kind]
-
-
-def run_block(block: str, cwd: Path, env: dict[str, str], timeout: float) -> str:
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    log = cwd / "server.log"
-    tail = log.read_text()[-3000:] if log.exists() else ""
-    assert proc.returncode == 0, f"{block}\n{proc.stdout}\n{proc.stderr}\n{tail}"
-    return proc.stdout
+    return doc_blocks(DOC, kind)
 
 
 def test_scaling_doc_commands_work_as_written(tmp_path: Path) -> None:
