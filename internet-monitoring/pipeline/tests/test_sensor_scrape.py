@@ -4,6 +4,7 @@ queues what it read as a remote-write event, labelled and timed as Prometheus wo
 from __future__ import annotations
 
 import math
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -78,18 +79,26 @@ def _by_name(series: list[rw.Series]) -> dict[str, rw.Series]:
     return {one.name: one for one in series}
 
 
-async def test_one_scrape_is_queued_with_job_instance_up_and_timestamps(
-        exporter: Exporter, tmp_path: Path) -> None:
-    config = _config(exporter.url, tmp_path)
-    queue = DurableQueue(tmp_path / "queue.db")
+@asynccontextmanager
+async def _scraping(config: object, queue: DurableQueue) -> AsyncIterator[Scraper]:
+    """An open Scraper of ``config``'s targets writing to ``queue`` at ``NOW_S``; closed
+    (its committer flushed) on the way out."""
     committer = GroupCommitter(queue, max_event_bytes=1 << 20, delay_s=0)
     scraper = Scraper(config.sources.scrape, committer, clock=lambda: NOW_S)  # type: ignore[attr-defined]
     await scraper.open()
     try:
-        assert await scraper.scrape_once(config.sources.scrape[0])  # type: ignore[attr-defined]
+        yield scraper
     finally:
         await scraper.close()
         await committer.close()
+
+
+async def test_one_scrape_is_queued_with_job_instance_up_and_timestamps(
+        exporter: Exporter, tmp_path: Path) -> None:
+    config = _config(exporter.url, tmp_path)
+    queue = DurableQueue(tmp_path / "queue.db")
+    async with _scraping(config, queue) as scraper:
+        assert await scraper.scrape_once(config.sources.scrape[0])  # type: ignore[attr-defined]
     [write] = queued_writes(queue)
     queue.close()
     assert write.attributes == {rw.CONTENT_TYPE_ATTRIBUTE: rw.EVENT_CONTENT_TYPE,
@@ -114,16 +123,10 @@ async def test_failed_scrapes_queue_up_zero(exporter: Exporter, tmp_path: Path) 
     exporter.status = 500
     config = _config(exporter.url, tmp_path)
     queue = DurableQueue(tmp_path / "queue.db")
-    committer = GroupCommitter(queue, max_event_bytes=1 << 20, delay_s=0)
-    scraper = Scraper(config.sources.scrape, committer, clock=lambda: NOW_S)  # type: ignore[attr-defined]
-    await scraper.open()
-    try:
+    async with _scraping(config, queue) as scraper:
         assert await scraper.scrape_once(config.sources.scrape[0])  # type: ignore[attr-defined]
         await exporter.close()  # now refused
         assert await scraper.scrape_once(config.sources.scrape[0])  # type: ignore[attr-defined]
-    finally:
-        await scraper.close()
-        await committer.close()
     writes = queued_writes(queue)
     queue.close()
     assert len(writes) == 2
