@@ -6,8 +6,6 @@ queue must end empty, and no event may be stored twice.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import random
 import threading
@@ -17,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.sensor.queue import DurableQueue
-from pipeline.sim.processes import ServerProcess, SensorProcess
+from pipeline.sim.processes import ServerProcess
+from pipeline.tests.fleet_support import ProcessFleet
 
 SENSORS = {f"e2e-{i}": f"token-e2e-{i}-{'x' * 24}" for i in range(3)}
-DRAIN_TIMEOUT_S = 180.0
 
 
 def event_bytes(rng: random.Random, index: int) -> bytes:
@@ -35,22 +33,12 @@ def event_bytes(rng: random.Random, index: int) -> bytes:
     return json.dumps(doc).encode()
 
 
-class Fleet:
+class Fleet(ProcessFleet):
     def __init__(self, workdir: Path, events_per_sensor: int, seed: int = 1) -> None:
-        self.server = ServerProcess(workdir / "server", SENSORS)
-        self.sensors = {
-            sid: SensorProcess(workdir / "sensors", sid, tok, control_url=self.server.control_url,
-                               ingest_url=self.server.ingest_url)
-            for sid, tok in SENSORS.items()}
+        super().__init__(workdir, ServerProcess(workdir / "server", SENSORS), SENSORS)
         self.events_per_sensor = events_per_sensor
-        self.sent: dict[str, dict[str, bytes]] = {sid: {} for sid in SENSORS}
         self.rng = random.Random(seed)
         self.done_submitting = threading.Event()
-
-    def start(self) -> None:
-        self.server.start()
-        for sensor in self.sensors.values():
-            sensor.start()
 
     def submit_all(self, spread_s: float = 4.0) -> None:
         """Enqueue from this (separate) process while the agents run, like a test program."""
@@ -67,44 +55,12 @@ class Fleet:
                 queue.close()
             self.done_submitting.set()
 
-    def submit_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.submit_all, daemon=True)
-        thread.start()
-        return thread
-
     def wait_drained(self) -> None:
-        """Wait for empty queues (cheap to poll), then for the server to hold every event."""
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        expected = sum(len(v) for v in self.sent.values())
-        depths: list[int] = []
-        stored = 0
-        while time.monotonic() < deadline:
-            depths = [s.queue_depth() for s in self.sensors.values()]
-            if not any(depths):
-                stored = sum(len(self.server.events(sid)) for sid in SENSORS)
-                if stored >= expected:
-                    return
-            time.sleep(0.5)
-        logs = "\n".join(s.log_text()[-2000:] for s in self.sensors.values())
-        pytest.fail(f"not drained: depths={depths} stored={stored}/{expected}\n"
-                    f"{self.server.log_text()[-3000:]}\n{logs}")
+        """Until the read API holds every event."""
+        self.wait_stored(lambda: sum(len(self.server.events(sid)) for sid in SENSORS))
 
     def verify(self) -> None:
-        for sid, sent in self.sent.items():
-            events = self.server.events(sid)
-            ids = [e["event_id"] for e in events]
-            assert len(ids) == len(set(ids)), f"{sid}: duplicate events stored"
-            assert set(ids) == set(sent), f"{sid}: missing {set(sent) - set(ids)}"
-            for event in events:
-                data = base64.b64decode(event["payload_base64"])
-                expected = hashlib.sha256(sent[event["event_id"]]).digest()
-                assert hashlib.sha256(data).digest() == expected
-            assert self.sensors[sid].queue_depth() == 0
-
-    def stop(self) -> None:
-        for sensor in self.sensors.values():
-            sensor.terminate()
-        self.server.terminate()
+        self.verify_read_api()
 
 
 @pytest.fixture

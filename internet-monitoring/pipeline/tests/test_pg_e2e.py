@@ -8,10 +8,7 @@ read API, which answers from PostgreSQL), and every sensor queue must end empty.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,32 +19,22 @@ import psycopg
 import pytest
 
 from pipeline.sensor.queue import DurableQueue
-from pipeline.sim.processes import ServerProcess, SensorProcess, free_port
+from pipeline.sim.processes import ServerProcess, free_port
+from pipeline.tests.fleet_support import ProcessFleet
 from pipeline.tests.pg_support import CuttableProxy, require_postgres
 
 SENSORS = {f"pg-{i}": f"token-pg-{i}-{'x' * 24}" for i in range(2)}
 EVENTS_PER_SENSOR = 150
-DRAIN_TIMEOUT_S = 180.0
 
 pytestmark = pytest.mark.postgres
 
 
-class PgFleet:
+class PgFleet(ProcessFleet):
     def __init__(self, workdir: Path, dsn: str) -> None:
         self.dsn = dsn
-        self.server = ServerProcess(workdir / "server", SENSORS, extra_config={
-            "store": {"engine": "postgres", "dsn": dsn}})
-        self.sensors = {
-            sid: SensorProcess(workdir / "sensors", sid, tok, control_url=self.server.control_url,
-                               ingest_url=self.server.ingest_url)
-            for sid, tok in SENSORS.items()}
-        self.sent: dict[str, dict[str, bytes]] = {sid: {} for sid in SENSORS}
+        super().__init__(workdir, ServerProcess(workdir / "server", SENSORS, extra_config={
+            "store": {"engine": "postgres", "dsn": dsn}}), SENSORS)
         self.rng = random.Random(16)
-
-    def start(self) -> None:
-        self.server.start()
-        for sensor in self.sensors.values():
-            sensor.start()
 
     def submit_all(self, spread_s: float = 4.0) -> None:
         queues = {sid: DurableQueue(s.queue_path) for sid, s in self.sensors.items()}
@@ -62,26 +49,9 @@ class PgFleet:
             for queue in queues.values():
                 queue.close()
 
-    def submit_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.submit_all, daemon=True)
-        thread.start()
-        return thread
-
     def wait_drained(self, direct_dsn: str) -> None:
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        expected = sum(len(v) for v in self.sent.values())
-        depths: list[int] = []
-        stored = 0
-        while time.monotonic() < deadline:
-            depths = [s.queue_depth() for s in self.sensors.values()]
-            if not any(depths):
-                stored = db_events(direct_dsn)
-                if stored >= expected:
-                    return
-            time.sleep(0.5)
-        logs = "\n".join(s.log_text()[-2000:] for s in self.sensors.values())
-        pytest.fail(f"not drained: depths={depths} stored={stored}/{expected}\n"
-                    f"{self.server.log_text()[-3000:]}\n{logs}")
+        """Until the database holds every event."""
+        self.wait_stored(lambda: db_events(direct_dsn))
 
     def verify(self, direct_dsn: str) -> None:
         with psycopg.connect(direct_dsn) as conn:
@@ -89,21 +59,7 @@ class PgFleet:
                                    " HAVING count(*) > 1").fetchall()
         assert doubled == []
         assert db_events(direct_dsn) == sum(len(v) for v in self.sent.values())
-        for sid, sent in self.sent.items():
-            events = self.server.events(sid)  # the read API, from PostgreSQL
-            ids = [e["event_id"] for e in events]
-            assert len(ids) == len(set(ids)), f"{sid}: duplicate events"
-            assert set(ids) == set(sent), f"{sid}: missing {set(sent) - set(ids)}"
-            for event in events:
-                data = base64.b64decode(event["payload_base64"])
-                assert hashlib.sha256(data).digest() == \
-                    hashlib.sha256(sent[event["event_id"]]).digest()
-            assert self.sensors[sid].queue_depth() == 0
-
-    def stop(self) -> None:
-        for sensor in self.sensors.values():
-            sensor.terminate()
-        self.server.terminate()
+        self.verify_read_api()  # the read API answers from PostgreSQL
 
 
 def db_events(dsn: str) -> int:
