@@ -103,3 +103,33 @@ def capped_events(rows: Iterable[Sequence[Any]], max_bytes: int
         total += len(event.data)
     return out, False
 
+
+
+class PlainReads:
+    """The reads both engines phrase alike, on the reader's own ``_rows`` (one statement,
+    its rows) with ``MARK``, the driver's placeholder."""
+
+    MARK = "?"
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def events(self, q: EventQuery) -> list[StoredEvent]:
+        """One page in arrival order (row id), filtered by the results' time."""
+        return [row_to_event(r) for r in self._rows(*events_sql(q, self.MARK))]
+
+    def last_row_id(self) -> int:
+        return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
+
+    def first_row_completed_since(self, completed_at: float) -> int:
+        """The row id just before the first event stored at or after ``completed_at``."""
+        rows = self._rows(f"SELECT MIN(row_id) FROM events WHERE completed_at >= {self.MARK}",
+                          (completed_at,))
+        first = rows[0][0] if rows else None
+        if first is None:
+            return self.last_row_id()
+        return int(first) - 1
+
+    def has_events(self, sensor_id: str) -> bool:
+        return bool(self._rows(f"SELECT 1 FROM events WHERE sensor_id = {self.MARK} LIMIT 1",
+                               (sensor_id,)))

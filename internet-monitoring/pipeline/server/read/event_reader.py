@@ -20,6 +20,7 @@ from pipeline.server.read.event_pages import (
     BUCKETS,
     SPREAD,
     EventQuery,
+    PlainReads,
     ResultRow,
     capped_events,
     events_sql,
@@ -28,7 +29,7 @@ from pipeline.server.read.event_pages import (
     result_rows,
 )
 from pipeline.server.read.feed_marks import FeedMark, PageKey
-from pipeline.server.store import StoredEvent, _row_to_event, _translate
+from pipeline.server.store import StoredEvent, _translate
 
 _RESULT_COLUMNS = result_columns("length")
 
@@ -39,7 +40,7 @@ def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
     return f" AND (row_id * {SPREAD}) % {BUCKETS} < ?", (max(1, int(fraction * BUCKETS)),)
 
 
-class EventReader:
+class EventReader(PlainReads):
     """A read-only connection to the store file; thread-safe (one query at a time)."""
 
     def __init__(self, path: str | Path, busy_timeout_ms: int = 5000) -> None:
@@ -62,10 +63,6 @@ class EventReader:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise _translate(exc, "read failed") from exc
-
-    def events(self, q: EventQuery) -> list[StoredEvent]:
-        """One page in arrival order (row id), filtered by the results' time."""
-        return [_row_to_event(r) for r in self._rows(*events_sql(q, "?"))]
 
     def events_capped(self, q: EventQuery, max_bytes: int | None
                       ) -> tuple[list[StoredEvent], bool]:
@@ -106,9 +103,6 @@ class EventReader:
             (sensor_id, since_ms, until_ms, *extra, max(0, limit)))
         return result_rows(rows)
 
-    def last_row_id(self) -> int:
-        return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
-
     def results_between(self, after_row: int, upto_row: int, limit: int,
                         fraction: float = 1.0) -> tuple[list[ResultRow], int | None]:
         """Every sensor's results stored in ``(after_row, upto_row]``, in row order (the
@@ -131,19 +125,6 @@ class EventReader:
         rows, last = self.results_between(since.row if after is None else after[1], upto.row,
                                           limit, fraction)
         return rows, None if last is None else (0, last)
-
-    def first_row_completed_since(self, completed_at: float) -> int:
-        """The row id just before the first event stored at or after ``completed_at``."""
-        rows = self._rows("SELECT MIN(row_id) FROM events WHERE completed_at >= ?",
-                          (completed_at,))
-        first = rows[0][0] if rows else None
-        if first is None:
-            return self.last_row_id()
-        return int(first) - 1
-
-    def has_events(self, sensor_id: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM events WHERE sensor_id = ? LIMIT 1",
-                               (sensor_id,)))
 
     def close(self) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ from pipeline.server.read.event_pages import (
     BUCKETS,
     SPREAD,
     EventQuery,
+    PlainReads,
     ResultRow,
     capped_events,
     events_sql,
@@ -24,7 +25,6 @@ from pipeline.server.read.event_pages import (
     result_rows,
 )
 from pipeline.server.read.feed_marks import FeedMark, PageKey, Snapshot, new_xid_range
-from pipeline.server.store.event_rows import row_to_event
 from pipeline.server.store.pg_schema import translate
 from pipeline.server.store.pg_store import redacted
 from pipeline.server.store.records import StoredEvent
@@ -43,8 +43,10 @@ def _sample_clause(fraction: float) -> tuple[str, tuple[Any, ...]]:
             (max(1, int(fraction * BUCKETS)),))
 
 
-class PgEventReader:
+class PgEventReader(PlainReads):
     """Read-only queries on the store's database; thread-safe (a pool of up to two)."""
+
+    MARK = "%s"
 
     def __init__(self, dsn: str, *, open_timeout_s: float = 10.0) -> None:
         self.where = redacted(dsn)
@@ -74,9 +76,6 @@ class PgEventReader:
             raise StoreError(f"read failed: no database connection ({self.where})") from exc
         except psycopg.Error as exc:
             raise translate(exc, "read failed") from exc
-
-    def events(self, q: EventQuery) -> list[StoredEvent]:
-        return [row_to_event(r) for r in self._rows(*events_sql(q, "%s"))]
 
     def events_capped(self, q: EventQuery, max_bytes: int | None
                       ) -> tuple[list[StoredEvent], bool]:
@@ -112,9 +111,6 @@ class PgEventReader:
             " ORDER BY logical_timestamp_ms, row_id LIMIT %s",
             (sensor_id, since_ms, until_ms, *extra, max(0, limit)))
         return result_rows(rows)
-
-    def last_row_id(self) -> int:
-        return int(self._rows("SELECT COALESCE(MAX(row_id), 0) FROM events", ())[0][0])
 
     def results_between(self, after_row: int, upto_row: int, limit: int,
                         fraction: float = 1.0) -> tuple[list[ResultRow], int | None]:
@@ -162,18 +158,6 @@ class PgEventReader:
              since.snapshot, upto.snapshot, *extra, max(0, limit)))
         last = (int(rows[-1][7]), int(rows[-1][0])) if len(rows) == limit else None
         return result_rows([r[:7] for r in rows]), last
-
-    def first_row_completed_since(self, completed_at: float) -> int:
-        rows = self._rows("SELECT MIN(row_id) FROM events WHERE completed_at >= %s",
-                          (completed_at,))
-        first = rows[0][0] if rows else None
-        if first is None:
-            return self.last_row_id()
-        return int(first) - 1
-
-    def has_events(self, sensor_id: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM events WHERE sensor_id = %s LIMIT 1",
-                               (sensor_id,)))
 
     def close(self) -> None:
         if self._closed:
