@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 
 from pipeline.server.offsets import OffsetTracker
-from pipeline.server.store.event_rows import (
-    EVENT_COLUMNS,
-    rejected_sql,
-    row_to_event,
-    row_to_rejected,
-)
+from pipeline.server.store.event_rows import EVENT_COLUMNS, row_to_event
 from pipeline.server.store.pg_base import PgBase
-from pipeline.server.store.records import RejectedEvent, StoredEvent
+from pipeline.server.store.plain_reads import PlainStoreReads
+from pipeline.server.store.records import StoredEvent
 
 
-class PgReads(PgBase):
+class PgReads(PgBase, PlainStoreReads):
     """Offsets and events, each read on a pooled connection."""
+
+    MARK = "%s"
 
     # -- offsets ---------------------------------------------------------------------
 
@@ -45,17 +43,6 @@ class PgReads(PgBase):
 
     # -- events ----------------------------------------------------------------------
 
-    def events(self, sensor_id: str, *, after: int = 0, limit: int = 100) -> list[StoredEvent]:
-        rows = self._read(f"SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = %s AND"
-                          " row_id > %s ORDER BY row_id LIMIT %s",
-                          (sensor_id, after, max(0, limit)))
-        return [row_to_event(r) for r in rows]
-
-    def get_event(self, sensor_id: str, event_id: str) -> StoredEvent | None:
-        rows = self._read(f"SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = %s AND"
-                          " event_id = %s", (sensor_id, event_id))
-        return row_to_event(rows[0]) if rows else None
-
     def latest_events(self) -> list[StoredEvent]:
         """Latest completed event per sensor (by logical_timestamp_ms, then row_id): one
         index probe per sensor (LATERAL over the offsets' sensors)."""
@@ -64,18 +51,3 @@ class PgReads(PgBase):
             f" (SELECT {EVENT_COLUMNS} FROM events WHERE sensor_id = s.sensor_id"
             " ORDER BY logical_timestamp_ms DESC, row_id DESC LIMIT 1) e ORDER BY e.sensor_id")
         return [row_to_event(r) for r in rows]
-
-    def event_count(self, sensor_id: str | None = None) -> int:
-        if sensor_id is None:
-            return int(self._read("SELECT COUNT(*) FROM events")[0][0])
-        return int(self._read("SELECT COUNT(*) FROM events WHERE sensor_id = %s",
-                              (sensor_id,))[0][0])
-
-    def chunk_count(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM chunks")[0][0])
-
-    def partial_event_count(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM partial_events")[0][0])
-
-    def rejected_events(self, sensor_id: str | None = None) -> list[RejectedEvent]:
-        return [row_to_rejected(r) for r in self._read(*rejected_sql(sensor_id, "%s"))]
