@@ -7,6 +7,10 @@ Layout::
     records.py     what a store returns (events, outcomes, prepared-write handles)
     opening.py     ``open_store(config)``: the one way to get a store
     slices.py      decompressed slices kept for their event's completion
+    event_rows.py  an event's (and a rejected event's) row, the same on both engines
+    pending.py     one chunk of a batch until COMMIT, and its outcome (both engines' ingest)
+    plain_reads.py the reads both engines phrase alike (a mixin over the engine's _read)
+    control_rows.py control-state and retention statements both engines write
     sqlite*.py     the SQLite backend: schema and migration, transactions, WAL
                    checkpointing and headroom, ingest, reads, control state and retention
     pg*.py         the PostgreSQL backend: schema, migrations and day partitions, pool and
