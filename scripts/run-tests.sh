@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make test: the whole suite in two pytest processes at once. Tests marked `wallclock`
-# spend minutes waiting (a link cut for several minutes) and use almost no CPU, so they
-# run beside the rest instead of adding their waiting to the suite's length. Both runs use
+# mostly wait on the clock (a link cut for minutes, hanging links, fixed-length soaks) and
+# use little CPU, so they run beside the rest instead of adding their waiting to the
+# suite's length. Both runs use
 # their own temporary directories and ephemeral ports. The last line adds up both runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ PY="${PY:-.venv/bin/python}"
 waiting_log="$(mktemp)"
 trap 'rm -f "$waiting_log" "$waiting_log.main"' EXIT
 
-"$PY" -m pytest -q -p no:cacheprovider -m wallclock "$@" >"$waiting_log" 2>&1 &
+"$PY" -m pytest -q -p no:cacheprovider --durations=10 -m wallclock "$@" >"$waiting_log" 2>&1 &
 waiting_pid=$!
 "$PY" -m pytest -q -p no:cacheprovider --durations=25 -m "not wallclock" "$@" | tee "$waiting_log.main"
 main_rc=${PIPESTATUS[0]}

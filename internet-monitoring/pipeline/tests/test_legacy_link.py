@@ -23,7 +23,8 @@ import pytest
 
 from pipeline.sim.legacy_link import LinkSettings, run_link
 
-pytestmark = pytest.mark.slow
+# Timeouts, resets and hangs: minutes of wall-clock time, little CPU (12 s of 125 s).
+pytestmark = [pytest.mark.slow, pytest.mark.wallclock]
 
 EVENTS = 60
 BOUND_S = 90.0  # queue empty and every event stored exactly once within this

@@ -92,6 +92,7 @@ def test_report_section_names_the_failure() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.wallclock  # a fixed-length soak: waiting, not CPU
 def test_short_real_soak_samples_every_process_and_passes(tmp_path: Path) -> None:
     report = tmp_path / "soak.json"
     proc = subprocess.run(
