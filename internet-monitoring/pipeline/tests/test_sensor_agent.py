@@ -45,6 +45,9 @@ async def test_drains_multi_chunk_events_and_empties_queue_only_through_acks(ser
     agent = SensorAgent(config, queue)
     async with running(agent):
         await eventually(lambda: queue.queue_depth() == 0, what="empty queue")
+        # The counters move when the deletion's thread returns to the loop, just after the
+        # rows are gone: stopping in between would leave them one batch behind.
+        await eventually(lambda: agent.deleted == 36, what="deletions counted")
     assert server.events() == submitted
     assert agent.acked == 36 and agent.deleted == 36
     assert agent.last_committed_sequence == queue.last_sequence()
