@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,7 +31,39 @@ class ProcessError(RuntimeError):
     pipeline error: it never crosses the wire)."""
 
 
+LOWEST_PICKED_PORT = 10_000
+
+
+def _ephemeral_low() -> int:
+    """The bottom of the kernel's ephemeral port range (Linux; 32768 where unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a process that binds it later (and again after a restart).
+
+    Chosen below the kernel's ephemeral range: outgoing connections and port-0 listeners
+    of any process draw from that range, so one of them could take a port picked there
+    between this check and the server's bind (seen when two test runs share a machine).
+    Falls back to a port-0 pick when there is no room below the range."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200) if low > LOWEST_PICKED_PORT + 1000 else ():
+        port = rng.randrange(LOWEST_PICKED_PORT, low)
+        if _bindable(host, port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
